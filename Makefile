@@ -1,0 +1,44 @@
+# Two commands: `make demo` and `make test` (each sets up .venv/ first if needed).
+SHELL := /bin/bash
+PY := .venv/bin/python
+# Data root: $RLHF_DATA_ROOT, else ../shared/data when it exists.
+RLHF_DATA_ROOT ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+export RLHF_DATA_ROOT
+export PYTHONHASHSEED := 0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE ?= $(shell [ -d "$(RLHF_DATA_ROOT)/models/stories260K" ] && echo 1 || echo 0)
+
+.PHONY: setup demo demo-smoke test test-slow lint format clean publish-report
+
+.venv/.installed: pyproject.toml constraints.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	# torch pinned to 2.13.0 (CPU build from local disk here); constraints.txt pins the rest.
+	.venv/bin/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: .venv/.installed
+
+demo: setup
+	$(PY) recipes/pipeline.py +experiment=demo
+	$(PY) tools/publish_report.py --artifacts runs/demo --out EVAL_REPORT.md
+
+demo-smoke: setup
+	$(PY) recipes/pipeline.py +experiment=demo_smoke
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+clean:
+	rm -rf runs/demo runs/demo_smoke

@@ -1,0 +1,22 @@
+"""Entry point: evaluate pi_sft, pi_dpo, pi_ppo of the embedded demo (results.json + EVAL_REPORT.md).
+
+    python eval/evaluate_demo.py +experiment=demo
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from rlhfstack.config import CONF_DIR, to_object
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from rlhfstack.stages.evaluate import train
+
+    train(to_object(cfg), command="python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()

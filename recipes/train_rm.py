@@ -1,0 +1,20 @@
+"""Entry point: Reward model (Bradley-Terry).
+
+    python recipes/train_rm.py +experiment=demo [key=value ...]
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from rlhfstack.config import CONF_DIR, to_object
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="rm", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from rlhfstack.stages.reward_model import train
+
+    train(to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()

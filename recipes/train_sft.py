@@ -1,0 +1,20 @@
+"""Entry point: Supervised fine-tuning.
+
+    python recipes/train_sft.py +experiment=demo [key=value ...]
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from rlhfstack.config import CONF_DIR, to_object
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="sft", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from rlhfstack.stages.sft import train
+
+    train(to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Structured configs for every stage, registered with Hydra's ConfigStore.
+
+Each stage has one typed dataclass (``SFTConfig``, ``RMConfig``, ``PPOConfig``, ``DPOConfig``, ...).
+The YAML trees under ``conf/`` are validated against these schemas: a misspelled or unknown key
+is an error, not a silently ignored value. Every field carries a docstring (the string literal
+under it) and, where a paper fixes the default, the paper is cited there.
+
+Composition (see ``conf/``)::
+
+    conf/sft.yaml        defaults: [sft_schema, model: ..., data: ..., cluster: local, _self_]
+    conf/experiment/X    a named bundle of overrides, used as ``+experiment=X``
+
+``load_config(stage, overrides)`` composes the same tree without ``@hydra.main`` (the pipeline
+recipe and the tests use it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def default_data_root() -> str:
+    """``$RLHF_DATA_ROOT`` if set, else ``../shared/data`` beside the repository."""
+    return os.environ.get("RLHF_DATA_ROOT", str(REPO_ROOT.parent / "shared" / "data"))
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (Hu et al. 2021)."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Adapter dropout. 0 for RL: dropout breaks ratio == 1 before the first update."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that receive adapters."""
+    quantize_4bit: bool = False
+    """QLoRA (Dettmers et al. 2023): load the frozen base in bitsandbytes NF4. GPU only."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "stories260k"
+    """Human-readable name for logs and reports."""
+    path: str = MISSING
+    """Local HF directory (or a hub id, for users with hub access) of the starting checkpoint."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; defaults to ``path``."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16. bf16 is the GPU default for large models."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA settings."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None
+    """Training file (json, jsonl, jsonl.gz, csv), relative to ``data_root`` unless absolute; or ``hf://org/name:split``."""
+    eval_path: str | None = None
+    """Validation file; when unset, ``validation_fraction`` of the training file is held out."""
+    adapter: str = "auto"
+    """Record format: auto | plain | hh | ultrafeedback | alpaca | sharegpt."""
+    template: str = "plain"
+    """Chat template applied to prompts: plain | hh | chatml | tokenizer."""
+    on_error: str = "raise"
+    """Malformed rows: ``raise`` (error naming file, line and field) or ``skip`` (counted in the run log)."""
+    validation_fraction: float = 0.1
+    """Fraction of the training file held out when ``eval_path`` is unset."""
+    max_prompt_tokens: int = 64
+    """Examples whose prompt is longer are filtered out (counted)."""
+    max_response_tokens: int = 64
+    """Examples whose response is longer are filtered out (counted)."""
+    max_examples: int | None = None
+    """Use at most this many training examples (after shuffling); None for all."""
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    """local | slurm."""
+    backend: str = "gloo"
+    """torch.distributed backend: gloo on CPU, nccl on GPU."""
+    device: str = "cpu"
+    """cpu | cuda."""
+    num_threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+    nodes: int = 1
+    """Number of nodes (SLURM)."""
+    gpus_per_node: int = 0
+    """Accelerators per node (SLURM)."""
+    partition: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account."""
+    time_limit: str = "04:00:00"
+    """SLURM wall-clock limit."""
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = 1
+    """FSDP2 sharded data-parallel degree."""
+    tp: int = 1
+    """DTensor tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps (PPO: rollout + update iterations)."""
+    save_every: int = 0
+    """Save a checkpoint every N steps; 0 saves only the final model."""
+    batch_size: int = 32
+    """Global batch size in sequences (pairs for preference stages; prompts for PPO rollouts)."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward; gradient accumulation = batch_size / micro_batch_size."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    lr_schedule: str = "linear"
+    """linear (anneal to 0, as in the PPO details of Huang et al. 2024) | cosine | constant."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    eval_every: int = 0
+    """Evaluate every N steps; 0 only at the end."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files into ``run_dir/tb``."""
+    wandb: bool = False
+    """Log to Weights & Biases."""
+    wandb_mode: str = "offline"
+    """W&B mode: offline (default, no network) | online."""
+    wandb_project: str = "rlhfstack"
+    """W&B project name."""
+    plots: bool = True
+    """Write PNG plots of the logged metrics at the end of the run."""
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage shares."""
+
+    stage: str = MISSING
+    """Stage name (set by the stage's primary YAML)."""
+    run_dir: str = "${artifacts_dir}/${stage}"
+    """Where this run writes its model, metrics.jsonl, TensorBoard events and resolved config."""
+    artifacts_dir: str = "runs/demo"
+    """Where the artifacts of earlier stages are found (``base_model/``, ``sft/model``, ...)."""
+    data_root: str = field(default_factory=default_data_root)
+    """Root for relative data paths (``$RLHF_DATA_ROOT``, else ``../shared/data``)."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    stage: str = "sft"
+    """Stage name."""
+    loss_on_prompt: bool = False
+    """Also train on prompt tokens (default: loss on completion tokens only)."""
+
+
+@dataclass
+class RMHyperparams:
+    backbone: str = "causal_lm"
+    """causal_lm (scalar head read at the last non-pad token) | encoder (BERT-style, pooled scalar head)."""
+    head_init_std: float | None = None
+    """Std of the scalar head init; None = 1/sqrt(d_model + 1) (Stiennon et al. 2020; Huang et al. 2024)."""
+    use_margin: bool = False
+    """Subtract a per-pair margin in the BT loss when the data carries one (Touvron et al. 2023, eq. 2)."""
+    ensemble_size: int = 1
+    """Number of scalar heads on a shared trunk; reward = mean, uncertainty = std across heads."""
+    normalize: bool = True
+    """After training, shift/scale rewards so SFT-policy samples average 0 with std 1 (records gain and bias)."""
+    normalize_samples: int = 256
+    """Completions sampled from the starting (SFT) model on training prompts to fit the normalization
+    (causal-LM backbones); encoders normalize on the training pairs' chosen responses."""
+    normalize_max_new_tokens: int = 48
+    """Length cap of those samples."""
+    extra_eval: dict[str, str] = field(default_factory=dict)
+    """More held-out preference files to report accuracy on, by name (the demo adds ``gold``)."""
+    epochs: int = 1
+    """Passes over the training pairs (1 by default: RMs overfit after one epoch, Ouyang et al. 2022)."""
+
+
+@dataclass
+class RMConfig(StageConfig):
+    stage: str = "rm"
+    """Stage name."""
+    rm: RMHyperparams = field(default_factory=RMHyperparams)
+    """Reward-model hyperparameters."""
+
+
+@dataclass
+class DPOHyperparams:
+    beta: float = 0.1
+    """KL strength beta (Rafailov et al. 2023 use 0.1 for most experiments)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) | ipo (Azar et al. 2023)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed label-flip rate (Mitchell 2023); 0 = plain DPO."""
+    ref_path: str | None = None
+    """Reference model; None = the starting model (``model.path``), frozen."""
+    epochs: int = 1
+    """Passes over the preference pairs."""
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    stage: str = "dpo"
+    """Stage name."""
+    dpo: DPOHyperparams = field(default_factory=DPOHyperparams)
+    """DPO hyperparameters."""
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 48
+    """Response length cap in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; the same T divides logits in rollout, reference and training passes."""
+    top_k: int = 0
+    """Must stay 0: truncated sampling breaks the log-prob semantics (Huang et al. 2024)."""
+    top_p: float = 1.0
+    """Must stay 1.0 for the same reason."""
+    backend: str = "native"
+    """native (the project's batched KV-cache engine) | vllm (GPU only; weights synced each iteration)."""
+
+
+@dataclass
+class KLConfig:
+    controller: str = "adaptive"
+    """adaptive (Ziegler et al. 2019, eq. 2) | fixed."""
+    init_coef: float = 0.1
+    """Initial beta for the per-token KL penalty (Ziegler et al. 2019 use 0.1 for sentiment)."""
+    target: float = 6.0
+    """Adaptive controller's target KL in nats per sequence (Ziegler et al. 2019: 6)."""
+    horizon: int = 10000
+    """Adaptive controller horizon in samples (Ziegler et al. 2019: 10000)."""
+    estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 | k2 | k3 (Schulman 2020)."""
+
+
+@dataclass
+class PPOHyperparams:
+    epochs: int = 4
+    """PPO epochs over each rollout batch (Ziegler et al. 2019: 4)."""
+    num_minibatches: int = 4
+    """Minibatches per epoch."""
+    clip_eps: float = 0.2
+    """Policy ratio clip (Schulman et al. 2017)."""
+    value_clip: float = 0.2
+    """Value clip range around the rollout values."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient (Huang et al. 2024 / lm-human-preferences: 0.1)."""
+    gamma: float = 1.0
+    """Discount (1.0 for episodic text, Ziegler et al. 2019)."""
+    lam: float = 0.95
+    """GAE lambda (Ziegler et al. 2019: 0.95)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over valid tokens of the batch."""
+    whiten_rewards: bool = False
+    """Whiten scores over the batch before shaping."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of responses that never emit EOS (0 disables)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    value_model: str = "shared"
+    """shared (value head on the policy trunk) | separate (critic initialized from the reward model)."""
+    reward_clip: float = 10.0
+    """Clip scores to +-reward_clip; 0 disables."""
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    stage: str = "ppo"
+    """Stage name."""
+    reward_model_path: str = "${artifacts_dir}/rm/model"
+    """Frozen reward model directory."""
+    ref_path: str | None = None
+    """Reference model; None = the starting policy (``model.path``), frozen (or adapter-disabled with LoRA)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation settings."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """KL penalty settings."""
+    ppo: PPOHyperparams = field(default_factory=PPOHyperparams)
+    """PPO update hyperparameters."""
+    gold_eval_every: int = 0
+    """Score held-out prompts with the task's gold reward every N steps (embedded task only); 0 = never."""
+    gold_eval_prompts: int = 64
+    """Held-out prompts for the periodic gold evaluation."""
+    gold_task: str | None = "stories"
+    """Task whose hidden gold reward is tracked during training (``stories`` = the embedded demo); None = none."""
+
+
+@dataclass
+class DemoDataConfig(StageConfig):
+    stage: str = "data"
+    """Stage name."""
+    n_prompts: int = 3000
+    """Story openings generated (train + held-out)."""
+    n_heldout: int = 256
+    """Held-out prompts for evaluation (never trained on)."""
+    completions_per_prompt: int = 2
+    """Samples per training prompt from the base model, paired for labeling."""
+    n_pref_prompts: int = 2000
+    """Training prompts that get labeled pairs."""
+    max_new_tokens: int = 48
+    """Completion length cap."""
+    temperature: float = 1.0
+    """Base-model sampling temperature for the preference data."""
+    flip_prob: float = 0.25
+    """Each simulated labeler flips this fraction of its labels (AlpacaFarm)."""
+    sft_source: str = "chosen"
+    """SFT targets: chosen completions of the labeled pairs (as the DPO paper does for HH)."""
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    stage: str = "eval"
+    """Stage name."""
+    policies: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
+    """Policies evaluated, read from ``artifacts_dir/<name>/model``."""
+    max_new_tokens: int = 48
+    """Completion length cap for evaluation samples."""
+    temperature: float = 1.0
+    """Sampling temperature for evaluation samples."""
+    n_bootstrap: int = 2000
+    """Bootstrap resamples for confidence intervals."""
+
+
+@dataclass
+class PipelineConfig:
+    artifacts_dir: str = "runs/demo"
+    """Where every stage writes (``runs/demo/<stage>``)."""
+    data_root: str = field(default_factory=default_data_root)
+    """Root for relative data paths."""
+    seed: int = 0
+    """Seed passed to every stage."""
+    stages: list[str] = field(default_factory=lambda: ["data", "sft", "rm", "ppo", "dpo", "eval"])
+    """Stages to run, in order."""
+    stage_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Extra Hydra overrides per stage, e.g. ``{ppo: ["trainer.max_steps=10"]}``."""
+    common_overrides: list[str] = field(default_factory=list)
+    """Overrides passed to every stage."""
+    skip_existing: bool = False
+    """Skip a stage whose run_dir already holds a finished marker."""
+
+
+STAGE_SCHEMAS: dict[str, type] = {
+    "data": DemoDataConfig,
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "ppo": PPOConfig,
+    "dpo": DPOConfig,
+    "eval": EvalConfig,
+}
+
+PRIMARY_CONFIG_NAMES = {
+    "data": "demo_data",
+    "sft": "sft",
+    "rm": "rm",
+    "ppo": "ppo",
+    "dpo": "dpo",
+    "eval": "evaluate",
+    "pipeline": "pipeline",
+}
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    for name, schema in STAGE_SCHEMAS.items():
+        cs.store(name=f"{PRIMARY_CONFIG_NAMES[name]}_schema", node=schema)
+    cs.store(name="pipeline_schema", node=PipelineConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+
+
+register_configs()
+
+
+def load_config(stage: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/<stage>.yaml`` with Hydra overrides, outside ``@hydra.main``.
+
+    Returns the composed (struct-mode) DictConfig; unknown keys raise.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    name = PRIMARY_CONFIG_NAMES.get(stage, stage)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides or []))
+    return cfg
+
+
+def to_object(cfg: DictConfig | Any) -> Any:
+    """Resolve interpolations and return the typed dataclass instance.
+
+    Keys added with Hydra's ``+key=value`` that the schema does not declare are rejected here
+    (Hydra lets ``+`` append to a structured node; the typed object would silently drop them).
+    """
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    schema = OmegaConf.get_type(cfg)
+    if schema is not None and schema is not dict:
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=False))
+        except Exception as err:  # omegaconf raises ConfigKeyError / ValidationError
+            raise ValueError(f"invalid config for {schema.__name__}: {err}") from None
+    return OmegaConf.to_object(cfg)
+
+
+def resolved_yaml(cfg: Any) -> str:
+    """The fully resolved config as YAML (dataclass or DictConfig)."""
+    node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
+    return OmegaConf.to_yaml(node, resolve=True)

@@ -1,0 +1,170 @@
+"""EVAL_REPORT.md for the pipeline: pi_sft vs pi_dpo vs pi_ppo by metric, win-rates, RM, cost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rlhfstack.runtime import atomic_write_text, read_jsonl
+
+
+def _ci(d: dict) -> str:
+    return f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+
+
+def _wr(d: dict) -> str:
+    return f"{d['rate']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}] (n={d['n']})"
+
+
+def _plot_gold_vs_proxy(art: Path) -> str | None:
+    """PPO's periodic held-out gold and proxy reward against sqrt(KL) (Gao et al. 2022's axis)."""
+    mpath = art / "ppo" / "metrics.jsonl"
+    if not mpath.exists():
+        return None
+    rows = [r for r in read_jsonl(mpath) if "eval/gold_reward" in r]
+    if len(rows) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    axes[0].plot(steps, [r["eval/gold_reward"] for r in rows], "o-", label="gold (hidden)")
+    axes[0].plot(steps, [r["eval/proxy_reward"] for r in rows], "s-", label="proxy RM")
+    axes[0].set_xlabel("PPO step")
+    axes[0].set_ylabel("mean reward, held-out prompts")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    d = [max(0.0, r["kl/seq_k1"]) ** 0.5 for r in rows]
+    axes[1].plot(d, [r["eval/gold_reward"] for r in rows], "o-", label="gold")
+    axes[1].plot(d, [r["eval/proxy_reward"] for r in rows], "s-", label="proxy")
+    axes[1].set_xlabel("sqrt(KL to SFT), rollout batch")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    out = art / "plots" / "gold_vs_proxy.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".gold_vs_proxy.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return "plots/gold_vs_proxy.png"
+
+
+def render_report(art: Path, results: dict[str, Any]) -> str:
+    per = results["policies"]
+    names = [n for n in ("sft", "dpo", "ppo") if n in per]
+    L: list[str] = []
+    L.append("# Evaluation report: pi_sft vs pi_dpo vs pi_ppo (embedded demo)\n")
+    L.append(f"Commit `{results['commit']}`; command: `{results['command'] or 'make demo'}`.\n")
+    L.append(
+        "Task: continue a TinyStories opening positively while staying fluent (Ziegler et al. 2019), "
+        "base model stories260K (260K parameters), simulated annotators with 25% label noise "
+        "(AlpacaFarm), hidden gold reward = VADER sentiment + fluency under the frozen base model - "
+        f"repetition (Gao et al. 2022 setup). {results['n_prompts']} held-out prompts, one sample "
+        "per prompt and policy, temperature 1.\n"
+    )
+    L.append("## Win-rates (gold judge, ties count half, 95% paired bootstrap CI)\n")
+    L.append("| pair | gold win-rate | judge-pool win-rate (noiseless annotators) |")
+    L.append("|---|---|---|")
+    for k, v in results["winrate"].items():
+        j = results["judge_winrate"].get(k)
+        L.append(f"| {k.replace('_vs_', ' vs ')} | {_wr(v)} | {_wr(j) if j else '-'} |")
+    L.append("")
+    L.append("## Metrics by policy\n")
+    L.append("| metric | " + " | ".join(f"pi_{n}" for n in names) + " |")
+    L.append("|---|" + "---|" * len(names))
+    rows = [
+        ("gold reward (mean, 95% CI)", lambda d: _ci(d["gold_reward"])),
+        ("proxy RM reward (normalized)", lambda d: _ci(d["proxy_reward"])),
+        ("KL to pi_sft (nats/seq, k1)", lambda d: _ci(d["kl_to_sft"])),
+        ("VADER sentiment", lambda d: f"{d['sentiment']:.3f}"),
+        ("fluency (mean log-prob, base)", lambda d: f"{d['fluency']:.3f}"),
+        ("length (tokens)", lambda d: f"{d['length_tokens']:.1f}"),
+        ("ended with EOS", lambda d: f"{d['ended_frac']:.2f}"),
+        ("distinct-1", lambda d: f"{d['distinct_1']:.3f}"),
+        ("distinct-2", lambda d: f"{d['distinct_2']:.3f}"),
+        ("repeated 3-grams", lambda d: f"{d['repetition_3gram']:.3f}"),
+        ("held-out base-text NLL/token", lambda d: f"{d['heldout_nll_per_token']:.3f}"),
+        ("alignment tax (NLL - SFT's)", lambda d: f"{d.get('alignment_tax_nll', 0.0):+.3f}"),
+    ]
+    for label, f in rows:
+        L.append(f"| {label} | " + " | ".join(f(per[n]) for n in names) + " |")
+    L.append("")
+    L.append("## Targets\n")
+    L.append("| target | value | met |")
+    L.append("|---|---|---|")
+    for k, v in results["targets"].items():
+        val = v["value"]
+        L.append(f"| {k} | {val:.3f} | {'yes' if v['met'] else '**missed**'} |")
+    L.append("")
+    rm = results["rm"]
+    L.append("## Reward model\n")
+    L.append(
+        f"Held-out accuracy against the noisy labels: {rm['heldout_accuracy']:.3f}; against the gold "
+        f"reward: {rm['heldout_accuracy_gold']:.3f}; ECE {rm['heldout_ece']:.3f}. Normalization "
+        f"(SFT samples -> mean 0, std 1): gain {rm['normalization']['gain']:.3f}, bias "
+        f"{rm['normalization']['bias']:.3f}.\n"
+    )
+    lab = results["labelers"]
+    L.append(
+        f"Simulated labelers ({lab['n_pairs']} pairs, flip rate {lab['flip_prob']}): agreement with gold "
+        + ", ".join(f"{k} {v:.3f}" for k, v in lab["agreement_with_gold"].items())
+        + f"; overall {lab['overall_agreement']:.3f}.\n"
+    )
+    L.append("![RM calibration](rm/calibration.png)\n")
+    L.append("## Cost\n")
+    L.append("| stage | CPU seconds | wall seconds | tokens processed |")
+    L.append("|---|---|---|---|")
+    for st, c in results["cost"].items():
+        L.append(f"| {st} | {c['cpu_seconds']:.1f} | {c['wall_seconds']:.1f} | {c['tokens']:,} |")
+    tot = sum(c["cpu_seconds"] for c in results["cost"].values())
+    L.append(f"| total | {tot:.1f} | | |")
+    L.append("")
+    gp = _plot_gold_vs_proxy(art)
+    L.append("## PPO diagnostics\n")
+    if gp:
+        L.append(f"![gold vs proxy]({gp})\n")
+    for key in ("reward_rm_score", "kl_seq_k1", "kl_beta", "response_length", "ppo_clipfrac",
+                "ppo_approx_kl", "entropy", "values_explained_variance", "loss_value", "loss_policy"):
+        if (art / "ppo" / "plots" / f"{key}.png").exists():
+            L.append(f"![{key}](ppo/plots/{key}.png)")
+    L.append("")
+    L.append("## Samples (first 5 held-out prompts)\n")
+    samples = {n: read_jsonl(art / "samples" / f"{n}.jsonl") for n in names}
+    for i in range(min(5, len(samples[names[0]]))):
+        L.append(f"**Prompt:** {samples[names[0]][i]['prompt']}\n")
+        for n in names:
+            L.append(f"- pi_{n}: {samples[n][i]['completion']}")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def write_eval_report(art: str | os.PathLike, results: dict[str, Any]) -> Path:
+    art = Path(art)
+    path = art / "EVAL_REPORT.md"
+    atomic_write_text(path, render_report(art, results))
+    return path
+
+
+def publish_report(art: str | os.PathLike, dest_md: str | os.PathLike, assets_dir: str | os.PathLike) -> None:
+    """Copy ``art/EVAL_REPORT.md`` to ``dest_md`` with its images copied under ``assets_dir``."""
+    import re
+
+    art, dest_md, assets_dir = Path(art), Path(dest_md), Path(assets_dir)
+    text = (art / "EVAL_REPORT.md").read_text()
+    assets_dir.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(assets_dir, dest_md.parent)
+
+    def repl(m):
+        src = art / m.group(2)
+        name = m.group(2).replace("/", "_")
+        if src.exists():
+            shutil.copyfile(src, assets_dir / name)
+        return f"![{m.group(1)}]({rel}/{name})"
+
+    atomic_write_text(dest_md, re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", repl, text))

@@ -1,0 +1,354 @@
+"""Loading policies, references, value heads and reward models; sequence log-probs.
+
+Every model here is an HF causal LM (or, for reward models, optionally an encoder) loaded from a
+local directory (or a hub id where the hub is reachable). Dropout is switched off everywhere:
+with dropout on, the rollout pass and the training pass disagree and PPO's ratio is not 1
+before the first update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhfstack.losses import logprobs_from_logits
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (modules and config attributes)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if hasattr(cfg, name) and isinstance(getattr(cfg, name), float):
+                setattr(cfg, name, 0.0)
+
+
+def load_tokenizer(path: str) -> Any:
+    """Load a tokenizer and check it has a PAD token distinct from EOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        raise ValueError(
+            f"{path}: tokenizer has no pad token; add a dedicated one (never reuse EOS as PAD)"
+        )
+    if tok.pad_token_id == tok.eos_token_id:
+        raise ValueError(
+            f"{path}: pad_token_id == eos_token_id ({tok.pad_token_id}); masks built from ids != pad "
+            "would hide real EOS tokens. Add a dedicated pad token."
+        )
+    return tok
+
+
+def load_causal_lm(
+    path: str,
+    *,
+    dtype: str = "float32",
+    lora: Any | None = None,
+    activation_checkpointing: bool = False,
+    device: str = "cpu",
+    trainable: bool = True,
+) -> nn.Module:
+    """Load an HF causal LM with dropout off; wrap it with LoRA adapters when ``lora.enabled``.
+
+    With ``lora.quantize_4bit`` the frozen base is loaded in bitsandbytes NF4 (QLoRA; GPU only).
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
+    if lora is not None and getattr(lora, "quantize_4bit", False):
+        if not torch.cuda.is_available():
+            raise RuntimeError("model.lora.quantize_4bit (QLoRA) needs a CUDA GPU and bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=_dtype(dtype) if dtype != "float32" else torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    disable_dropout(model)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if lora is not None and getattr(lora, "enabled", False):
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        if getattr(lora, "quantize_4bit", False):
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model)
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model.to(device) if "quantization_config" not in kwargs else model
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(trunk, lm_head) of an HF causal LM, also through a peft wrapper."""
+    lm = model
+    if hasattr(lm, "get_base_model"):  # peft.PeftModel
+        lm = lm.get_base_model()
+    trunk = getattr(lm, lm.base_model_prefix)
+    return trunk, lm.get_output_embeddings()
+
+
+def adapter_disabled(model: nn.Module):
+    """Context manager: the LoRA adapter switched off (the reference policy), or a no-op."""
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return nullcontext()
+
+
+def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    pos = attention_mask_BT.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def trunk_hidden(
+    trunk: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor
+) -> torch.Tensor:
+    """Last hidden states ``[B, T, D]`` with positions derived from the mask."""
+    out = trunk(
+        input_ids=input_ids_BT,
+        attention_mask=attention_mask_BT,
+        position_ids=position_ids_from_mask(attention_mask_BT),
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+    value_head: nn.Module | None = None,
+    return_entropy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-token log-probs of the response tokens ``input_ids[:, response_start:]``.
+
+    Shapes: input ``[B, T]``; outputs ``logprobs_BR`` with ``R = T - response_start``.
+    The logits at position ``t`` predict token ``t+1``, so response token ``j`` (at index
+    ``response_start + j``) is scored by the logits at ``response_start + j - 1``; the value of
+    the state before token ``j`` is read at the same position. Only the response slice of the
+    hidden states goes through the LM head (no ``[B, T, V]`` tensor over the prompt).
+    """
+    trunk, lm_head = causal_lm_parts(model)
+    hidden_BTD = trunk_hidden(trunk, input_ids_BT, attention_mask_BT)
+    h_BRD = hidden_BTD[:, response_start - 1 : -1]
+    logits_BRV = lm_head(h_BRD).float()
+    labels_BR = input_ids_BT[:, response_start:]
+    out = {"logprobs": logprobs_from_logits(logits_BRV, labels_BR, temperature)}
+    if return_entropy:
+        from rlhfstack.losses import entropy_from_logits
+
+        out["entropy"] = entropy_from_logits(logits_BRV, temperature)
+    if value_head is not None:
+        out["values"] = value_head(h_BRD).squeeze(-1).float()
+    return out
+
+
+def sequence_logprob_sums(
+    model: nn.Module,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    loss_mask_BT: torch.Tensor,
+) -> torch.Tensor:
+    """Sum of log p(token) over positions where ``loss_mask`` is 1 (right-padded sequences).
+
+    ``loss_mask_BT[:, t] == 1`` marks token ``t`` as a scored (response) token. Returns ``[B]``.
+    """
+    trunk, lm_head = causal_lm_parts(model)
+    hidden_BTD = trunk_hidden(trunk, input_ids_BT, attention_mask_BT)
+    logits = lm_head(hidden_BTD[:, :-1]).float()
+    lp_BT = logprobs_from_logits(logits, input_ids_BT[:, 1:])
+    mask = loss_mask_BT[:, 1:].to(lp_BT.dtype)
+    return (lp_BT * mask).sum(-1)
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+class ScalarHead(nn.Module):
+    """Linear ``d -> k`` head; std 1/sqrt(d+1) init (Stiennon et al. 2020), zero bias."""
+
+    def __init__(self, d_model: int, k: int = 1, init_std: float | None = None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_model, k)
+        std = init_std if init_std is not None else 1.0 / math.sqrt(d_model + 1)
+        nn.init.normal_(self.linear.weight, std=std)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h.to(self.linear.weight.dtype))
+
+
+def last_token_index(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row (works for left and right padding)."""
+    T = attention_mask_BT.shape[1]
+    ar = torch.arange(T, device=attention_mask_BT.device).expand_as(attention_mask_BT)
+    return torch.where(attention_mask_BT.bool(), ar, torch.full_like(ar, -1)).max(-1).values
+
+
+class RewardModel(nn.Module):
+    """Backbone + scalar head(s). ``forward`` returns raw scores ``[B, k]`` at the last real token.
+
+    ``backbone="causal_lm"``: the trunk of a causal LM, read at the last non-pad token.
+    ``backbone="encoder"``: a BERT-style encoder, mean-pooled over real tokens.
+    ``gain``/``bias`` map raw scores to normalized rewards (``normalized = gain * raw + bias``),
+    fitted so that SFT samples average 0 with std 1.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        kind: str = "causal_lm",
+        k: int = 1,
+        init_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("causal_lm", "encoder"):
+            raise ValueError(f"rm.backbone: unknown kind {kind!r} (causal_lm | encoder)")
+        self.kind = kind
+        self.backbone = backbone
+        d = backbone.config.hidden_size
+        self.head = ScalarHead(d, k, init_std)
+        self.register_buffer("gain", torch.tensor(1.0))
+        self.register_buffer("bias", torch.tensor(0.0))
+
+    def trunk(self) -> nn.Module:
+        if self.kind == "causal_lm":
+            return causal_lm_parts(self.backbone)[0]
+        return self.backbone
+
+    def raw_scores(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Unnormalized head outputs ``[B, k]``."""
+        if self.kind == "causal_lm":
+            h_BTD = trunk_hidden(self.trunk(), input_ids_BT, attention_mask_BT)
+            idx_B = last_token_index(attention_mask_BT)
+            h_BD = h_BTD[torch.arange(h_BTD.shape[0], device=h_BTD.device), idx_B]
+        else:
+            out = self.backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT)
+            h_BTD = out.last_hidden_state
+            m = attention_mask_BT.unsqueeze(-1).to(h_BTD.dtype)
+            h_BD = (h_BTD * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.head(h_BD).float()
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        return self.raw_scores(input_ids_BT, attention_mask_BT)
+
+    @torch.no_grad()
+    def score(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalized reward: ``mean`` and ``std`` over ensemble heads, each ``[B]``."""
+        r_Bk = self.raw_scores(input_ids_BT, attention_mask_BT) * self.gain + self.bias
+        std = r_Bk.std(-1) if r_Bk.shape[-1] > 1 else torch.zeros_like(r_Bk[:, 0])
+        return {"mean": r_Bk.mean(-1), "std": std}
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Backbone as an HF directory + ``reward_head.safetensors`` + ``reward_config.json``."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        self.backbone.save_pretrained(out)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+            str(out / "reward_head.safetensors"),
+        )
+        (out / "reward_config.json").write_text(
+            json.dumps(
+                {
+                    "kind": self.kind,
+                    "k": self.head.linear.out_features,
+                    "gain": float(self.gain),
+                    "bias": float(self.bias),
+                },
+                indent=2,
+            )
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> RewardModel:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path = path / "reward_config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{cfg_path}: not a reward model directory (reward_config.json missing)")
+        meta = json.loads(cfg_path.read_text())
+        if meta["kind"] == "causal_lm":
+            backbone = load_causal_lm(str(path), dtype=dtype, trainable=False)
+        else:
+            from transformers import AutoModel
+
+            backbone = AutoModel.from_pretrained(str(path), dtype=_dtype(dtype))
+            disable_dropout(backbone)
+        rm = cls(backbone, kind=meta["kind"], k=int(meta["k"]))
+        rm.head.load_state_dict(load_file(str(path / "reward_head.safetensors")))
+        rm.gain.fill_(meta["gain"])
+        rm.bias.fill_(meta["bias"])
+        rm.requires_grad_(False)
+        return rm.eval().to(device)
+
+
+class ValueHead(nn.Module):
+    """Scalar value head on the policy trunk (``[..., D] -> [..., 1]``), zero-initialized output."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_model, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(d_model + 1))
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h.to(self.linear.weight.dtype))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, merge_lora: bool = True) -> None:
+    """Save model + tokenizer as one HF directory (LoRA merged by default), atomically."""
+    from rlhfstack.runtime import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        m = model
+        if merge_lora and hasattr(m, "merge_and_unload"):
+            import copy
+
+            m = copy.deepcopy(m).merge_and_unload()
+        m.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -1,0 +1,179 @@
+"""Batched sampling with a KV cache: left-padded prompts in, right-padded responses out.
+
+The loop calls the model's own forward with a ``DynamicCache`` and explicit position ids
+(counted over real tokens, as in training), so the log-probs of the rollout pass and of the
+training pass agree. Sampling is plain ancestral sampling from ``softmax(logits / T)``: no
+top-k, no top-p (truncated sampling would break the log-prob semantics PPO relies on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlhfstack.data.collate import collate_prompts
+from rlhfstack.models.core import position_ids_from_mask
+
+
+@dataclass
+class Generation:
+    """Prompt and response tensors of one batch.
+
+    prompt_ids_BP / prompt_mask_BP: left-padded prompts.
+    response_ids_BR: right-padded with PAD after the first EOS (EOS itself kept).
+    response_mask_BR: 1 on response tokens up to and including the first EOS.
+    ended_B: True where the response emitted EOS within the budget.
+    """
+
+    prompt_ids_BP: torch.Tensor
+    prompt_mask_BP: torch.Tensor
+    response_ids_BR: torch.Tensor
+    response_mask_BR: torch.Tensor
+    ended_B: torch.Tensor
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated ``(input_ids, attention_mask)`` of prompt + response."""
+        ids = torch.cat([self.prompt_ids_BP, self.response_ids_BR], dim=1)
+        mask = torch.cat([self.prompt_mask_BP, self.response_mask_BR], dim=1)
+        return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids_BP: torch.Tensor,
+    prompt_mask_BP: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    suppress_ids: tuple[int, ...] | None = None,
+    stop_ids: tuple[int, ...] | None = None,
+) -> Generation:
+    """Sample up to ``max_new_tokens`` per prompt; stops early once every row has ended.
+
+    ``suppress_ids`` (default: the PAD id) are never sampled. A row ends at the first token in
+    ``stop_ids`` (default: EOS), which is kept in the response and its mask.
+    """
+    from transformers import DynamicCache
+
+    was_training = model.training
+    model.eval()
+    B = prompt_ids_BP.shape[0]
+    device = prompt_ids_BP.device
+    suppress = list(suppress_ids) if suppress_ids is not None else [pad_id]
+    stops = torch.tensor(list(stop_ids) if stop_ids is not None else [eos_id], device=device)
+    cache = DynamicCache()
+    attn_BT = prompt_mask_BP.long()
+    pos_BT = position_ids_from_mask(attn_BT)
+    out = model(
+        input_ids=prompt_ids_BP,
+        attention_mask=attn_BT,
+        position_ids=pos_BT,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    next_pos_B = pos_BT[:, -1] + 1
+    ended_B = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits_BV = out.logits[:, -1, :].float()
+        if suppress:
+            logits_BV[:, suppress] = float("-inf")
+        if greedy:
+            tok_B = logits_BV.argmax(-1)
+        else:
+            probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
+            tok_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+        tok_B = torch.where(ended_B, torch.full_like(tok_B, pad_id), tok_B)
+        tokens.append(tok_B)
+        is_stop_B = torch.isin(tok_B, stops) & ~ended_B
+        ended_B = ended_B | is_stop_B
+        if bool(ended_B.all()):
+            break
+        attn_BT = torch.cat([attn_BT, (~ended_B | is_stop_B).long().unsqueeze(1)], dim=1)
+        out = model(
+            input_ids=tok_B.unsqueeze(1),
+            attention_mask=attn_BT,
+            position_ids=next_pos_B.unsqueeze(1),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_pos_B = next_pos_B + 1
+    if was_training:
+        model.train()
+    response_ids_BR = torch.stack(tokens, dim=1)
+    # mask: tokens up to and including the first stop token
+    is_eos_BR = torch.isin(response_ids_BR, stops)
+    after_eos_BR = (is_eos_BR.long().cumsum(1) - is_eos_BR.long()) > 0
+    response_mask_BR = (~after_eos_BR).long()
+    response_ids_BR = response_ids_BR.masked_fill(after_eos_BR, pad_id)
+    return Generation(
+        prompt_ids_BP=prompt_ids_BP,
+        prompt_mask_BP=prompt_mask_BP.long(),
+        response_ids_BR=response_ids_BR,
+        response_mask_BR=response_mask_BR,
+        ended_B=is_eos_BR.any(1),
+    )
+
+
+def left_pad_prompts(
+    tokenizer, prompts: list[str], max_prompt_tokens: int, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask on ``device`` (see ``rlhfstack.data.collate.collate_prompts``)."""
+    b = collate_prompts(prompts, tokenizer, max_prompt_tokens)
+    return b["input_ids"].to(device), b["attention_mask"].to(device)
+
+
+def decode_responses(tokenizer, gen: Generation) -> list[str]:
+    """Decode the response tokens (EOS and PAD dropped)."""
+    texts = []
+    for ids, m in zip(gen.response_ids_BR.tolist(), gen.response_mask_BR.tolist()):
+        drop = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+        toks = [t for t, k in zip(ids, m) if k and t not in drop]
+        texts.append(tokenizer.decode(toks, skip_special_tokens=True))
+    return texts
+
+
+def sample_texts(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int = 64,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
+    stop_ids: tuple[int, ...] | None = None,
+) -> tuple[list[str], list[bool], int]:
+    """Sample one completion per prompt. Returns (texts, ended flags, tokens generated)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    texts: list[str] = []
+    ended: list[bool] = []
+    n_tokens = 0
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = left_pad_prompts(tokenizer, prompts[i : i + batch_size], max_prompt_tokens, device)
+        gen = generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            greedy=greedy,
+            generator=g,
+            stop_ids=stop_ids,
+        )
+        texts.extend(decode_responses(tokenizer, gen))
+        ended.extend(gen.ended_B.tolist())
+        n_tokens += int(gen.response_mask_BR.sum()) + int(mask.sum())
+    return texts, ended, n_tokens

@@ -1,0 +1,291 @@
+"""Run-directory plumbing shared by every stage: seeding, atomic writes, metrics, plots, timing.
+
+Nothing here knows about models or losses. Every file a stage writes goes through
+``atomic_write_*`` or ``atomic_dir`` so that an interrupted run never leaves a half-written
+checkpoint or report behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states, for checkpoints."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Atomically write rows as JSON lines."""
+    atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success, rename it to ``path``.
+
+    An existing ``path`` is replaced only after the new directory is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines file written by this project (strict)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{i}: invalid JSON ({err.msg})") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class RunLogger:
+    """Appends one JSON object per step to ``run_dir/metrics.jsonl``; mirrors to TensorBoard and W&B.
+
+    ``metrics.jsonl`` is opened in append mode so that a resumed run continues the same file;
+    on resume, rows after the checkpointed step are dropped first (``truncate_after``).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_mode: str = "offline",
+        wandb_project: str = "rlhfstack",
+        config: dict | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.path = self.run_dir / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        if wandb:
+            import wandb as _wandb  # optional extra
+
+            os.environ.setdefault("WANDB_MODE", wandb_mode)
+            self._wandb = _wandb.init(
+                project=wandb_project, dir=str(self.run_dir), config=config, mode=wandb_mode
+            )
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows with ``step > step`` (used when resuming from a checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        atomic_write_jsonl(self.path, keep)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Write one row ``{"step": step, **metrics}`` (floats only; tensors are converted)."""
+        if not self.enabled:
+            return
+        row: dict[str, Any] = {"step": int(step)}
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().item()
+            elif isinstance(v, (np.floating, np.integer)):
+                v = v.item()
+            row[k] = v
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        for k, v in row.items():
+            if k == "step" or not isinstance(v, (int, float)):
+                continue
+            if self._tb is not None:
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def plot_metrics(
+    metrics_path: str | os.PathLike, out_dir: str | os.PathLike, keys: list[str] | None = None
+) -> list[Path]:
+    """One PNG per numeric metric in ``metrics.jsonl`` (against ``step``). Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    if not rows:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = keys or sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+    paths = []
+    for name in names:
+        if name == "step":
+            continue
+        pts = [
+            (r["step"], r[name])
+            for r in rows
+            if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])
+        ]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out / f"{name.replace('/', '_')}.png"
+        tmp = p.with_name(f".{p.name}.tmp.png")
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        os.replace(tmp, p)
+        paths.append(p)
+    return paths
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class CostMeter:
+    """CPU seconds (all threads of this process), wall seconds and tokens processed."""
+
+    def __init__(self) -> None:
+        self._cpu0 = time.process_time()
+        self._wall0 = time.perf_counter()
+        self.tokens = 0
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += int(n)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "cpu_seconds": round(time.process_time() - self._cpu0, 3),
+            "wall_seconds": round(time.perf_counter() - self._wall0, 3),
+            "tokens": int(self.tokens),
+        }
+
+
+def write_stage_done(run_dir: str | os.PathLike, info: dict[str, Any]) -> None:
+    """Mark a stage finished: ``run_dir/done.json`` (cost and outputs)."""
+    atomic_write_json(Path(run_dir) / "done.json", info)
+
+
+def save_resolved_config(cfg: Any, run_dir: str | os.PathLike) -> None:
+    """Write the fully resolved config to ``run_dir/config.yaml``."""
+    from rlhfstack.config import resolved_yaml
+
+    atomic_write_text(Path(run_dir) / "config.yaml", resolved_yaml(cfg))

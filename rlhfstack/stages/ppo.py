@@ -1,0 +1,408 @@
+"""PPO against a frozen reward model with a per-token KL penalty to a frozen reference.
+
+One iteration (Ziegler et al. 2019; Ouyang et al. 2022; the details of Huang et al. 2024):
+
+1. rollout   sample responses for ``trainer.batch_size`` prompts with the current policy
+2. score     old log-probs and values (policy, no grad), reference log-probs, RM score of the
+             truncated response at its last real token; a fixed penalty when no EOS was emitted
+3. shape     r_t = -beta * KL_t on every response token, + score on the last one
+4. GAE       advantages and returns (gamma, lambda); returns = A + V before whitening A
+5. update    ``ppo.epochs`` passes of ``ppo.num_minibatches`` minibatches: clipped policy loss +
+             vf_coef * clipped value loss - entropy_coef * entropy
+6. KL        the adaptive controller moves beta toward the target KL
+
+Diagnostics are logged beside the loss every iteration; ``first_minibatch_ratio`` and
+``first_minibatch_approx_kl`` must read 1 and 0 (the rollout and training passes agree).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhfstack.config import PPOConfig
+from rlhfstack.data.loading import load_prompts
+from rlhfstack.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from rlhfstack.models.core import (
+    RewardModel,
+    ValueHead,
+    adapter_disabled,
+    causal_lm_parts,
+    load_causal_lm,
+    load_tokenizer,
+    response_logprobs,
+    save_hf,
+)
+from rlhfstack.rollout.generate import decode_responses, generate, left_pad_prompts, sample_texts
+from rlhfstack.runtime import (
+    atomic_dir,
+    atomic_write_json,
+    plot_metrics,
+    rng_state,
+    set_rng_state,
+    write_stage_done,
+)
+from rlhfstack.training import build_optimizer, build_scheduler, clip_grad, setup_run
+
+log = logging.getLogger("rlhfstack.ppo")
+
+
+class _Critic(torch.nn.Module):
+    """A separate value model: a trunk (initialized from the RM) and a value head."""
+
+    def __init__(self, rm: RewardModel) -> None:
+        super().__init__()
+        import copy
+
+        self.lm = copy.deepcopy(rm.backbone)
+        self.lm.requires_grad_(True)
+        self.head = ValueHead(rm.backbone.config.hidden_size)
+        with torch.no_grad():  # start from the RM's head (its first ensemble member)
+            self.head.linear.weight.copy_(rm.head.linear.weight[:1])
+            self.head.linear.bias.copy_(rm.head.linear.bias[:1])
+
+
+def _values(critic: _Critic, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    from rlhfstack.models.core import trunk_hidden
+
+    trunk, _ = causal_lm_parts(critic.lm)
+    h = trunk_hidden(trunk, ids, mask)[:, start - 1 : -1]
+    return critic.head(h).squeeze(-1).float()
+
+
+def _kl_controller(cfg: PPOConfig):
+    if cfg.kl.controller == "adaptive":
+        return AdaptiveKLController(cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
+    if cfg.kl.controller == "fixed":
+        return FixedKLController(cfg.kl.init_coef)
+    raise ValueError(f"kl.controller: unknown controller {cfg.kl.controller!r} (adaptive | fixed)")
+
+
+def _validate(cfg: PPOConfig) -> None:
+    if cfg.rollout.top_k != 0 or cfg.rollout.top_p != 1.0:
+        raise ValueError("rollout.top_k must be 0 and rollout.top_p 1.0: truncated sampling breaks PPO's log-probs")
+    if cfg.rollout.backend not in ("native", "vllm"):
+        raise ValueError(f"rollout.backend: unknown backend {cfg.rollout.backend!r} (native | vllm)")
+    if cfg.trainer.batch_size % cfg.ppo.num_minibatches:
+        raise ValueError(
+            f"trainer.batch_size ({cfg.trainer.batch_size}) must be divisible by ppo.num_minibatches "
+            f"({cfg.ppo.num_minibatches})"
+        )
+    if cfg.ppo.value_model not in ("shared", "separate"):
+        raise ValueError(f"ppo.value_model: unknown value {cfg.ppo.value_model!r} (shared | separate)")
+
+
+class _Preempted(Exception):
+    pass
+
+
+def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
+    """Run PPO; returns ``run_dir``. ``gold_scorer(prompts, completions) -> np.ndarray`` (optional)
+    scores held-out samples with a hidden gold reward every ``gold_eval_every`` iterations."""
+    _validate(cfg)
+    run = setup_run_resumable(cfg)
+    device = run.device
+    tcfg, pcfg = cfg.trainer, cfg.ppo
+    tok = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+    policy = load_causal_lm(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        lora=cfg.model.lora,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        device=device,
+    )
+    use_lora = bool(cfg.model.lora.enabled)
+    ref = None
+    if not use_lora:  # with LoRA the reference is the policy with its adapter switched off
+        ref = load_causal_lm(cfg.ref_path or cfg.model.path, dtype=cfg.model.dtype, trainable=False, device=device)
+    rm = RewardModel.load(cfg.reward_model_path, dtype=cfg.model.dtype, device=device)
+    d_model = causal_lm_parts(policy)[0].config.hidden_size
+    critic: _Critic | None = None
+    value_head: ValueHead | None = None
+    if pcfg.value_model == "shared":
+        value_head = ValueHead(d_model).to(device)
+        params = list(policy.parameters()) + list(value_head.parameters())
+    else:
+        critic = _Critic(rm).to(device)
+        params = list(policy.parameters()) + list(critic.parameters())
+    opt = build_optimizer(params, tcfg)
+    total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
+    sched = build_scheduler(opt, tcfg, total_updates)
+    kl_ctl = _kl_controller(cfg)
+
+    prompts, report = load_prompts(
+        cfg.data.train_path, adapter=cfg.data.adapter, template=cfg.data.template,
+        on_error=cfg.data.on_error, data_root=cfg.data_root,
+    )
+    train_prompts = [p.prompt for p in prompts]
+    heldout: list[str] = []
+    if cfg.data.eval_path:
+        ev, _ = load_prompts(cfg.data.eval_path, adapter=cfg.data.adapter, template=cfg.data.template,
+                             on_error=cfg.data.on_error, data_root=cfg.data_root)
+        heldout = [p.prompt for p in ev][: cfg.gold_eval_prompts]
+    log.info("PPO: %d train prompts, %d held-out; %s", len(train_prompts), len(heldout), report.summary())
+
+    gen_rng = torch.Generator().manual_seed(cfg.seed)
+    order_rng = np.random.default_rng(cfg.seed)
+    order = order_rng.permutation(len(train_prompts)).tolist()
+    cursor = 0
+    start_step = 0
+
+    # ---- resume
+    ckpt = latest_checkpoint(run.run_dir)
+    if ckpt is not None:
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        policy.load_state_dict(state["policy"])
+        if value_head is not None:
+            value_head.load_state_dict(state["value"])
+        if critic is not None:
+            critic.load_state_dict(state["value"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        set_rng_state(state["rng"])
+        gen_rng.set_state(state["gen_rng"])
+        order_rng.bit_generator.state = state["order_rng"]
+        order, cursor, start_step = state["order"], state["cursor"], state["step"]
+        run.logger.truncate_after(start_step)
+        log.info("resumed from %s at step %d", ckpt, start_step)
+
+    preempt = {"flag": False}
+
+    def _on_signal(signum, frame):  # SLURM preemption (SIGUSR1) and SIGTERM: save, then exit
+        preempt["flag"] = True
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def save_checkpoint(step: int) -> None:
+        state = {
+            "policy": policy.state_dict(),
+            "value": (value_head or critic).state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "kl_controller": kl_ctl.state_dict(),
+            "rng": rng_state(),
+            "gen_rng": gen_rng.get_state(),
+            "order_rng": order_rng.bit_generator.state,
+            "order": order,
+            "cursor": cursor,
+            "step": step,
+        }
+        with atomic_dir(run.run_dir / f"ckpt-{step:06d}") as tmp:
+            torch.save(state, tmp / "state.pt")
+        for old in sorted(run.run_dir.glob("ckpt-*"))[:-2]:  # keep the two newest
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+
+    B = tcfg.batch_size
+    mb_size = B // pcfg.num_minibatches
+    micro = max(1, min(tcfg.micro_batch_size, mb_size))
+    T = cfg.rollout.temperature
+    try:
+        for step in range(start_step + 1, tcfg.max_steps + 1):
+            # ---------------------------------------------------------------- 1. rollout
+            if cursor + B > len(order):
+                order = order_rng.permutation(len(train_prompts)).tolist()
+                cursor = 0
+            batch_prompts = [train_prompts[i] for i in order[cursor : cursor + B]]
+            cursor += B
+            p_ids, p_mask = left_pad_prompts(tok, batch_prompts, cfg.data.max_prompt_tokens, device)
+            policy.eval()
+            gen = generate(
+                policy, p_ids, p_mask, max_new_tokens=cfg.rollout.max_new_tokens,
+                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=T, generator=gen_rng,
+            )
+            ids, mask = gen.full()
+            P = p_ids.shape[1]
+            resp_mask = gen.response_mask_BR.float()
+            run.cost.add_tokens(int(mask.sum()))
+            # ---------------------------------------------------------------- 2. score
+            with torch.no_grad():
+                out = response_logprobs(policy, ids, mask, P, T, value_head=value_head)
+                old_logprobs = out["logprobs"]
+                old_values = out["values"] if critic is None else _values(critic, ids, mask, P)
+                if use_lora:
+                    with adapter_disabled(policy):
+                        ref_logprobs = response_logprobs(policy, ids, mask, P, T)["logprobs"]
+                else:
+                    ref_logprobs = response_logprobs(ref, ids, mask, P, T)["logprobs"]
+                rm_out = rm.score(ids, mask)
+                raw_scores = rm_out["mean"]
+                scores = raw_scores.clone()
+                if pcfg.missing_eos_penalty:
+                    scores = scores - pcfg.missing_eos_penalty * (~gen.ended_B).float()
+                if pcfg.reward_clip:
+                    scores = scores.clamp(-pcfg.reward_clip, pcfg.reward_clip)
+                if pcfg.whiten_rewards:
+                    scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+                # ------------------------------------------------------------ 3-4. shape, GAE
+                beta = kl_ctl.value
+                rewards, kl_BT = kl_shaped_rewards(
+                    scores, old_logprobs, ref_logprobs, resp_mask, beta, estimator=cfg.kl.estimator
+                )
+                advantages, returns = gae(rewards, old_values, resp_mask, pcfg.gamma, pcfg.lam)
+                if pcfg.whiten_advantages:
+                    advantages = masked_whiten(advantages, resp_mask)
+            seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * resp_mask).sum(-1)
+            # ---------------------------------------------------------------- 5. update
+            policy.train()
+            stats: dict[str, list[float]] = {}
+            first: dict[str, float] = {}
+            n_tokens_total = float(resp_mask.sum())
+            for epoch in range(pcfg.epochs):
+                perm = torch.randperm(B, generator=gen_rng)
+                for mb in range(pcfg.num_minibatches):
+                    idx = perm[mb * mb_size : (mb + 1) * mb_size]
+                    mb_tokens = float(resp_mask[idx].sum()) or 1.0
+                    opt.zero_grad(set_to_none=True)
+                    for j in range(0, mb_size, micro):
+                        sub = idx[j : j + micro]
+                        o = response_logprobs(
+                            policy, ids[sub], mask[sub], P, T, value_head=value_head,
+                            return_entropy=pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0),
+                        )
+                        v = o["values"] if critic is None else _values(critic, ids[sub], mask[sub], P)
+                        m = resp_mask[sub]
+                        pg_loss, pg_stats = ppo_policy_loss(
+                            o["logprobs"], old_logprobs[sub], advantages[sub], m, pcfg.clip_eps, normalizer=mb_tokens
+                        )
+                        vf_loss, vf_stats = ppo_value_loss(
+                            v, old_values[sub], returns[sub], m, pcfg.value_clip, normalizer=mb_tokens
+                        )
+                        loss = pg_loss + pcfg.vf_coef * vf_loss
+                        if pcfg.entropy_coef > 0:
+                            loss = loss - pcfg.entropy_coef * (o["entropy"] * m).sum() / mb_tokens
+                        loss.backward()
+                        w = float(m.sum()) / mb_tokens
+                        for k, val in {
+                            "loss/policy": float(pg_loss.detach()) / w if w else 0.0,
+                            "loss/value": float(vf_loss.detach()) / w if w else 0.0,
+                            **{f"ppo/{k2}": float(v2) for k2, v2 in pg_stats.items()},
+                            **{f"ppo/{k2}": float(v2) for k2, v2 in vf_stats.items()},
+                        }.items():
+                            stats.setdefault(k, []).append(val)
+                        if epoch == 0 and mb == 0 and j == 0:
+                            first["first_minibatch_ratio"] = float(pg_stats["ratio_mean"])
+                            first["first_minibatch_approx_kl"] = float(pg_stats["approx_kl"])
+                            first["entropy"] = float(masked_mean(o["entropy"], m))
+                    gnorm = clip_grad(params, tcfg.grad_clip)
+                    stats.setdefault("grad_norm", []).append(gnorm)
+                    opt.step()
+                    sched.step()
+            # ---------------------------------------------------------------- 6. KL controller
+            mean_kl = float(seq_kl.mean())
+            kl_ctl.update(mean_kl, B)
+            lengths = resp_mask.sum(-1)
+            metrics = {
+                "loss": float(np.mean(stats["loss/policy"])) + pcfg.vf_coef * float(np.mean(stats["loss/value"])),
+                **{k: float(np.mean(v)) for k, v in stats.items()},
+                **first,
+                "reward/rm_score": float(raw_scores.mean()),
+                "reward/rm_score_std": float(rm_out["std"].mean()),
+                "reward/shaped_score": float(scores.mean()),
+                "reward/total": float((rewards * resp_mask).sum(-1).mean()),
+                "kl/seq_k1": mean_kl,
+                "kl/token_estimator_mean": float(masked_mean(kl_BT, resp_mask)),
+                "kl/beta": beta,
+                "returns/mean": float(masked_mean(returns, resp_mask)),
+                "values/mean": float(masked_mean(old_values, resp_mask)),
+                "values/explained_variance": float(explained_variance(old_values, returns, resp_mask)),
+                "response/length": float(lengths.mean()),
+                "response/ended_frac": float(gen.ended_B.float().mean()),
+                "lr": sched.get_last_lr()[0],
+                "tokens": n_tokens_total,
+            }
+            if gold_scorer is not None and heldout and cfg.gold_eval_every and (
+                step % cfg.gold_eval_every == 0 or step == tcfg.max_steps or step == 1
+            ):
+                metrics.update(_gold_eval(policy, tok, heldout, gold_scorer, rm, cfg, device))
+            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+                run.logger.log(step, metrics)
+            log.info(
+                "step %d score %.3f kl %.3f beta %.4f len %.1f pg %.4f vf %.4f ratio0 %.6f",
+                step, metrics["reward/rm_score"], mean_kl, beta, metrics["response/length"],
+                metrics["loss/policy"], metrics["loss/value"], first.get("first_minibatch_ratio", float("nan")),
+            )
+            if preempt["flag"]:
+                save_checkpoint(step)
+                raise _Preempted
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
+                save_checkpoint(step)
+    except _Preempted:
+        log.warning("preempted: checkpoint saved, exiting for requeue")
+        run.logger.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        return run.run_dir
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+
+    # ---- final artifacts
+    policy.eval()
+    save_hf(policy, tok, run.run_dir / "model")
+    head = value_head if value_head is not None else critic
+    torch.save(head.state_dict(), run.run_dir / "value_head.pt")
+    run.logger.close()
+    if cfg.logging.plots:
+        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
+    cost = run.cost.summary()
+    write_stage_done(run.run_dir, {"stage": "ppo", "steps": tcfg.max_steps, "cost": cost})
+    atomic_write_json(run.run_dir / "kl_controller.json", kl_ctl.state_dict())
+    return run.run_dir
+
+
+def _gold_eval(policy, tok, prompts, gold_scorer, rm, cfg: PPOConfig, device) -> dict[str, float]:
+    """Greedy-free evaluation: sample held-out completions, score with gold and the proxy RM."""
+    texts, ended, _ = sample_texts(
+        policy, tok, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+        max_prompt_tokens=cfg.data.max_prompt_tokens, temperature=cfg.rollout.temperature,
+        seed=cfg.seed + 12345, device=device,
+    )
+    gold = np.asarray(gold_scorer(prompts, texts), dtype=float)
+    ids, mask = left_pad_prompts(tok, [p + t for p, t in zip(prompts, texts)], 10_000, device)
+    with torch.no_grad():
+        proxy = rm.score(ids, mask)["mean"].cpu().numpy()
+    return {"eval/gold_reward": float(gold.mean()), "eval/proxy_reward": float(proxy.mean())}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete ``ckpt-*`` directory (written atomically), or None."""
+    cks = sorted(p for p in Path(run_dir).glob("ckpt-*") if (p / "state.pt").exists())
+    return cks[-1] if cks else None
+
+
+def setup_run_resumable(cfg: PPOConfig):
+    """Like ``setup_run`` but keeps ``metrics.jsonl`` when a checkpoint exists (resume)."""
+    run_dir = Path(cfg.run_dir)
+    if latest_checkpoint(run_dir) is not None and (run_dir / "metrics.jsonl").exists():
+        keep = run_dir / "metrics.jsonl"
+        saved = keep.read_bytes()
+        run = setup_run(cfg)
+        keep.write_bytes(saved)
+        return run
+    return setup_run(cfg)
+
+
+
