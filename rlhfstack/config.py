@@ -33,6 +33,11 @@ def default_data_root() -> str:
     return os.environ.get("RLHF_DATA_ROOT", str(REPO_ROOT.parent / "shared" / "data"))
 
 
+# Resolved when the config is resolved (not when the schema is registered), so that the
+# environment at run time decides.
+DATA_ROOT_INTERP = "${oc.env:RLHF_DATA_ROOT,'" + str(REPO_ROOT.parent / "shared" / "data") + "'}"
+
+
 # ----------------------------------------------------------------------------- groups
 
 
@@ -178,7 +183,7 @@ class StageConfig:
     """Where this run writes its model, metrics.jsonl, TensorBoard events and resolved config."""
     artifacts_dir: str = "runs/demo"
     """Where the artifacts of earlier stages are found (``base_model/``, ``sft/model``, ...)."""
-    data_root: str = field(default_factory=default_data_root)
+    data_root: str = DATA_ROOT_INTERP
     """Root for relative data paths (``$RLHF_DATA_ROOT``, else ``../shared/data``)."""
     seed: int = 0
     """Seed for python, numpy and torch."""
@@ -374,7 +379,7 @@ class EvalConfig(StageConfig):
 class PipelineConfig:
     artifacts_dir: str = "runs/demo"
     """Where every stage writes (``runs/demo/<stage>``)."""
-    data_root: str = field(default_factory=default_data_root)
+    data_root: str = DATA_ROOT_INTERP
     """Root for relative data paths."""
     seed: int = 0
     """Seed passed to every stage."""
@@ -386,6 +391,191 @@ class PipelineConfig:
     """Overrides passed to every stage."""
     skip_existing: bool = False
     """Skip a stage whose run_dir already holds a finished marker."""
+
+
+# ----------------------------------------------------------------------------- win-rate / judges
+# Entry points eval/winrate.py, eval/generate_samples.py, eval/hh_eval.py
+# (logic in rlhfstack/evaluation/judges.py and rlhfstack/evaluation/winrate.py).
+
+
+@dataclass
+class LLMJudgeConfig:
+    """An LLM judge behind an OpenAI-compatible chat-completions endpoint."""
+
+    model: str = "gpt-4o"
+    """Model name sent with each request (for vLLM: the served model's name)."""
+    base_url: str | None = None
+    """Endpoint root, e.g. ``http://127.0.0.1:8000/v1`` (local vLLM) or a vendor gateway;
+    None = ``$OPENAI_BASE_URL`` or the OpenAI API."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """NAME of the environment variable holding the API key; the key itself never appears in
+    configs, logs or the cache. Local servers without a key get a placeholder."""
+    temperature: float = 0.0
+    """Judge sampling temperature (MT-Bench, Zheng et al. 2023: 0)."""
+    max_tokens: int | None = 2048
+    """Cap on the judge's reply (MT-Bench: 2048); None sends no cap."""
+    requests_per_minute: float = 60.0
+    """Rate limit (request starts per minute, retries included); 0 disables it."""
+    max_retries: int = 6
+    """Retries of a request on HTTP 408/409/429/5xx, connection errors and timeouts."""
+    backoff_base_s: float = 1.0
+    """Exponential backoff: wait ``backoff_base_s * 2**attempt`` (+0-25% jitter) before retrying."""
+    backoff_max_s: float = 60.0
+    """Cap on one backoff wait (also on an honoured ``Retry-After``)."""
+    timeout_s: float = 120.0
+    """Per-request timeout."""
+    concurrency: int = 4
+    """Requests in flight at once."""
+    prompt_file: str | None = "eval_prompts/mt_bench_judge_prompts.jsonl"
+    """MT-Bench-style judge prompt file (relative to ``data_root``); None or missing = the
+    built-in pairwise prompt."""
+    prompt_name: str = "pair-v2"
+    """Single-turn pairwise template in ``prompt_file`` (MT-Bench's general ``pair-v2``)."""
+
+
+@dataclass
+class JudgingConfig:
+    """Judges and statistics shared by the win-rate entry points."""
+
+    judge: str = "gold"
+    """One judge: ``gold`` (the demo's hidden gold reward), ``rm`` (``rm_path``), ``llm`` (the
+    ``llm`` block) or a name in ``llm_judges``."""
+    judges: list[str] = field(default_factory=list)
+    """Several judges, combined (per-pair outcomes averaged) with their agreement (Cohen's kappa
+    for two, Fleiss' kappa for more); overrides ``judge`` when non-empty."""
+    artifacts_dir: str = "runs/demo"
+    """Demo artifacts (``data/gold.json`` and ``base_model/``) for ``judge=gold``."""
+    rm_path: str | None = None
+    """Reward-model directory (saved by the RM stage) for ``judge=rm``."""
+    rm_max_len: int = 1024
+    """Token cap per RM-scored sequence (long prompts keep their end)."""
+    llm: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)
+    """The ``llm`` judge, and the defaults of every entry of ``llm_judges``."""
+    llm_judges: dict[str, Any] = field(default_factory=dict)
+    """More LLM judges by name, each a partial ``LLMJudgeConfig`` on top of ``llm``, e.g.
+    ``+llm_judges.local.base_url=http://127.0.0.1:8000/v1 +llm_judges.local.model=NAME``."""
+    cache_path: str | None = "runs/judge_cache.sqlite"
+    """SQLite cache of every judgment (reruns are free, interrupted runs resume); None = off."""
+    device: str = "cpu"
+    """Device of the gold / RM judges (and of local generation)."""
+    batch_size: int = 16
+    """Sequences per forward pass of the RM judge."""
+    length_unit: str = "chars"
+    """Answer length for the length-controlled rate: chars (as AlpacaEval 2.0) | words."""
+    n_bootstrap: int = 2000
+    """Bootstrap resamples (over prompts) for confidence intervals."""
+    lc_n_bootstrap: int = 200
+    """Bootstrap refits of the length-controlled GLM for its interval; 0 = no interval."""
+    seed: int = 0
+    """Seed of the bootstrap (and of generation / prompt sampling where there is one)."""
+    data_root: str = DATA_ROOT_INTERP
+    """Root for relative data paths (``$RLHF_DATA_ROOT``, else ``../shared/data``)."""
+
+
+@dataclass
+class WinrateConfig(JudgingConfig):
+    a: str = MISSING
+    """Samples of system A (jsonl of ``{prompt, completion}``)."""
+    b: str = MISSING
+    """Samples of system B; pairs are matched by prompt (k-th occurrence with k-th)."""
+    output_dir: str = "runs/eval/winrate"
+    """Where ``winrate.json``, ``judgments.jsonl`` and ``config.yaml`` are written."""
+    max_pairs: int | None = None
+    """Judge at most this many matched pairs (the first ones); None = all."""
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings for local HF models and OpenAI-compatible endpoints."""
+
+    max_new_tokens: int = 128
+    """Completion length cap (tokens)."""
+    max_prompt_tokens: int = 512
+    """Local models: longer prompts keep their last tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    greedy: bool = False
+    """Local models: argmax decoding (endpoints: use temperature 0)."""
+    batch_size: int = 16
+    """Local models: prompts per generation batch."""
+    stop: list[str] = field(default_factory=list)
+    """Cut each completion at the first of these strings (e.g. ``"\n\nHuman:"`` for HH)."""
+    dtype: str = "float32"
+    """Local models: parameter dtype."""
+    api_model: str | None = None
+    """Endpoints: model name to request (required when ``model`` is a URL)."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Endpoints: NAME of the environment variable holding the API key."""
+    requests_per_minute: float = 60.0
+    """Endpoints: rate limit; 0 disables it."""
+    max_retries: int = 6
+    """Endpoints: retries on 429/5xx/connection errors with exponential backoff."""
+    backoff_base_s: float = 1.0
+    """Endpoints: first backoff wait (doubles per retry)."""
+    timeout_s: float = 120.0
+    """Endpoints: per-request timeout."""
+    concurrency: int = 4
+    """Endpoints: requests in flight at once."""
+
+
+@dataclass
+class GenerateSamplesConfig:
+    model: str = MISSING
+    """An exported HF model directory, or an OpenAI-compatible endpoint URL (``http(s)://...``)."""
+    prompts: str = MISSING
+    """Prompt file (jsonl with ``prompt``, or any format the data loaders read), relative to
+    ``data_root`` unless absolute."""
+    output: str = MISSING
+    """Output jsonl of ``{prompt, completion}``."""
+    adapter: str = "auto"
+    """Record format of ``prompts`` (see ``data.adapter``)."""
+    template: str = "plain"
+    """Chat template applied to the prompts (see ``data.template``)."""
+    max_prompts: int | None = None
+    """Use at most this many prompts (the first ones); None = all."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling settings."""
+    device: str = "cpu"
+    """Local models: cpu | cuda."""
+    seed: int = 0
+    """Sampling seed."""
+    data_root: str = DATA_ROOT_INTERP
+    """Root for relative data paths."""
+
+
+@dataclass
+class HHEvalConfig(JudgingConfig):
+    judge: str = "rm"
+    """Judge (default: the reward model at ``rm_path``); see ``judges`` for several."""
+    policy: str = MISSING
+    """Policy: HF model directory, endpoint URL, or a samples ``.jsonl`` already generated."""
+    baseline: str = MISSING
+    """Baseline, same forms as ``policy``."""
+    policy_api_model: str | None = None
+    """Model name when ``policy`` is an endpoint (default ``generation.api_model``)."""
+    baseline_api_model: str | None = None
+    """Model name when ``baseline`` is an endpoint (default ``generation.api_model``)."""
+    prompts: str = "preference/hh-rlhf_harmless-base_1812.jsonl.gz"
+    """HH-RLHF file whose conversations (minus the last response) are the prompts."""
+    adapter: str = "hh"
+    """Record format of ``prompts``."""
+    template: str = "hh"
+    """Chat template of the prompts (``hh``: ``\n\nHuman: ...\n\nAssistant:``)."""
+    n_prompts: int | None = 200
+    """Prompts sampled (seeded) from the file; None = all."""
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(stop=["\n\nHuman:", "\n\nAssistant:"])
+    )
+    """Sampling settings (completions are cut where the model starts a new turn)."""
+    output_dir: str = "runs/eval/hh"
+    """Where samples, ``winrate.json`` and ``hh_eval.json`` are written."""
+
+
+EVAL_ENTRY_SCHEMAS: dict[str, type] = {
+    "winrate": WinrateConfig,
+    "generate_samples": GenerateSamplesConfig,
+    "hh_eval": HHEvalConfig,
+}
 
 
 STAGE_SCHEMAS: dict[str, type] = {
@@ -417,6 +607,8 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    for name, schema in EVAL_ENTRY_SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
 
 
 register_configs()

@@ -303,7 +303,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                         if epoch == 0 and mb == 0 and j == 0:
                             first["first_minibatch_ratio"] = float(pg_stats["ratio_mean"])
                             first["first_minibatch_approx_kl"] = float(pg_stats["approx_kl"])
-                            first["entropy"] = float(masked_mean(o["entropy"], m))
+                            first["entropy"] = float(masked_mean(o["entropy"].detach(), m))
                     gnorm = clip_grad(params, tcfg.grad_clip)
                     stats.setdefault("grad_norm", []).append(gnorm)
                     opt.step()

@@ -1,0 +1,730 @@
+"""Pairwise judges for win-rates: the demo's gold reward, a trained reward model, LLM judges.
+
+Every judge answers the same question -- on prompt i, is answer A better than answer B? -- as a
+per-pair *outcome* from A's point of view: 1.0 (A better), 0.5 (tie), 0.0 (B better).
+
+* :class:`GoldJudge` and :class:`RMJudge` are *pointwise*: they score each (prompt, answer) on
+  its own and compare the scores, so their verdicts cannot depend on the order of A and B.
+* :class:`LLMJudge` asks a chat model through any OpenAI-compatible endpoint (the OpenAI API, a
+  gateway to another vendor, a local vLLM server) with an MT-Bench-style pairwise prompt
+  (Zheng et al. 2023) that ends in ``[[A]]``, ``[[B]]`` or ``[[C]]`` (tie). Each pair is judged
+  in both orders; the pair's outcome is the common verdict when both orders agree and a tie
+  when they do not (the MT-Bench rule for position bias); a verdict that cannot be parsed
+  leaves the other order's verdict (a tie if neither parses).
+
+Every judgment goes through :class:`JudgmentCache` (SQLite), keyed by the judge's identity, the
+prompt and the two answers in the order shown (pointwise judges: the one answer), so a rerun
+sends no requests and an interrupted evaluation resumes where it stopped. The API key is read
+from the environment variable named in the config; it is never logged, saved or cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from rlhfstack.evaluation.metrics import win_outcomes
+
+log = logging.getLogger("rlhfstack.judges")
+
+__all__ = [
+    "ChatAPIError",
+    "ChatClient",
+    "GoldJudge",
+    "Judge",
+    "JudgePrompt",
+    "JudgeResult",
+    "JudgmentCache",
+    "LLMJudge",
+    "PointwiseJudge",
+    "RMJudge",
+    "RateLimiter",
+    "load_judge_prompt",
+    "parse_verdict",
+    "verdict_outcome",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Results and the protocol
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeResult:
+    """One judge's verdicts on N pairs.
+
+    outcomes_N: A's outcome per pair, in {0, 0.5, 1} (float64, shape (N,)).
+    consistent_N: per pair, whether the verdict was the same in both orders (bool, shape (N,));
+        None for pointwise judges, whose verdicts cannot depend on the order.
+    stats: counters for the report (requests sent, cache hits, unparsed verdicts, ...).
+    details: per-pair extras for judgments.jsonl (e.g. the verdict in each order), each a list
+        of length N.
+    """
+
+    outcomes_N: np.ndarray
+    consistent_N: np.ndarray | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def position_consistency(self) -> float | None:
+        """Fraction of pairs whose verdict was the same in both orders (None if not measured)."""
+        if self.consistent_N is None:
+            return None
+        return float(np.mean(self.consistent_N)) if len(self.consistent_N) else float("nan")
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Anything that can compare two answers per prompt."""
+
+    name: str
+
+    def judge(
+        self, prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str]
+    ) -> JudgeResult:
+        """Verdicts of A vs B on each prompt (the three sequences have the same length N)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+
+
+def _sha(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+class JudgmentCache:
+    """Judgments on disk (SQLite), so reruns are free and interrupted runs resume.
+
+    Keys are SHA-256 hashes of (judge identity, prompt, answers in the order shown); values are
+    small JSON objects. Writes are committed one by one (a crash loses at most the request in
+    flight). Only the thread that created the cache should call it. ``path=None`` keeps the
+    cache in memory (nothing persists).
+    """
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path), timeout=60)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS judgments ("
+            "key TEXT PRIMARY KEY, judge TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)"
+        )
+        self._db.commit()
+
+    @staticmethod
+    def pair_key(judge_id: str, prompt: str, first: str, second: str) -> str:
+        """Key of a pairwise judgment: ``first`` was shown as answer A, ``second`` as B."""
+        return _sha("pair", judge_id, prompt, first, second)
+
+    @staticmethod
+    def score_key(judge_id: str, prompt: str, answer: str) -> str:
+        """Key of a pointwise score."""
+        return _sha("score", judge_id, prompt, answer)
+
+    def get(self, key: str) -> Any | None:
+        row = self._db.execute("SELECT value FROM judgments WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """Cached values of those ``keys`` that are present."""
+        out: dict[str, Any] = {}
+        uniq = list(dict.fromkeys(keys))
+        for i in range(0, len(uniq), 500):
+            chunk = uniq[i : i + 500]
+            q = "SELECT key, value FROM judgments WHERE key IN (%s)" % ",".join("?" * len(chunk))
+            for k, v in self._db.execute(q, chunk):
+                out[k] = json.loads(v)
+        return out
+
+    def put(self, key: str, judge_id: str, value: Any) -> None:
+        self.put_many([(key, value)], judge_id)
+
+    def put_many(self, items: Sequence[tuple[str, Any]], judge_id: str) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT OR REPLACE INTO judgments (key, judge, value, created) VALUES (?, ?, ?, ?)",
+            [(k, judge_id, json.dumps(v), now) for k, v in items],
+        )
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Pointwise judges (gold reward, reward model)
+# --------------------------------------------------------------------------------------------
+
+
+def _files_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Cheap content fingerprint of a file or of a directory's top-level files: name, size and
+    SHA-256 of the first and last MiB of each (hashing multi-GB weights in full is too slow)."""
+    p = Path(path)
+    files = sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith(".")) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(chunk))
+            if size > 2 * chunk:
+                fh.seek(size - chunk)
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
+
+
+class PointwiseJudge:
+    """Base for judges that score each (prompt, answer) alone; A wins where its score is higher.
+
+    Subclasses implement :meth:`score_uncached`. Scores are cached per (identity, prompt,
+    answer), and each distinct (prompt, answer) is scored once per call, so the same text
+    always gets exactly the same score (identical answers tie).
+    """
+
+    name: str = "pointwise"
+
+    def __init__(self, name: str, identity: str, cache: JudgmentCache | None = None) -> None:
+        self.name = name
+        self.identity = identity
+        self.cache = cache if cache is not None else JudgmentCache(None)
+
+    def score_uncached(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        """Scores, shape (B,) float64 (higher is better)."""
+        raise NotImplementedError
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> tuple[np.ndarray, int]:
+        """Scores, shape (B,), through the cache; also returns how many were computed."""
+        keys = [self.cache.score_key(self.identity, p, a) for p, a in zip(prompts, answers)]
+        have = self.cache.get_many(keys)
+        todo: dict[str, tuple[str, str]] = {}
+        for k, p, a in zip(keys, prompts, answers):
+            if k not in have and k not in todo:
+                todo[k] = (p, a)
+        if todo:
+            ps, ans = zip(*todo.values())
+            s_M = np.asarray(self.score_uncached(list(ps), list(ans)), dtype=np.float64).reshape(-1)
+            new = {k: float(v) for k, v in zip(todo, s_M)}
+            self.cache.put_many(list(new.items()), self.identity)
+            have.update(new)
+        return np.array([have[k] for k in keys], dtype=np.float64), len(todo)
+
+    def judge(
+        self, prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str]
+    ) -> JudgeResult:
+        n = len(prompts)
+        if not (len(answers_a) == len(answers_b) == n):
+            raise ValueError("prompts, answers_a and answers_b differ in length")
+        s_2N, n_new = self.score(list(prompts) * 2, list(answers_a) + list(answers_b))
+        sa_N, sb_N = s_2N[:n], s_2N[n:]
+        return JudgeResult(
+            outcomes_N=win_outcomes(sa_N, sb_N),
+            consistent_N=None,
+            stats={"n_scored": n_new},
+            details={"score_a": sa_N.tolist(), "score_b": sb_N.tolist()},
+        )
+
+
+class GoldJudge(PointwiseJudge):
+    """The embedded demo's hidden gold reward as a judge (or any ``(prompts, answers) -> (B,)``
+    scorer, e.g. a stand-in for tests)."""
+
+    def __init__(
+        self,
+        scorer: Callable[[Sequence[str], Sequence[str]], np.ndarray],
+        identity: str = "gold",
+        cache: JudgmentCache | None = None,
+        name: str = "gold",
+    ) -> None:
+        super().__init__(name, identity, cache)
+        self._scorer = scorer
+
+    def score_uncached(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        return np.asarray(self._scorer(list(prompts), list(answers)), dtype=np.float64)
+
+    @classmethod
+    def from_artifacts(
+        cls, artifacts_dir: str | os.PathLike, device: str = "cpu", cache: JudgmentCache | None = None
+    ) -> GoldJudge:
+        """Rebuild the demo's gold reward from ``<artifacts_dir>/data/gold.json`` and its frozen
+        base model (``rlhfstack.tasks.demo.load_gold``)."""
+        from rlhfstack.tasks.demo import load_gold
+
+        art = Path(artifacts_dir)
+        if not (art / "data" / "gold.json").exists():
+            raise FileNotFoundError(
+                f"judge=gold needs {art / 'data' / 'gold.json'} (run the demo's data stage, or set "
+                "artifacts_dir)"
+            )
+        gold = load_gold(art, device)
+        identity = "gold:" + _sha(
+            (art / "data" / "gold.json").read_text(), _files_fingerprint(art / "base_model")
+        )[:16]
+        return cls(gold.score, identity=identity, cache=cache)
+
+
+class RMJudge(PointwiseJudge):
+    """A trained reward model as a judge: each answer is scored as the RM was trained,
+    ``[BOS] prompt answer EOS`` (``rlhfstack.data.collate.tokenize_sft``), read at the last token.
+
+    Args:
+        rm: a :class:`rlhfstack.models.core.RewardModel` (eval mode).
+        tokenizer: its tokenizer.
+        max_len: token cap per sequence (long prompts keep their end); also capped by the
+            backbone's ``max_position_embeddings``.
+        batch_size: sequences per forward pass.
+    """
+
+    def __init__(
+        self,
+        rm: Any,
+        tokenizer: Any,
+        *,
+        identity: str = "rm",
+        cache: JudgmentCache | None = None,
+        max_len: int = 1024,
+        batch_size: int = 16,
+        device: str = "cpu",
+        name: str = "rm",
+    ) -> None:
+        super().__init__(name, identity, cache)
+        self.rm = rm
+        self.tokenizer = tokenizer
+        max_pos = getattr(getattr(rm.backbone, "config", None), "max_position_embeddings", None)
+        self.max_len = int(min(max_len, max_pos) if max_pos else max_len)
+        self.batch_size = batch_size
+        self.device = device
+
+    def score_uncached(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        import torch
+
+        from rlhfstack.data.collate import collate_sft, tokenize_sft
+        from rlhfstack.data.schemas import SFTExample
+
+        items = tokenize_sft(
+            [SFTExample(prompt=p, completion=a) for p, a in zip(prompts, answers)],
+            self.tokenizer,
+            self.max_len,
+        )
+        # sort by length so that batches hold similar lengths (less padding)
+        order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+        out_B = np.empty(len(items), dtype=np.float64)
+        with torch.no_grad():
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s : s + self.batch_size]
+                b = collate_sft([items[i] for i in idx], self.tokenizer.pad_token_id)
+                r_b = self.rm.score(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
+                out_B[idx] = r_b["mean"].float().cpu().numpy()
+        return out_B
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | os.PathLike,
+        *,
+        tokenizer_path: str | os.PathLike | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        cache: JudgmentCache | None = None,
+        max_len: int = 1024,
+        batch_size: int = 16,
+    ) -> RMJudge:
+        """Load a reward model saved by the RM stage (``RewardModel.load``)."""
+        from rlhfstack.models.core import RewardModel, load_tokenizer
+
+        rm = RewardModel.load(path, dtype=dtype, device=device)
+        tok = load_tokenizer(str(tokenizer_path or path))
+        identity = f"rm:{_files_fingerprint(path)}:{dtype}:{max_len}"
+        return cls(rm, tok, identity=identity, cache=cache, max_len=max_len, batch_size=batch_size,
+                   device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# LLM judges
+# --------------------------------------------------------------------------------------------
+
+_VERDICT_RE = re.compile(r"\[\[\s*(A|B|C)\s*\]\]")
+
+
+def parse_verdict(text: str | None) -> str | None:
+    """``"A"``, ``"B"`` or ``"C"`` (tie) from a judge's reply: the LAST ``[[A]]``/``[[B]]``/
+    ``[[C]]`` tag (the verdict follows the explanation, which may quote the format); None if
+    there is none."""
+    if not text:
+        return None
+    tags = _VERDICT_RE.findall(text)
+    return tags[-1] if tags else None
+
+
+def verdict_outcome(verdict: str | None, a_first: bool) -> float | None:
+    """A's outcome (1 / 0.5 / 0) from a verdict on an ordering; None for an unparsed verdict."""
+    if verdict is None:
+        return None
+    if verdict == "C":
+        return 0.5
+    first_wins = verdict == "A"
+    return 1.0 if first_wins == a_first else 0.0
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    """A pairwise judge prompt: a system message and a user template with ``{question}``,
+    ``{answer_a}`` and ``{answer_b}`` fields."""
+
+    name: str
+    system: str
+    template: str
+
+    def messages(self, question: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
+        user = self.template.format(question=question, answer_a=answer_a, answer_b=answer_b)
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": user}]
+
+    def digest(self) -> str:
+        return _sha(self.system, self.template)[:16]
+
+
+BUILTIN_PAIRWISE_PROMPT = JudgePrompt(
+    name="builtin-pairwise",
+    system=(
+        "You are an impartial judge. Compare the two assistant responses to the user's question "
+        "below and decide which one follows the user's instructions and answers the question "
+        "better, considering helpfulness, relevance, accuracy, depth and harmlessness. The order "
+        "in which the responses appear, their length and the assistants' names must not affect "
+        "your decision. First explain your comparison briefly, then give your final verdict on "
+        'its own line: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, '
+        'or "[[C]]" for a tie.'
+    ),
+    template=(
+        "[User Question]\n{question}\n\n"
+        "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
+        "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]"
+    ),
+)
+
+
+def load_judge_prompt(path: str | os.PathLike | None, name: str = "pair-v2") -> JudgePrompt:
+    """The pairwise template ``name`` from an MT-Bench ``judge_prompts.jsonl`` file (fields
+    ``name``, ``type``, ``system_prompt``, ``prompt_template``); the built-in prompt when
+    ``path`` is None or missing. The template must use ``{question}``, ``{answer_a}`` and
+    ``{answer_b}`` (single-turn pairwise prompts such as MT-Bench's ``pair-v2`` do)."""
+    if path is None or not Path(path).exists():
+        if path is not None:
+            log.warning("judge prompt file %s not found: using the built-in pairwise prompt", path)
+        return BUILTIN_PAIRWISE_PROMPT
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("name") == name:
+                tpl = row["prompt_template"]
+                missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in tpl]
+                if missing:
+                    raise ValueError(
+                        f"{path}: judge prompt {name!r} lacks {missing}; pick a single-turn pairwise "
+                        "prompt (e.g. pair-v2)"
+                    )
+                return JudgePrompt(name=name, system=row.get("system_prompt", ""), template=tpl)
+    raise ValueError(f"{path}: no judge prompt named {name!r}")
+
+
+class RateLimiter:
+    """Spaces calls at least ``60 / requests_per_minute`` seconds apart (thread-safe);
+    ``requests_per_minute <= 0`` disables it."""
+
+    def __init__(self, requests_per_minute: float) -> None:
+        self.interval = 60.0 / requests_per_minute if requests_per_minute > 0 else 0.0
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def acquire(self) -> None:
+        if self.interval <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}")
+
+
+class ChatAPIError(RuntimeError):
+    """A chat request failed for good (message redacted of the API key)."""
+
+
+class ChatClient:
+    """Chat completions against an OpenAI-compatible endpoint, with retries and a rate limit.
+
+    Uses the ``openai`` client with its own retries disabled; transient failures (HTTP 408, 409,
+    429, 5xx, connection errors, timeouts) are retried here up to ``max_retries`` times with
+    exponential backoff (``backoff_base_s * 2**attempt``, capped at ``backoff_max_s``, 0-25%
+    jitter; a ``Retry-After`` header, when larger, is honoured up to the cap). Other errors
+    (bad request, authentication) raise at once.
+
+    Args:
+        model: model name sent in each request.
+        base_url: endpoint root (``http://127.0.0.1:8000/v1`` for a local vLLM server); None lets
+            the client use ``$OPENAI_BASE_URL`` or the OpenAI API.
+        api_key_env: NAME of the environment variable that holds the key (the key itself never
+            enters configs, logs or caches). When it is unset and ``base_url`` is given (local
+            servers need no key), a placeholder key is sent.
+    """
+
+    RETRY_STATUS = (408, 409, 429)
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        requests_per_minute: float = 60.0,
+        max_retries: int = 6,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        timeout_s: float = 120.0,
+    ) -> None:
+        from openai import OpenAI
+
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if not key:
+            if base_url is None and not os.environ.get("OPENAI_BASE_URL"):
+                raise ValueError(
+                    f"LLM judge {model!r}: the environment variable {api_key_env!r} holding the API "
+                    "key is not set"
+                )
+            log.info("no API key in $%s: sending a placeholder key to %s", api_key_env, base_url)
+            key = "EMPTY"
+        self.model = model
+        self._key = key
+        self._client = OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout_s)
+        self.base_url = str(self._client.base_url).rstrip("/")
+        self.limiter = RateLimiter(requests_per_minute)
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._count_lock = threading.Lock()
+        self.n_requests = 0
+        self.n_retries = 0
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ChatClient(model={self.model!r}, base_url={self.base_url!r})"
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key (nor anything shaped like a key)."""
+        if self._key and self._key != "EMPTY":
+            text = text.replace(self._key, "***")
+        return _KEY_LIKE.sub("***", text)
+
+    def _retryable(self, err: Exception) -> bool:
+        import openai
+
+        if isinstance(err, openai.APIConnectionError):  # includes timeouts
+            return True
+        if isinstance(err, openai.APIStatusError):
+            return err.status_code in self.RETRY_STATUS or err.status_code >= 500
+        return False
+
+    def _delay(self, attempt: int, err: Exception) -> float:
+        d = min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
+        d *= 1.0 + 0.25 * random.random()
+        resp = getattr(err, "response", None)
+        retry_after = resp.headers.get("retry-after") if resp is not None else None
+        try:
+            if retry_after is not None:
+                d = max(d, min(self.backoff_max_s, float(retry_after)))
+        except ValueError:
+            pass
+        return d
+
+    def complete(self, messages: list[dict[str, str]], **params: Any) -> str:
+        """The first choice's text for ``messages`` (extra ``params`` go into the request)."""
+        for attempt in range(self.max_retries + 1):
+            self.limiter.acquire()
+            with self._count_lock:
+                self.n_requests += 1
+            try:
+                resp = self._client.chat.completions.create(
+                    model=self.model, messages=messages, **params
+                )
+                return resp.choices[0].message.content or ""
+            except Exception as err:  # openai raises its own hierarchy
+                if attempt >= self.max_retries or not self._retryable(err):
+                    raise ChatAPIError(self._redact(f"{type(err).__name__}: {err}")) from None
+                delay = self._delay(attempt, err)
+                with self._count_lock:
+                    self.n_retries += 1
+                log.warning(
+                    "%s: %s (attempt %d/%d); retrying in %.2fs",
+                    self.model, type(err).__name__, attempt + 1, self.max_retries + 1, delay,
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class LLMJudge:
+    """A chat model as a pairwise judge, asked about every pair in both orders (cached).
+
+    Args:
+        name: the judge's name in reports.
+        client: a :class:`ChatClient`.
+        prompt: the pairwise prompt (:func:`load_judge_prompt`).
+        temperature, max_tokens: sampling settings of the judge (MT-Bench: 0 and 2048).
+        concurrency: requests in flight at once (the rate limit still applies).
+        cache: where judgments are stored; identity = model, endpoint, prompt and settings.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        client: ChatClient,
+        prompt: JudgePrompt = BUILTIN_PAIRWISE_PROMPT,
+        *,
+        temperature: float = 0.0,
+        max_tokens: int | None = 2048,
+        concurrency: int = 4,
+        cache: JudgmentCache | None = None,
+    ) -> None:
+        self.name = name
+        self.client = client
+        self.prompt = prompt
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.concurrency = max(1, int(concurrency))
+        self.cache = cache if cache is not None else JudgmentCache(None)
+        self.identity = json.dumps(
+            {
+                "kind": "llm",
+                "model": client.model,
+                "base_url": client.base_url,
+                "prompt": prompt.digest(),
+                "temperature": temperature,
+                "max_tokens": max_tokens,
+            },
+            sort_keys=True,
+        )
+
+    def _ask(self, question: str, first: str, second: str) -> dict[str, Any]:
+        params: dict[str, Any] = {"temperature": self.temperature}
+        if self.max_tokens is not None:
+            params["max_tokens"] = self.max_tokens
+        text = self.client.complete(self.prompt.messages(question, first, second), **params)
+        return {"verdict": parse_verdict(text), "text": text}
+
+    def judge(
+        self, prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str]
+    ) -> JudgeResult:
+        n = len(prompts)
+        if not (len(answers_a) == len(answers_b) == n):
+            raise ValueError("prompts, answers_a and answers_b differ in length")
+        # Identical answers tie without a request (either order would show the same text).
+        identical_N = np.array([a == b for a, b in zip(answers_a, answers_b)], dtype=bool)
+        jobs: list[tuple[str, str, str, str]] = []  # key, question, first, second
+        keys_ab, keys_ba = [""] * n, [""] * n
+        for i, (p, a, b) in enumerate(zip(prompts, answers_a, answers_b)):
+            if identical_N[i]:
+                continue
+            keys_ab[i] = self.cache.pair_key(self.identity, p, a, b)
+            keys_ba[i] = self.cache.pair_key(self.identity, p, b, a)
+            jobs.append((keys_ab[i], p, a, b))
+            jobs.append((keys_ba[i], p, b, a))
+        have = self.cache.get_many([j[0] for j in jobs])
+        todo = list({j[0]: j for j in jobs if j[0] not in have}.values())
+        n_cached = len({j[0] for j in jobs}) - len(todo)
+        requests_before = self.client.n_requests
+        if todo:
+            log.info("%s: %d judgments to request (%d cached)", self.name, len(todo), n_cached)
+            self._run(todo, have)
+        v_ab = [have[k]["verdict"] if k else None for k in keys_ab]
+        v_ba = [have[k]["verdict"] if k else None for k in keys_ba]
+        outcomes_N = np.full(n, 0.5)
+        consistent_N = np.ones(n, dtype=bool)
+        n_unparsed = 0
+        for i in range(n):
+            if identical_N[i]:
+                continue
+            o1, o2 = verdict_outcome(v_ab[i], True), verdict_outcome(v_ba[i], False)
+            n_unparsed += (o1 is None) + (o2 is None)
+            if o1 is not None and o2 is not None:
+                consistent_N[i] = o1 == o2
+                outcomes_N[i] = o1 if o1 == o2 else 0.5
+            else:
+                consistent_N[i] = False
+                known = o1 if o1 is not None else o2
+                outcomes_N[i] = 0.5 if known is None else known
+        compared = ~identical_N
+        return JudgeResult(
+            outcomes_N=outcomes_N,
+            consistent_N=consistent_N[compared],
+            stats={
+                "n_requests": self.client.n_requests - requests_before,
+                "n_retries": self.client.n_retries,
+                "n_cached": n_cached,
+                "n_judged_pairs": int(compared.sum()),
+                "n_identical_pairs": int(identical_N.sum()),
+                "n_unparsed": n_unparsed,
+                "model": self.client.model,
+                "prompt": self.prompt.name,
+            },
+            details={"verdict_a_first": v_ab, "verdict_b_first": v_ba},
+        )
+
+    def _run(self, todo: list[tuple[str, str, str, str]], have: dict[str, Any]) -> None:
+        """Request ``todo`` concurrently; each answer is cached as soon as it arrives. On a
+        failure, requests not yet started are dropped, those in flight are awaited (and cached),
+        then the error is raised: rerunning resumes from the cache."""
+        done_count = 0
+        error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self._ask, q, f, s): key for key, q, f, s in todo}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in finished:
+                    if fut.cancelled():
+                        continue
+                    if fut.exception() is not None:
+                        error = error or fut.exception()
+                        continue
+                    key = futures[fut]
+                    have[key] = fut.result()
+                    self.cache.put(key, self.identity, have[key])
+                    done_count += 1
+                if error is not None:
+                    for fut in pending:
+                        fut.cancel()
+        if error is not None:
+            raise RuntimeError(
+                f"LLM judge {self.name!r} failed after {done_count} of {len(todo)} new judgments "
+                f"({error}); the finished ones are cached: rerun the same command to resume"
+            ) from None

@@ -1,0 +1,46 @@
+"""Shared fixtures: the data root and a converted stories260K HF model (converted once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_ROOT = Path(os.environ.get("RLHF_DATA_ROOT", REPO.parent / "shared" / "data"))
+STORIES = DATA_ROOT / "models" / "stories260K"
+
+
+def pytest_configure(config):
+    os.environ.setdefault("RLHF_DATA_ROOT", str(DATA_ROOT))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not DATA_ROOT.exists():
+        pytest.skip(f"data root {DATA_ROOT} not found (set RLHF_DATA_ROOT)")
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def stories_hf(tmp_path_factory, data_root) -> Path:
+    """stories260K converted to an HF directory (BOS 1, EOS 2, PAD 512)."""
+    if not (STORIES / "stories260K.bin").exists():
+        pytest.skip(f"{STORIES} not found")
+    from rlhfstack.models.llama2c import convert
+
+    return convert(STORIES / "stories260K.bin", STORIES / "tok512.bin", tmp_path_factory.mktemp("s260k") / "hf")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Test models are tiny: intra-op threads only add contention on a 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
