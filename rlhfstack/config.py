@@ -24,6 +24,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from rlhfstack.evaluation.detectors import DetectorThresholds
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
 
@@ -73,6 +75,9 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA / QLoRA settings."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """Architecture of the model for meta-device checks when the weights are not local: HF
+    ``config.json`` fields, ``model_type`` included; empty = not given. Unused by training."""
 
 
 @dataclass
@@ -122,11 +127,14 @@ class ClusterConfig:
 @dataclass
 class ParallelConfig:
     dp_shard: int = 1
-    """FSDP2 sharded data-parallel degree."""
+    """FSDP2 sharded data-parallel degree; -1 = world size / (tp * pp)."""
     tp: int = 1
     """DTensor tensor-parallel degree."""
     pp: int = 1
     """Pipeline-parallel degree."""
+    mixed_precision: str = "none"
+    """none | bf16: bf16 compute with fp32 master weights and fp32 gradient reduction
+    (FSDP2 MixedPrecisionPolicy under dp_shard > 1, torch.autocast otherwise)."""
 
 
 @dataclass
@@ -227,6 +235,21 @@ class RMHyperparams:
     """More held-out preference files to report accuracy on, by name (the demo adds ``gold``)."""
     epochs: int = 1
     """Passes over the training pairs (1 by default: RMs overfit after one epoch, Ouyang et al. 2022)."""
+    pooling: str = "mean"
+    """Encoders: mean (all real tokens) | response_mean (the response segment) | cls."""
+    freeze_embeddings: bool = False
+    """Keep the token/position embeddings frozen (fewer trainable parameters, faster on CPU)."""
+    freeze_layers: int = 0
+    """Also freeze this many of the lowest transformer layers."""
+    normalize_policy_path: str | None = None
+    """Encoders: fit the normalization on samples of this causal LM (e.g. the SFT policy) instead of
+    the training pairs' responses."""
+    probes: bool = True
+    """Run the bias probes (length, flattery, refusals, sanity) and write MODEL_CARD.md beside the model."""
+    probe_max_items: int = 100
+    """Cap on responses / XSTest prompts used per probe."""
+    xstest_path: str = "safety/xstest_prompts.csv"
+    """XSTest prompts (label == safe ones feed the over-refusal probe), relative to ``data_root``."""
 
 
 @dataclass
@@ -347,8 +370,10 @@ class DemoDataConfig(StageConfig):
     """Story openings generated (train + held-out)."""
     n_heldout: int = 256
     """Held-out prompts for evaluation (never trained on)."""
-    completions_per_prompt: int = 2
+    completions_per_prompt: int = 4
     """Samples per training prompt from the base model, paired for labeling."""
+    pairs_per_prompt: int = 3
+    """Distinct pairs labeled per prompt (at most k(k-1)/2); labels are cheap, samples are not."""
     n_pref_prompts: int = 2000
     """Training prompts that get labeled pairs."""
     max_new_tokens: int = 48
@@ -373,6 +398,41 @@ class EvalConfig(StageConfig):
     """Sampling temperature for evaluation samples."""
     n_bootstrap: int = 2000
     """Bootstrap resamples for confidence intervals."""
+
+
+@dataclass
+class RMEvalConfig:
+    """``python eval/rm_eval.py rm_path=DIR data_path=FILE output_dir=DIR``."""
+
+    rm_path: str = MISSING
+    """Trained reward model directory (``RewardModel.save``) or ensemble directory (``ensemble.json``)."""
+    data_path: str = MISSING
+    """Preference file (HH, UltraFeedback, plain, ShareGPT; format auto-detected). A path that exists
+    from the working directory is used as is, else it is relative to ``data_root``."""
+    output_dir: str = MISSING
+    """Where ``rm_eval.json``, ``reliability.png`` and ``rm_eval_scores.jsonl`` are written."""
+    data_root: str = field(default_factory=default_data_root)
+    """Root for relative data paths."""
+    adapter: str = "auto"
+    """Record format: auto | hh | ultrafeedback | plain | sharegpt."""
+    template: str | None = None
+    """Prompt template; None = the one the RM was trained with (``hh`` if unknown)."""
+    max_pairs: int | None = None
+    """Score at most this many pairs (None = all)."""
+    max_length: int | None = None
+    """Token cap per sequence; None = the RM's training length (long pairs are truncated, never dropped)."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+    device: str = "cpu"
+    """cpu | cuda."""
+    seed: int = 0
+    """Seed of the random pair order used for calibration."""
+    model_card: bool = True
+    """Run the bias probes and write ``MODEL_CARD.md`` into ``rm_path`` when it is missing."""
+    probe_max_items: int = 100
+    """Cap on items per probe."""
+    xstest_path: str = "safety/xstest_prompts.csv"
+    """XSTest prompts for the over-refusal probe, relative to ``data_root``."""
 
 
 @dataclass
@@ -520,8 +580,10 @@ class GenerationConfig:
 
 @dataclass
 class GenerateSamplesConfig:
-    model: str = MISSING
-    """An exported HF model directory, or an OpenAI-compatible endpoint URL (``http(s)://...``)."""
+    model_path: str = MISSING
+    """An exported HF model directory, or an OpenAI-compatible endpoint URL (``http(s)://...``).
+    ``eval/generate_samples.py`` also takes it as ``model=...`` (Hydra reserves ``model`` for
+    the model config group, so the script renames the argument)."""
     prompts: str = MISSING
     """Prompt file (jsonl with ``prompt``, or any format the data loaders read), relative to
     ``data_root`` unless absolute."""
@@ -571,6 +633,119 @@ class HHEvalConfig(JudgingConfig):
     """Where samples, ``winrate.json`` and ``hh_eval.json`` are written."""
 
 
+# ----------------------------------------------------------------------------- eval suite:
+# MMLU alignment tax, reward-hacking detectors, over-optimization (eval/mmlu.py,
+# eval/reward_hacking.py, eval/overoptimization.py)
+
+
+@dataclass
+class MMLUEvalConfig:
+    model_path: str = MISSING
+    """HF directory of the evaluated (aligned) policy."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; defaults to ``model_path``."""
+    baseline_path: str | None = None
+    """HF directory of the baseline (usually the SFT model); gives ``alignment_tax``."""
+    baseline_results: str | None = None
+    """An earlier run's ``output_dir`` (or its ``mmlu.json``) used as the baseline instead of
+    re-evaluating ``baseline_path``."""
+    output_dir: str = "runs/eval/mmlu"
+    """Where ``mmlu.json``, ``mmlu_items.json`` and the generated lm-eval task YAMLs go."""
+    data_root: str = DATA_ROOT_INTERP
+    """Root for relative data paths."""
+    mmlu_dir: str = "benchmarks/mmlu"
+    """MMLU CSVs (``dev/`` and ``test/``), relative to ``data_root`` unless absolute."""
+    subjects: list[str] = field(default_factory=list)
+    """Subjects to evaluate, e.g. ``[anatomy,astronomy]``; empty = all 57."""
+    num_fewshot: int = 5
+    """Shots (Hendrycks et al. 2021 use 5); reduced per subject when prompts exceed max_length."""
+    limit: int | None = None
+    """Evaluate only the first ``limit`` test questions of each subject (quick runs)."""
+    max_length: int | None = None
+    """Context length; default the model's ``max_position_embeddings``."""
+    min_fit_fraction: float = 0.95
+    """Keep the most shots for which at least this fraction of prompts fits in max_length."""
+    apply_chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (instruct models)."""
+    batch_size: int = 8
+    """lm-eval batch size."""
+    dtype: str = "float32"
+    """Model dtype: float32 | bfloat16 | float16."""
+    device: str = "auto"
+    """cpu | cuda | auto."""
+    seed: int = 1234
+    """lm-eval's python/numpy/torch/few-shot seeds."""
+    n_bootstrap: int = 2000
+    """Paired bootstrap resamples of the alignment-tax CI."""
+
+
+@dataclass
+class RewardHackingConfig:
+    samples: str = MISSING
+    """Policy completions (.jsonl/.json records with ``completion``/``response``/``output``)."""
+    reference: str | None = None
+    """Reference completions (e.g. the SFT policy on the same prompts); same format."""
+    output_dir: str = "runs/eval/reward_hacking"
+    """Where ``reward_hacking.json`` goes."""
+    data_root: str = DATA_ROOT_INTERP
+    """Root for relative data paths."""
+    xstest_path: str = "safety/xstest_prompts.csv"
+    """XSTest prompts (Rottger et al. 2024; 250 safe / 200 unsafe), relative to data_root."""
+    xstest_samples: str | None = None
+    """Policy completions of XSTest prompts; else generated from ``model_path`` when given."""
+    xstest_reference: str | None = None
+    """Reference completions of XSTest prompts; else generated from ``reference_model_path``."""
+    model_path: str | None = None
+    """Policy HF directory: generates XSTest completions and runs the sycophancy probe."""
+    reference_model_path: str | None = None
+    """Reference HF directory: reference-relative XSTest and sycophancy thresholds."""
+    ppo_run_dir: str | None = None
+    """PPO run whose metrics.jsonl (eval/gold_reward, eval/proxy_reward) gives proxy_gold_gap."""
+    template: str = "hh"
+    """Chat template for model queries: hh | chatml | plain | tokenizer."""
+    max_new_tokens: int = 64
+    """Completion length cap for XSTest generations."""
+    max_prompt_tokens: int = 128
+    """Prompt token cap (left-truncated)."""
+    greedy: bool = True
+    """Greedy decoding for XSTest generations."""
+    temperature: float = 1.0
+    """Sampling temperature when ``greedy`` is false."""
+    batch_size: int = 32
+    """Generation batch size."""
+    dtype: str = "float32"
+    """Model dtype."""
+    device: str = "auto"
+    """cpu | cuda | auto."""
+    seed: int = 0
+    """Seed (generation, distinct-n subsampling)."""
+    thresholds: DetectorThresholds = field(default_factory=DetectorThresholds)
+    """Detector thresholds (see ``rlhfstack.evaluation.detectors``)."""
+
+
+@dataclass
+class OveroptimizationConfig:
+    run_dir: str = MISSING
+    """PPO run directory whose metrics.jsonl has kl/seq_k1, eval/gold_reward, eval/proxy_reward."""
+    output_dir: str = "runs/eval/overoptimization"
+    """Where ``overoptimization.json`` and ``overoptimization.png`` go."""
+    offset: bool = True
+    """Fit a free offset R0 in R(d) = R0 + d (alpha - beta log d) (Gao et al. 2022)."""
+    kl_key: str = "kl/seq_k1"
+    """metrics.jsonl column of the per-sequence KL (nats)."""
+    gold_key: str = "eval/gold_reward"
+    """Column of the gold reward."""
+    proxy_key: str = "eval/proxy_reward"
+    """Column of the proxy (reward-model) reward."""
+
+
+EVAL_SUITE_SCHEMAS: dict[str, type] = {
+    "mmlu": MMLUEvalConfig,
+    "reward_hacking": RewardHackingConfig,
+    "overoptimization": OveroptimizationConfig,
+}
+
+
 EVAL_ENTRY_SCHEMAS: dict[str, type] = {
     "winrate": WinrateConfig,
     "generate_samples": GenerateSamplesConfig,
@@ -604,10 +779,13 @@ def register_configs() -> None:
     for name, schema in STAGE_SCHEMAS.items():
         cs.store(name=f"{PRIMARY_CONFIG_NAMES[name]}_schema", node=schema)
     cs.store(name="pipeline_schema", node=PipelineConfig)
+    cs.store(name="rm_eval_schema", node=RMEvalConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     for name, schema in EVAL_ENTRY_SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
+    for name, schema in EVAL_SUITE_SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=schema)
 
 

@@ -1,6 +1,10 @@
 """Pieces every training stage shares: run setup, optimizer, LR schedule, micro-batching.
 
-Stages import this module; no stage imports another stage.
+Stages import this module; no stage imports another stage. Distributed runs (``torchrun`` /
+``srun`` with ``parallel.dp_shard``, ``parallel.tp``, ``parallel.pp``) go through
+``rlhfstack.engine``: ``setup_run`` starts the process group, ``train_loop`` shards each global
+batch over the data-parallel ranks and hands the model to ``engine.DistributedModel``. Only
+rank 0 writes (config, metrics, checkpoints); after the loop only rank 0 goes on.
 """
 
 from __future__ import annotations
@@ -8,44 +12,74 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from rlhfstack import engine
 from rlhfstack.runtime import CostMeter, RunLogger, save_resolved_config, seed_everything
 
 log = logging.getLogger("rlhfstack")
 
 
+#: stages whose training loop is ``train_loop`` (the ones that can run distributed)
+DISTRIBUTED_STAGES = ("sft", "rm", "dpo")
+
+
 @dataclass
 class Run:
-    """What a stage needs about its run: where to write, how to log, what it cost."""
+    """What a stage needs about its run: where to write, how to log, what it cost, which rank."""
 
     cfg: Any
     run_dir: Path
     logger: RunLogger
     cost: CostMeter
     device: str
+    dist: engine.ParallelState = field(default_factory=engine.ParallelState)
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that writes files (rank 0; always true in a single process)."""
+        return self.dist.is_main
 
 
 def setup_run(cfg: Any) -> Run:
-    """Seed, set threads, create ``run_dir``, save the resolved config, open the metrics log."""
+    """Start the process group if launched distributed, seed, set threads, create ``run_dir``,
+    save the resolved config, open the metrics log (the last three on rank 0 only)."""
     from dataclasses import asdict
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    parallel = getattr(cfg, "parallel", None)
+    rank, world, _ = engine.launch_env()
+    wants_parallel = parallel is not None and (parallel.dp_shard, parallel.tp, parallel.pp) != (
+        1,
+        1,
+        1,
+    )
+    if (world > 1 or wants_parallel) and getattr(cfg, "stage", None) not in DISTRIBUTED_STAGES:
+        raise NotImplementedError(
+            f"stage {getattr(cfg, 'stage', '?')!r} runs in one process; distributed training "
+            f"(torchrun/srun, parallel.*) is implemented for {', '.join(DISTRIBUTED_STAGES)}"
+        )
+    state = (
+        engine.init_distributed(parallel, cfg.cluster.device, cfg.cluster.backend)
+        if parallel
+        else (engine.ParallelState())
+    )
     seed_everything(cfg.seed)
     if cfg.cluster.num_threads > 0:
         torch.set_num_threads(cfg.cluster.num_threads)
-    device = cfg.cluster.device
-    if device == "cuda" and not torch.cuda.is_available():
+    device = state.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("cluster.device=cuda but no CUDA device is visible")
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, run_dir)
+    if state.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(cfg, run_dir)
     logger = RunLogger(
         run_dir,
         tensorboard=cfg.logging.tensorboard,
@@ -53,11 +87,12 @@ def setup_run(cfg: Any) -> Run:
         wandb_mode=cfg.logging.wandb_mode,
         wandb_project=cfg.logging.wandb_project,
         config=asdict(cfg),
+        enabled=state.is_main,
     )
     # a fresh (non-resumed) run starts a fresh metrics file
-    if logger.path.exists():
+    if state.is_main and logger.path.exists():
         logger.path.unlink()
-    return Run(cfg=cfg, run_dir=run_dir, logger=logger, cost=CostMeter(), device=device)
+    return Run(cfg=cfg, run_dir=run_dir, logger=logger, cost=CostMeter(), device=device, dist=state)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], tcfg: Any) -> torch.optim.Optimizer:
@@ -71,13 +106,17 @@ def build_optimizer(params: Iterable[nn.Parameter], tcfg: Any) -> torch.optim.Op
     )
 
 
-def build_scheduler(opt: torch.optim.Optimizer, tcfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    opt: torch.optim.Optimizer, tcfg: Any, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then linear (to 0), cosine (to 10%) or constant."""
     warm = max(0, int(tcfg.warmup_steps))
     total = max(1, int(total_steps))
     kind = tcfg.lr_schedule
     if kind not in ("linear", "cosine", "constant"):
-        raise ValueError(f"trainer.lr_schedule: unknown schedule {kind!r} (linear | cosine | constant)")
+        raise ValueError(
+            f"trainer.lr_schedule: unknown schedule {kind!r} (linear | cosine | constant)"
+        )
 
     def factor(step: int) -> float:
         if step < warm:
@@ -137,6 +176,7 @@ def train_loop(
     epochs: int = 1,
     eval_fn: Any | None = None,
     tokens_fn: Any | None = None,
+    model: nn.Module | None = None,
 ) -> int:
     """The supervised loop shared by SFT, RM and DPO.
 
@@ -144,38 +184,78 @@ def train_loop(
     where the loss is already divided by the number of sequences in the whole step (so micro-batch
     gradients add up to the step's mean). ``max_steps == 0`` means ``epochs`` passes over ``items``.
     Returns the number of optimizer steps taken.
+
+    ``model``: the module ``loss_fn`` runs (``params`` are some of its parameters). Required
+    for distributed runs and for ``parallel.mixed_precision``; it is sharded / split in place
+    (``engine.DistributedModel``). Every rank draws the same global batch, collates it the same
+    way (so counts such as SFT's ``step_tokens`` are global) and takes its data-parallel slice;
+    ``n_in_step`` stays the global batch size, so gradients summed over ranks equal the
+    one-process gradients. After the last step the trained model is gathered back into
+    ``model`` on rank 0, and the other ranks exit: only rank 0 returns from this function.
+    Intermediate evaluations (``trainer.eval_every``) are skipped under pipeline parallelism.
     """
     cfg = run.cfg
     tcfg = cfg.trainer
+    state = run.dist
+    mixed = getattr(getattr(cfg, "parallel", None), "mixed_precision", "none")
     bs = min(tcfg.batch_size, len(items))
     steps = max_steps if max_steps > 0 else max(1, epochs * (len(items) // bs))
+    dm: engine.DistributedModel | None = None
+    if state.distributed or mixed != "none":
+        if model is None:
+            raise ValueError(
+                "train_loop: distributed / mixed-precision runs need model= (the module loss_fn uses)"
+            )
+        if bs % state.dp:
+            raise ValueError(
+                f"trainer.batch_size={bs} (global) must be divisible by parallel.dp_shard={state.dp}"
+            )
+        dm = engine.DistributedModel(model, params, state, mixed)
+        params = dm.params
     opt = build_optimizer(params, tcfg)
     sched = build_scheduler(opt, tcfg, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = epoch_batches(len(items), bs, gen)
-    micro = max(1, min(tcfg.micro_batch_size, bs))
+    micro = max(1, min(tcfg.micro_batch_size, bs // state.dp))
+    warned_eval = False
     for step in range(1, steps + 1):
         idx = next(batches)
         batch = to_device(collate([items[i] for i in idx]), run.device)
         opt.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
-        for mb in micro_batches(batch, micro):
-            loss, stats = loss_fn(mb, len(idx))
-            loss.backward()
-            n_mb = next(iter(mb.values())).shape[0]
-            agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
-            for k, v in stats.items():
-                agg[k] = agg.get(k, 0.0) + float(v) * n_mb / len(idx)
+        if dm is None:
+            for mb in micro_batches(batch, micro):
+                loss, stats = loss_fn(mb, len(idx))
+                loss.backward()
+                n_mb = next(iter(mb.values())).shape[0]
+                agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
+                for k, v in stats.items():
+                    agg[k] = agg.get(k, 0.0) + float(v) * n_mb / len(idx)
+            agg["grad_norm"] = clip_grad(params, tcfg.grad_clip)
+        else:
+            local = engine.shard_batch(batch, state.dp_rank, state.dp)
+            loss_sum, stats = dm.forward_backward(local, loss_fn, len(idx), micro)
+            agg = {"loss": loss_sum, **stats}
+            agg["grad_norm"] = dm.clip_grad(tcfg.grad_clip)
         if tokens_fn is not None:
             run.cost.add_tokens(tokens_fn(batch))
-        agg["grad_norm"] = clip_grad(params, tcfg.grad_clip)
         opt.step()
         sched.step()
         agg["lr"] = sched.get_last_lr()[0]
         if eval_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0 and step < steps:
-            agg.update(eval_fn())
+            if dm is None:
+                agg.update(eval_fn())
+            elif dm.can_evaluate:
+                agg.update(dm.call(eval_fn))
+            elif not warned_eval:
+                log.warning(
+                    "trainer.eval_every: skipped under pipeline parallelism (final evaluation still runs)"
+                )
+                warned_eval = True
+        if step == steps and dm is not None:
+            dm.finalize()  # rank 0 now holds the full, plain model; the other ranks exit here
         if step == steps and eval_fn is not None:
-            agg.update(eval_fn())
+            agg.update(eval_fn() if dm is None else dm.call(eval_fn))
         if step % tcfg.log_every == 0 or step == steps:
             run.logger.log(step, agg)
         if step % 20 == 0 or step == steps:

@@ -44,7 +44,7 @@ def test_appended_unknown_key_is_an_error():
 
 
 def test_wrong_type_is_an_error():
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="max_steps"):
         load_config("sft", ["trainer.max_steps=abc"])
 
 

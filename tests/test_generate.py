@@ -68,10 +68,10 @@ def test_response_mask_stops_after_first_stop_token():
             logits[:, -1, tok] = 10.0
             self.step += 1
 
-            class O:
+            class Out:
                 pass
 
-            o = O()
+            o = Out()
             o.logits, o.past_key_values = logits, past_key_values
             return o
 

@@ -155,7 +155,8 @@ class JudgmentCache:
         uniq = list(dict.fromkeys(keys))
         for i in range(0, len(uniq), 500):
             chunk = uniq[i : i + 500]
-            q = "SELECT key, value FROM judgments WHERE key IN (%s)" % ",".join("?" * len(chunk))
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT key, value FROM judgments WHERE key IN ({marks})"
             for k, v in self._db.execute(q, chunk):
                 out[k] = json.loads(v)
         return out
@@ -187,7 +188,11 @@ def _files_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Cheap content fingerprint of a file or of a directory's top-level files: name, size and
     SHA-256 of the first and last MiB of each (hashing multi-GB weights in full is too slow)."""
     p = Path(path)
-    files = sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith(".")) if p.is_dir() else [p]
+    files = (
+        sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith("."))
+        if p.is_dir()
+        else [p]
+    )
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
@@ -270,7 +275,10 @@ class GoldJudge(PointwiseJudge):
 
     @classmethod
     def from_artifacts(
-        cls, artifacts_dir: str | os.PathLike, device: str = "cpu", cache: JudgmentCache | None = None
+        cls,
+        artifacts_dir: str | os.PathLike,
+        device: str = "cpu",
+        cache: JudgmentCache | None = None,
     ) -> GoldJudge:
         """Rebuild the demo's gold reward from ``<artifacts_dir>/data/gold.json`` and its frozen
         base model (``rlhfstack.tasks.demo.load_gold``)."""
@@ -283,9 +291,12 @@ class GoldJudge(PointwiseJudge):
                 "artifacts_dir)"
             )
         gold = load_gold(art, device)
-        identity = "gold:" + _sha(
-            (art / "data" / "gold.json").read_text(), _files_fingerprint(art / "base_model")
-        )[:16]
+        identity = (
+            "gold:"
+            + _sha(
+                (art / "data" / "gold.json").read_text(), _files_fingerprint(art / "base_model")
+            )[:16]
+        )
         return cls(gold.score, identity=identity, cache=cache)
 
 
@@ -339,7 +350,9 @@ class RMJudge(PointwiseJudge):
             for s in range(0, len(order), self.batch_size):
                 idx = order[s : s + self.batch_size]
                 b = collate_sft([items[i] for i in idx], self.tokenizer.pad_token_id)
-                r_b = self.rm.score(b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
+                r_b = self.rm.score(
+                    b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
+                )
                 out_B[idx] = r_b["mean"].float().cpu().numpy()
         return out_B
 
@@ -361,8 +374,15 @@ class RMJudge(PointwiseJudge):
         rm = RewardModel.load(path, dtype=dtype, device=device)
         tok = load_tokenizer(str(tokenizer_path or path))
         identity = f"rm:{_files_fingerprint(path)}:{dtype}:{max_len}"
-        return cls(rm, tok, identity=identity, cache=cache, max_len=max_len, batch_size=batch_size,
-                   device=device)
+        return cls(
+            rm,
+            tok,
+            identity=identity,
+            cache=cache,
+            max_len=max_len,
+            batch_size=batch_size,
+            device=device,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,10 +539,10 @@ class ChatClient:
         key = os.environ.get(api_key_env) if api_key_env else None
         if not key:
             if base_url is None and not os.environ.get("OPENAI_BASE_URL"):
-                raise ValueError(
-                    f"LLM judge {model!r}: the environment variable {api_key_env!r} holding the API "
-                    "key is not set"
+                where = (
+                    f"the environment variable {api_key_env!r}" if api_key_env else "api_key_env"
                 )
+                raise ValueError(f"model {model!r} on the OpenAI API: set {where} (the API key)")
             log.info("no API key in $%s: sending a placeholder key to %s", api_key_env, base_url)
             key = "EMPTY"
         self.model = model
@@ -586,7 +606,11 @@ class ChatClient:
                     self.n_retries += 1
                 log.warning(
                     "%s: %s (attempt %d/%d); retrying in %.2fs",
-                    self.model, type(err).__name__, attempt + 1, self.max_retries + 1, delay,
+                    self.model,
+                    type(err).__name__,
+                    attempt + 1,
+                    self.max_retries + 1,
+                    delay,
                 )
                 time.sleep(delay)
         raise AssertionError("unreachable")

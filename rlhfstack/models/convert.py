@@ -100,7 +100,9 @@ class DecoderShape:
         kv = int(c.get("num_key_value_heads") or heads)
         head_dim = c.get("head_dim") or c["hidden_size"] // heads
         if c.get("mlp_bias"):
-            raise ValueError("mlp_bias=True is not supported (Megatron layout has no fc biases here)")
+            raise ValueError(
+                "mlp_bias=True is not supported (Megatron layout has no fc biases here)"
+            )
         qkv_bias = bool(c.get("attention_bias")) or c.get("model_type") == "qwen2"
         return cls(
             num_layers=int(c["num_hidden_layers"]),
@@ -119,7 +121,9 @@ class DecoderShape:
         if tp < 1 or pp < 1:
             raise ValueError(f"tp and pp must be >= 1 (got tp={tp}, pp={pp})")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} not divisible by kv heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} not divisible by kv heads {self.num_kv_heads}"
+            )
         if self.num_kv_heads % tp:
             raise ValueError(f"num_key_value_heads {self.num_kv_heads} not divisible by tp={tp}")
         if self.ffn_hidden_size % tp:
@@ -233,7 +237,9 @@ def hf_to_megatron_state(
 ) -> dict[ShardKey, dict[str, Tensor]]:
     """Split an HF Llama state dict into Megatron-core shards ``{(tp_rank, pp_rank): state_dict}``."""
     if layer_spec not in LAYER_SPEC_NORMS:
-        raise ValueError(f"layer_spec must be one of {sorted(LAYER_SPEC_NORMS)}, got {layer_spec!r}")
+        raise ValueError(
+            f"layer_spec must be one of {sorted(LAYER_SPEC_NORMS)}, got {layer_spec!r}"
+        )
     shape.check_parallel(tp, pp)
     padded = padded_vocab_size(shape.vocab_size, tp, make_vocab_size_divisible_by)
     per_stage = shape.num_layers // pp
@@ -477,7 +483,9 @@ def load_megatron_checkpoint(
     return shards, args
 
 
-def shape_from_megatron_args(args: argparse.Namespace, vocab_size: int | None = None) -> DecoderShape:
+def shape_from_megatron_args(
+    args: argparse.Namespace, vocab_size: int | None = None
+) -> DecoderShape:
     """Decoder shape from Megatron-LM ``args`` (``vocab_size`` needed without ``args.hf_config``)."""
     hf = getattr(args, "hf_config", None)
     if hf is not None:
@@ -514,7 +522,10 @@ def hf_config_from_megatron_args(args: argparse.Namespace, vocab_size: int) -> d
         "head_dim": shape.head_dim,
         "max_position_embeddings": getattr(args, "max_position_embeddings", 4096),
         "rms_norm_eps": getattr(args, "norm_epsilon", 1e-5),
-        "rope_parameters": {"rope_type": "default", "rope_theta": getattr(args, "rotary_base", 10000.0)},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": getattr(args, "rotary_base", 10000.0),
+        },
         "tie_word_embeddings": shape.tied_embeddings,
         "attention_bias": shape.qkv_bias,
     }
@@ -546,7 +557,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy tokenizer/generation files (not weights or config) from ``src`` to ``dst``."""
     for f in src.iterdir():
         if f.is_file() and (
-            f.name.startswith(("tokenizer", "special_tokens_map", "generation_config", "added_tokens"))
+            f.name.startswith(
+                ("tokenizer", "special_tokens_map", "generation_config", "added_tokens")
+            )
             or f.suffix in (".model", ".tiktoken")
             or f.name in ("vocab.json", "merges.txt", "chat_template.jinja")
         ):
@@ -607,7 +620,9 @@ def hf_to_megatron(
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     shards = hf_to_megatron_state(state, shape, tp, pp, layer_spec, make_vocab_size_divisible_by)
     tensor_dtype = next(iter(state.values())).dtype
-    args = megatron_args(hf_config, shape, tp, pp, layer_spec, tensor_dtype, make_vocab_size_divisible_by)
+    args = megatron_args(
+        hf_config, shape, tp, pp, layer_spec, tensor_dtype, make_vocab_size_divisible_by
+    )
     return save_megatron_checkpoint(shards, out_dir, args)
 
 
@@ -700,7 +715,8 @@ def ckpt_to_hf(
             )
         targets = sorted({k.split(".lora_A.")[0].rsplit(".", 1)[-1] for k in a_keys})
         model = get_peft_model(
-            model, LoraConfig(r=r, lora_alpha=float(alpha), target_modules=targets, lora_dropout=0.0)
+            model,
+            LoraConfig(r=r, lora_alpha=float(alpha), target_modules=targets, lora_dropout=0.0),
         )
     model.load_state_dict({k: v.float() for k, v in policy_sd.items()}, strict=True)
     if is_lora:
@@ -738,7 +754,9 @@ def export_hf(
     base_dir: Path | str = model_dir
     if lora_adapter is None and (model_dir / "adapter_config.json").exists():
         lora_adapter = model_dir
-        base_dir = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base_dir = json.loads((model_dir / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     if lora_adapter is not None:
         from peft import PeftModel

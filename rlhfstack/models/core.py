@@ -227,7 +227,12 @@ class RewardModel(nn.Module):
     """Backbone + scalar head(s). ``forward`` returns raw scores ``[B, k]`` at the last real token.
 
     ``backbone="causal_lm"``: the trunk of a causal LM, read at the last non-pad token.
-    ``backbone="encoder"``: a BERT-style encoder, mean-pooled over real tokens.
+    ``backbone="encoder"``: a BERT-style encoder, pooled by ``pooling``: ``mean`` (all real
+    tokens), ``response_mean`` (tokens after the first ``[SEP]``: the response segment of
+    ``[CLS] prompt [SEP] response [SEP]``) or ``cls``. With ``sep_token_id`` set, token type ids
+    (0 = prompt, 1 = response) are derived from the first ``[SEP]``.
+    ``max_length``/``max_response_tokens``/``template`` record how inputs were built in training
+    (saved in ``reward_config.json``; see ``rlhfstack.models.encoders.score_texts``).
     ``gain``/``bias`` map raw scores to normalized rewards (``normalized = gain * raw + bias``),
     fitted so that SFT samples average 0 with std 1.
     """
@@ -238,11 +243,20 @@ class RewardModel(nn.Module):
         kind: str = "causal_lm",
         k: int = 1,
         init_std: float | None = None,
+        pooling: str = "mean",
+        sep_token_id: int | None = None,
     ) -> None:
         super().__init__()
         if kind not in ("causal_lm", "encoder"):
             raise ValueError(f"rm.backbone: unknown kind {kind!r} (causal_lm | encoder)")
+        if pooling not in ("mean", "response_mean", "cls"):
+            raise ValueError(f"rm.pooling: unknown pooling {pooling!r} (mean | response_mean | cls)")
         self.kind = kind
+        self.pooling = pooling
+        self.sep_token_id = sep_token_id
+        self.max_length: int | None = None
+        self.max_response_tokens: int | None = None
+        self.template: str | None = None
         self.backbone = backbone
         d = backbone.config.hidden_size
         self.head = ScalarHead(d, k, init_std)
@@ -261,10 +275,23 @@ class RewardModel(nn.Module):
             idx_B = last_token_index(attention_mask_BT)
             h_BD = h_BTD[torch.arange(h_BTD.shape[0], device=h_BTD.device), idx_B]
         else:
-            out = self.backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT)
+            att_BT = attention_mask_BT.bool()
+            kw = {}
+            pool_BT = att_BT
+            if self.sep_token_id is not None:
+                sep_BT = ((input_ids_BT == self.sep_token_id) & att_BT).long()
+                seg_BT = ((sep_BT.cumsum(-1) - sep_BT) > 0) & att_BT  # after the first [SEP]
+                kw["token_type_ids"] = seg_BT.long()
+                if self.pooling == "response_mean":
+                    has_B1 = seg_BT.any(-1, keepdim=True)
+                    pool_BT = torch.where(has_B1, seg_BT, att_BT)
+            out = self.backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **kw)
             h_BTD = out.last_hidden_state
-            m = attention_mask_BT.unsqueeze(-1).to(h_BTD.dtype)
-            h_BD = (h_BTD * m).sum(1) / m.sum(1).clamp(min=1)
+            if self.pooling == "cls":
+                h_BD = h_BTD[:, 0]
+            else:
+                m = pool_BT.unsqueeze(-1).to(h_BTD.dtype)
+                h_BD = (h_BTD * m).sum(1) / m.sum(1).clamp(min=1)
         return self.head(h_BD).float()
 
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -294,6 +321,11 @@ class RewardModel(nn.Module):
                     "k": self.head.linear.out_features,
                     "gain": float(self.gain),
                     "bias": float(self.bias),
+                    "pooling": self.pooling,
+                    "sep_token_id": self.sep_token_id,
+                    "max_length": self.max_length,
+                    "max_response_tokens": self.max_response_tokens,
+                    "template": self.template,
                 },
                 indent=2,
             )
@@ -315,12 +347,98 @@ class RewardModel(nn.Module):
 
             backbone = AutoModel.from_pretrained(str(path), dtype=_dtype(dtype))
             disable_dropout(backbone)
-        rm = cls(backbone, kind=meta["kind"], k=int(meta["k"]))
+        rm = cls(
+            backbone,
+            kind=meta["kind"],
+            k=int(meta["k"]),
+            pooling=meta.get("pooling", "mean"),
+            sep_token_id=meta.get("sep_token_id"),
+        )
+        rm.max_length = meta.get("max_length")
+        rm.max_response_tokens = meta.get("max_response_tokens")
+        rm.template = meta.get("template")
         rm.head.load_state_dict(load_file(str(path / "reward_head.safetensors")))
         rm.gain.fill_(meta["gain"])
         rm.bias.fill_(meta["bias"])
         rm.requires_grad_(False)
         return rm.eval().to(device)
+
+
+class RewardEnsemble(nn.Module):
+    """Several separately trained :class:`RewardModel` s behind the same ``score()`` interface.
+
+    ``score`` returns ``mean`` and ``std`` ``[B]`` over every head of every member (normalized
+    rewards), so PPO can use the uncertainty-penalized reward ``mean - lam * std``
+    (:meth:`penalized`; Coste et al. 2023). Members must read the same token ids (same kind,
+    tokenizer and input layout). A directory holding ``ensemble.json`` (``{"members": [dirs]}``,
+    relative to that directory) loads as an ensemble (:func:`load_reward_model`).
+    """
+
+    def __init__(self, members: list[RewardModel]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("RewardEnsemble needs at least one member")
+        ref = members[0]
+        for m in members[1:]:
+            same = (m.kind, m.sep_token_id, m.backbone.config.vocab_size) == (
+                ref.kind,
+                ref.sep_token_id,
+                ref.backbone.config.vocab_size,
+            )
+            if not same:
+                raise ValueError("RewardEnsemble members must share kind, tokenizer and input layout")
+        self.members = nn.ModuleList(members)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("kind", "backbone", "max_length", "max_response_tokens", "template", "pooling"):
+            return getattr(self._modules["members"][0], name)
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def score(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``mean``/``std`` ``[B]`` over all heads of all members; ``all`` ``[B, sum_k]``."""
+        r_BK = torch.cat(
+            [m.raw_scores(input_ids_BT, attention_mask_BT) * m.gain + m.bias for m in self.members], -1
+        )
+        std = r_BK.std(-1) if r_BK.shape[-1] > 1 else torch.zeros_like(r_BK[:, 0])
+        return {"mean": r_BK.mean(-1), "std": std, "all": r_BK}
+
+    def penalized(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, lam: float
+    ) -> torch.Tensor:
+        """Uncertainty-penalized reward ``mean - lam * std``, ``[B]``."""
+        out = self.score(input_ids_BT, attention_mask_BT)
+        return out["mean"] - lam * out["std"]
+
+    @staticmethod
+    def write_spec(out_dir: str | os.PathLike, member_dirs: list[str | os.PathLike]) -> Path:
+        """Write ``out_dir/ensemble.json`` naming member directories (stored relative to it)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rel = [os.path.relpath(Path(d).resolve(), out.resolve()) for d in member_dirs]
+        (out / "ensemble.json").write_text(json.dumps({"members": rel}, indent=2))
+        return out / "ensemble.json"
+
+    @classmethod
+    def load(
+        cls, paths: str | os.PathLike | list, dtype: str = "float32", device: str = "cpu"
+    ) -> RewardEnsemble:
+        """From a list of RewardModel directories, or a directory holding ``ensemble.json``."""
+        if not isinstance(paths, list | tuple):
+            spec = Path(paths) / "ensemble.json"
+            if not spec.exists():
+                raise FileNotFoundError(f"{spec}: not an ensemble directory")
+            paths = [Path(paths) / p for p in json.loads(spec.read_text())["members"]]
+        return cls([RewardModel.load(p, dtype=dtype, device=device) for p in paths]).eval()
+
+
+def load_reward_model(
+    path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"
+) -> RewardModel | RewardEnsemble:
+    """A :class:`RewardEnsemble` if ``path`` holds ``ensemble.json``, else a :class:`RewardModel`."""
+    if (Path(path) / "ensemble.json").exists():
+        return RewardEnsemble.load(path, dtype=dtype, device=device)
+    return RewardModel.load(path, dtype=dtype, device=device)
 
 
 class ValueHead(nn.Module):

@@ -177,3 +177,22 @@ def sample_texts(
         ended.extend(gen.ended_B.tolist())
         n_tokens += int(gen.response_mask_BR.sum()) + int(mask.sum())
     return texts, ended, n_tokens
+
+
+@torch.no_grad()
+def score_texts(
+    rm, tokenizer, prompts: list[str], completions: list[str], *, max_len: int = 512,
+    batch_size: int = 64, device: str = "cpu",
+) -> torch.Tensor:
+    """Normalized reward-model scores ``[N]`` of prompt + completion + EOS, tokenized exactly as
+    the reward model's training pairs were (``tokenize_sft`` = ``[BOS] prompt completion EOS``)."""
+    from rlhfstack.data.collate import collate_sft, tokenize_sft
+    from rlhfstack.data.schemas import SFTExample
+
+    ex = [SFTExample(prompt=p, completion=c if c.strip() else ".") for p, c in zip(prompts, completions)]
+    items = tokenize_sft(ex, tokenizer, max_len)
+    out = []
+    for i in range(0, len(items), batch_size):
+        b = collate_sft(items[i : i + batch_size], tokenizer.pad_token_id)
+        out.append(rm.score(b["input_ids"].to(device), b["attention_mask"].to(device))["mean"].cpu())
+    return torch.cat(out)

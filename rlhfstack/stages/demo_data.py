@@ -79,7 +79,7 @@ def train(cfg: DemoDataConfig) -> Path:
     gold = GoldReward(base, tok, f0=f0, f_scale=f_scale)
 
     # ---- pairs, labeled by the noisy pool
-    pa_p, pa_a, pa_b = best_of_k_pairs(pref_p, per_prompt, pairs_per_prompt=1, seed=cfg.seed)
+    pa_p, pa_a, pa_b = best_of_k_pairs(pref_p, per_prompt, pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed)
     pool = default_labeler_pool(cfg.flip_prob)
     labels = [r for r in label_pairs(pa_p, pa_a, pa_b, gold, pool, seed=cfg.seed)
               if r["chosen"].strip() and r["rejected"].strip()]

@@ -88,6 +88,7 @@ def train(cfg: DPOConfig) -> Path:
         run, params=[p for p in policy.parameters() if p.requires_grad], items=items, collate=collate,
         loss_fn=loss_fn, max_steps=cfg.trainer.max_steps, epochs=cfg.dpo.epochs,
         tokens_fn=lambda b: int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()),
+        model=policy,
     )
     policy.eval()
     save_hf(policy, tok, run.run_dir / "model")

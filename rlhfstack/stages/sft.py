@@ -11,7 +11,13 @@ import torch
 from rlhfstack.config import SFTConfig
 from rlhfstack.data.collate import IGNORE_INDEX, collate_sft, tokenize_sft
 from rlhfstack.data.loading import load_sft
-from rlhfstack.models.core import causal_lm_parts, load_causal_lm, load_tokenizer, save_hf, trunk_hidden
+from rlhfstack.models.core import (
+    causal_lm_parts,
+    load_causal_lm,
+    load_tokenizer,
+    save_hf,
+    trunk_hidden,
+)
 from rlhfstack.runtime import plot_metrics, write_stage_done
 from rlhfstack.training import setup_run, train_loop
 
@@ -88,6 +94,7 @@ def train(cfg: SFTConfig) -> Path:
         run, params=[p for p in model.parameters() if p.requires_grad], items=items, collate=collate,
         loss_fn=lambda mb, n: sft_loss(model, mb, n), max_steps=cfg.trainer.max_steps, eval_fn=evaluate,
         tokens_fn=lambda b: int(b["attention_mask"].sum()),
+        model=model,
     )
     model.eval()
     save_hf(model, tok, run.run_dir / "model")

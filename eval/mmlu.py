@@ -1,0 +1,24 @@
+"""MMLU (5-shot, lm-evaluation-harness, local CSVs) and the alignment tax against a baseline.
+
+    python eval/mmlu.py model_path=runs/demo/ppo/model output_dir=runs/eval/mmlu_ppo
+    python eval/mmlu.py model_path=runs/demo/ppo/model baseline_path=runs/demo/sft/model \
+        output_dir=runs/eval/mmlu_ppo subjects=[anatomy,astronomy] limit=20
+
+See conf/mmlu.yaml; logic in rlhfstack/evaluation/mmlu.py.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from rlhfstack.config import CONF_DIR, to_object
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="mmlu", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from rlhfstack.evaluation.mmlu import run_mmlu
+
+    run_mmlu(to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1034 @@
+"""Distributed training on PyTorch's own engine: FSDP2, DTensor tensor parallel, pipelining.
+
+This is the only module that touches ``torch.distributed``. Everything else asks it
+questions (``is_main()``, the data-parallel rank of this process, ...) or hands it a model.
+
+Launch
+    ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``;
+    under ``srun`` (one task per GPU) the ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``
+    variables are read instead and ``MASTER_ADDR`` defaults to the first host of the job.
+    ``init_distributed`` builds a 3-d device mesh ``(pp, dp_shard, tp)`` (gloo on CPU, nccl on
+    GPU); ``parallel.dp_shard=-1`` takes whatever the other degrees leave of the world size.
+
+Model parallelism (``DistributedModel``)
+    - ``tp > 1``: every decoder layer gets the Megatron plan with ``parallelize_module``:
+      q/k/v and gate/up column-wise, o and down row-wise (each rank holds
+      ``num_heads / tp`` query heads and ``num_kv_heads / tp`` key/value heads).
+    - ``dp_shard > 1``: FSDP2 ``fully_shard`` on every decoder layer, then on a small root
+      module that owns the rest (embeddings, final norm, LM/scalar heads). The stages call
+      sub-modules of their model directly (``trunk(...)``, ``lm_head(...)``), so the root is a
+      thin wrapper whose ``forward(fn, *args)`` runs the stage's loss function: the root's
+      pre-forward all-gathers the root parameters, the layers gather their own.
+      Gradients are SUM-reduced: each rank's loss is already divided by the *global* number of
+      sequences (tokens, for SFT) in the step, so the sum over ranks is the one-process mean.
+    - ``pp > 1``: the decoder layers are split in contiguous chunks across ranks and
+      ``torch.distributed.pipelining`` (GPipe / 1F1B, static shapes) moves hidden states.
+      No stage-specific code is needed: on every pipeline rank the stage's own loss function
+      runs on its micro-batch; on the first stage the trunk stops after the local layers and
+      its hidden state is sent on; on later stages the embedding is replaced by the received
+      hidden state. The loss function must call the model's trunk exactly once per micro-batch
+      (SFT, reward model and DPO do). Tied embedding / LM-head weights that live on two stages
+      have their gradients all-reduced over the pipeline group.
+
+After training ``DistributedModel.finalize()`` gathers the full (unsharded) state dict on
+rank 0 and turns the stage's model object back into a plain single-device module there;
+the other ranks leave (``SystemExit(0)``), so everything a stage does after training
+(saving, held-out evaluation, reward normalization) runs once, on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("rlhfstack.engine")
+
+MIXED_PRECISION = ("none", "bf16")
+
+
+# ----------------------------------------------------------------------------- launch / ranks
+
+
+def launch_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's variables, else SLURM's, else ``(0, 1, 0)``."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host name of a SLURM node list such as ``gpu[012-015,020],cpu3``."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    m = re.match(r"^([^\[]+)\[([^\]]+)\]", first)
+    if not m:
+        return first
+    prefix, ranges = m.groups()
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _ensure_rendezvous_env() -> None:
+    """Fill ``MASTER_ADDR``/``MASTER_PORT`` under ``srun`` when the job script did not."""
+    env = os.environ
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        env["MASTER_ADDR"] = _first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+    if "MASTER_PORT" not in env:
+        job = int(env.get("SLURM_JOB_ID", "0") or 0)
+        env["MASTER_PORT"] = str(20000 + job % 20000)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class ParallelState:
+    """Who this process is, and the device mesh ``(pp, dp_shard, tp)`` it belongs to.
+
+    A single process (no launcher, all degrees 1) gets ``world_size == 1`` and no mesh.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    device: str = "cpu"
+    backend: str | None = None
+    mesh: Any = None
+    finished: bool = field(default=False, repr=False)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and not self.finished
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _coord(self, dim: str) -> int:
+        return 0 if self.mesh is None else self.mesh[dim].get_local_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's slice of each global batch."""
+        return self._coord("dp_shard")
+
+    @property
+    def tp_rank(self) -> int:
+        return self._coord("tp")
+
+    @property
+    def pp_rank(self) -> int:
+        """Pipeline stage held by this rank."""
+        return self._coord("pp")
+
+    def group(self, dim: str) -> Any:
+        """Process group of one mesh dimension (``pp`` | ``dp_shard`` | ``tp``)."""
+        return None if self.mesh is None else self.mesh[dim].get_group()
+
+
+_STATE = ParallelState()
+
+
+def current() -> ParallelState:
+    """The state set by the last ``init_distributed`` (a single process before that)."""
+    return _STATE
+
+
+def is_main() -> bool:
+    """True on global rank 0 (and in a single process): the only rank that writes files."""
+    return _STATE.rank == 0
+
+
+def resolve_degrees(parallel: Any, world_size: int) -> tuple[int, int, int]:
+    """``(dp_shard, tp, pp)`` from ``parallel`` (``dp_shard=-1``: the rest of the world)."""
+    tp, pp = int(parallel.tp), int(parallel.pp)
+    dp = int(parallel.dp_shard)
+    if tp < 1 or pp < 1 or dp == 0 or dp < -1:
+        raise ValueError(
+            f"parallel: degrees must be >= 1 (dp_shard may be -1); got dp_shard={dp} tp={tp} pp={pp}"
+        )
+    if dp == -1:
+        if world_size % (tp * pp):
+            raise ValueError(
+                f"parallel: world size {world_size} is not divisible by tp*pp={tp * pp}"
+            )
+        dp = world_size // (tp * pp)
+    if dp * tp * pp != world_size:
+        need = dp * tp * pp
+        hint = (
+            f"launch with `torchrun --nproc_per_node={need} ...` (or srun with {need} tasks)"
+            if world_size == 1
+            else "set parallel.dp_shard/tp/pp so that their product is the world size"
+        )
+        raise ValueError(
+            f"parallel: dp_shard*tp*pp = {dp}*{tp}*{pp} = {need} but {world_size} process(es) were "
+            f"launched; {hint}"
+        )
+    return dp, tp, pp
+
+
+def init_distributed(
+    parallel: Any, device: str = "cpu", backend: str | None = None
+) -> ParallelState:
+    """Start the process group and the ``(pp, dp_shard, tp)`` mesh; return this rank's state.
+
+    ``device``: ``cpu`` (gloo) or ``cuda`` (nccl; this rank uses ``cuda:LOCAL_RANK``).
+    ``backend`` overrides the choice. With one process and all degrees 1 nothing is started.
+    """
+    global _STATE
+    rank, world, local_rank = launch_env()
+    dp, tp, pp = resolve_degrees(parallel, world)
+    dev = device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("cluster.device=cuda but no CUDA device is visible")
+        if world > 1:
+            torch.cuda.set_device(local_rank)
+            dev = f"cuda:{local_rank}"
+    if world == 1:
+        _STATE = ParallelState(device=dev)
+        return _STATE
+    want = "nccl" if device.startswith("cuda") else "gloo"
+    if backend and backend != want:
+        log.warning("cluster.backend=%s does not fit device %s; using %s", backend, device, want)
+    backend = want
+    if not dist.is_initialized():
+        _ensure_rendezvous_env()
+        kw: dict[str, Any] = {}
+        if backend == "nccl":
+            kw["device_id"] = torch.device(dev)
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30), **kw
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(
+        "cuda" if device.startswith("cuda") else "cpu",
+        (pp, dp, tp),
+        mesh_dim_names=("pp", "dp_shard", "tp"),
+    )
+    _STATE = ParallelState(rank, world, local_rank, dp, tp, pp, dev, backend, mesh)
+    log.info(
+        "rank %d/%d: dp_shard=%d tp=%d pp=%d on %s (%s)", rank, world, dp, tp, pp, dev, backend
+    )
+    return _STATE
+
+
+def teardown() -> None:
+    """Destroy the process group (if any); the state falls back to a single process."""
+    global _STATE
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE.finished = True
+
+
+def barrier() -> None:
+    if _STATE.distributed:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """In-place SUM over ``group`` (the world by default); a no-op in a single process."""
+    if _STATE.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    if _STATE.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def sum_stats(stats: dict[str, float], group: Any = None) -> dict[str, float]:
+    """Sum a dict of floats over ``group`` (same keys on every rank), in float64."""
+    if not _STATE.distributed or not stats:
+        return dict(stats)
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    all_reduce_sum(t, group)
+    return dict(zip(keys, t.tolist()))
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """``obj`` of global rank ``src`` on every rank of ``group``."""
+    if not _STATE.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group, device=_comm_device())
+    return box[0]
+
+
+def _comm_device() -> torch.device:
+    return torch.device(_STATE.device if _STATE.backend == "nccl" else "cpu")
+
+
+def shard_batch(batch: dict[str, Any], rank: int, size: int) -> dict[str, Any]:
+    """Rows ``[rank * B/size, (rank+1) * B/size)`` of every tensor with the batch's leading size.
+
+    The global batch is collated identically on every rank (same seed, same padding), so each
+    data-parallel rank takes a contiguous slice. ``B`` must be divisible by ``size``.
+    """
+    if size == 1:
+        return batch
+    n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+    if n % size:
+        raise ValueError(
+            f"global batch of {n} rows is not divisible by the data-parallel degree {size}"
+        )
+    k = n // size
+    return {
+        key: v[rank * k : (rank + 1) * k]
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n
+        else v
+        for key, v in batch.items()
+    }
+
+
+# ----------------------------------------------------------------------------- model structure
+
+
+def find_trunk(model: nn.Module) -> nn.Module:
+    """The decoder stack of a Llama-style model: the module with ``embed_tokens``, ``layers``, ``norm``."""
+    for m in model.modules():
+        if all(hasattr(m, a) for a in ("embed_tokens", "layers", "norm")) and isinstance(
+            m.layers, nn.ModuleList
+        ):
+            return m
+    raise ValueError(
+        f"{type(model).__name__}: no Llama-style decoder stack (embed_tokens, layers, norm) found; "
+        "tensor/pipeline parallelism supports Llama-family causal LMs"
+    )
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``model``: the Llama trunk's ``layers``, else the largest
+    ``ModuleList`` of same-class blocks (e.g. a BERT encoder's ``layer``); ``[]`` if none."""
+    try:
+        return list(find_trunk(model).layers)
+    except ValueError:
+        pass
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best):
+            kids = list(m)
+            if len({type(k) for k in kids}) == 1 and any(True for _ in kids[0].parameters()):
+                best = kids
+    return best
+
+
+def _has_lora(model: nn.Module) -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
+    """Megatron-style tensor parallelism on every decoder layer, in place.
+
+    Attention: ``q_proj``/``k_proj``/``v_proj`` column-wise (each rank computes its own heads),
+    ``o_proj`` row-wise (all-reduce of the partial outputs). MLP: ``gate_proj``/``up_proj``
+    column-wise, ``down_proj`` row-wise. Embeddings, norms and heads stay replicated. The
+    attention's ``view(..., -1, head_dim)`` picks up the local head count, and
+    ``num_heads / num_kv_heads`` (the GQA group size) is the same on every rank.
+    """
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    if _has_lora(model):
+        raise NotImplementedError(
+            "parallel.tp > 1 with LoRA adapters is not supported; use dp_shard"
+        )
+    trunk = find_trunk(model)
+    cfg = getattr(model, "config", None) or getattr(trunk, "config", None)
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    inter = int(cfg.intermediate_size)
+    for name, n in (
+        ("num_attention_heads", n_heads),
+        ("num_key_value_heads", n_kv),
+        ("intermediate_size", inter),
+    ):
+        if n % tp:
+            raise ValueError(f"parallel.tp={tp} does not divide the model's {name}={n}")
+    plan = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
+    for layer in trunk.layers:
+        parallelize_module(layer, tp_mesh, plan)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+class _Closure(nn.Module):
+    """Root of the FSDP tree: owns the model, and its forward runs any function of it.
+
+    ``root(fn, *args)`` returns ``fn(*args)`` after FSDP's root pre-forward has gathered the
+    root-level parameters (embeddings, final norm, heads); the layers gather their own.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+
+def apply_fsdp2(
+    model: nn.Module,
+    dp_mesh: Any,
+    mixed_precision: str = "none",
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2 on every decoder layer and on a root wrapper around ``model``; returns the root.
+
+    Gradients are summed (not averaged) over ``dp_mesh``: losses are normalized by the global
+    count. ``mixed_precision="bf16"``: bf16 compute/all-gather, fp32 sharded master weights
+    and fp32 gradient reduction.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(
+            f"parallel.mixed_precision: {mixed_precision!r} (choose from {MIXED_PRECISION})"
+        )
+    mp = MixedPrecisionPolicy()
+    mp_root = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # the root's inputs are whole micro-batches (e.g. fp32 reference log-probs): leave them
+        mp_root = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    root = _Closure(model)
+    fully_shard(root, mesh=dp_mesh, mp_policy=mp_root)
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return root
+
+
+# ----------------------------------------------------------------------------- grad norm
+
+
+def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of ``grads`` (DTensors reduced over their meshes), fp32 on the grads' device."""
+    from torch.distributed.tensor import DTensor
+
+    total = None
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else ("plain", g.device)
+        groups.setdefault(key, []).append(g)
+    for gs in groups.values():
+        n = torch.nn.utils.get_total_norm(gs, 2.0)
+        if isinstance(n, DTensor):
+            n = n.full_tensor()
+        sq = n.float() ** 2
+        total = sq if total is None else total + sq.to(total.device)
+    return total if total is not None else torch.zeros(())
+
+
+def clip_grad_norm(
+    params: list[nn.Parameter],
+    max_norm: float,
+    norm_params: list[nn.Parameter] | None = None,
+    group: Any = None,
+) -> float:
+    """Clip the global gradient norm of sharded / replicated / pipelined parameters.
+
+    ``norm_params``: the parameters whose gradients count in the norm on this rank (default
+    ``params``); ``group``: a process group whose per-rank sums of squares add up (pipeline
+    stages). Returns the pre-clip norm, identical on every rank.
+    """
+    grads = [p.grad for p in (params if norm_params is None else norm_params) if p.grad is not None]
+    sq = _sq_norm(grads).to(_comm_device())
+    if group is not None:
+        all_reduce_sum(sq, group)
+    norm = float(sq.sqrt())
+    if max_norm and max_norm > 0:
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return norm
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` with parameters on the meta device (tying kept, buffers copied)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(
+            torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
+        )
+    return copy.deepcopy(model, memo)
+
+
+def restore_plain(
+    model: nn.Module, shadow: nn.Module, state_dict: dict[str, torch.Tensor], device: str
+) -> None:
+    """Load ``state_dict`` into ``shadow`` (on ``device``) and make ``model`` that plain module, in place.
+
+    The model object keeps its identity (the stage's references stay valid) but gets the
+    shadow's modules, parameters, buffers and hooks: no FSDP/TP/pipeline state is left.
+    """
+    new: dict[int, nn.Parameter] = {}
+    for mod in shadow.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(
+                    torch.empty_like(p, device=device), requires_grad=p.requires_grad
+                )
+            mod._parameters[name] = new[id(p)]
+    shadow.to(device)
+    missing, unexpected = shadow.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if k in dict(shadow.named_parameters(remove_duplicate=False))]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"restoring the trained model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.__dict__.clear()
+    model.__dict__.update(shadow.__dict__)
+    model.__class__ = shadow.__class__
+
+
+def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) state dict of an FSDP2 / TP module on rank 0, on CPU ({} elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=opts)
+
+
+# ----------------------------------------------------------------------------- pipelining
+
+
+class _Handoff(Exception):
+    """Raised by the trunk's final norm on a non-last stage: carries the local layers' output."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("pipeline hand-off")
+        self.hidden = hidden
+
+
+class _Probe(Exception):
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__("shape probe")
+        self.shape = shape
+
+
+class _SkipLayer(nn.Module):
+    """Stands in for a decoder layer held by another pipeline stage."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _HandoffNorm(nn.Module):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise _Handoff(hidden_states)
+
+
+class _ReceivedEmbedding(nn.Module):
+    """Stands in for the token embedding on later stages: returns the received hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h, self.hidden = self.hidden, None
+        if h is None:
+            raise RuntimeError(
+                "pipeline parallelism: the loss function called the model trunk more than once per "
+                "micro-batch; run chosen and rejected (or any other pieces) through one forward"
+            )
+        B, T = input_ids.shape
+        if h.shape[0] != B or h.shape[1] < T:
+            raise RuntimeError(
+                f"pipeline parallelism: received hidden {tuple(h.shape)} for input {B}x{T}"
+            )
+        return h[:, :T]
+
+
+class _ProbeEmbedding(nn.Module):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise _Probe(input_ids.shape)
+
+
+@dataclass
+class _StepContext:
+    batch: dict[str, Any]
+    loss_fn: Callable[..., Any]
+    n_in_step: int
+    micro: int
+    rows: int  # rows per micro-batch
+    t_buf: int
+    next_mb: int = 0
+    loss: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def micro_batch(self, i: int) -> dict[str, Any]:
+        n = next(v.shape[0] for v in self.batch.values() if isinstance(v, torch.Tensor))
+        sl = slice(i * self.micro, (i + 1) * self.micro)
+        return {
+            k: v[sl] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+            for k, v in self.batch.items()
+        }
+
+
+class _StageModule(nn.Module):
+    """One pipeline stage: runs the stage's loss function on its micro-batch (see module doc)."""
+
+    def __init__(self, model: nn.Module, trunk: nn.Module, is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        self._trunk = [trunk]  # not a submodule (already inside ``model``)
+        self.is_first, self.is_last = is_first, is_last
+        self.ctx: _StepContext | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        assert ctx is not None
+        i = ctx.next_mb
+        ctx.next_mb += 1
+        mb = ctx.micro_batch(i)
+        trunk = self._trunk[0]
+        if not self.is_first:
+            trunk.embed_tokens.hidden = x
+        if not self.is_last:
+            try:
+                ctx.loss_fn(mb, ctx.n_in_step)
+            except _Handoff as h:
+                out = h.hidden
+                if out.shape[1] < ctx.t_buf:
+                    pad = out.new_zeros(out.shape[0], ctx.t_buf - out.shape[1], *out.shape[2:])
+                    out = torch.cat([out, pad], dim=1)
+                return out
+            raise RuntimeError(
+                "pipeline parallelism: the loss function never called the model trunk"
+            )
+        loss, stats = ctx.loss_fn(mb, ctx.n_in_step)
+        n_mb = next(v.shape[0] for v in mb.values() if isinstance(v, torch.Tensor))
+        ctx.loss += float(loss.detach())
+        for k, v in stats.items():
+            ctx.stats[k] = ctx.stats.get(k, 0.0) + float(v) * n_mb / ctx.n_in_step
+        return loss.reshape(1)
+
+
+def split_layers(n_layers: int, pp: int) -> list[range]:
+    """Contiguous, balanced layer ranges per pipeline stage (earlier stages take the remainder)."""
+    if n_layers < pp:
+        raise ValueError(f"parallel.pp={pp} exceeds the number of decoder layers ({n_layers})")
+    base, extra = divmod(n_layers, pp)
+    out, start = [], 0
+    for s in range(pp):
+        k = base + (1 if s < extra else 0)
+        out.append(range(start, start + k))
+        start += k
+    return out
+
+
+class PipelineRunner:
+    """The pipeline stage of this rank and the schedules that drive it (see module doc)."""
+
+    def __init__(self, model: nn.Module, state: ParallelState, param_names: set[str]) -> None:
+        self.state = state
+        self.model = model
+        pp, s = state.pp, state.pp_rank
+        self.is_first, self.is_last = s == 0, s == pp - 1
+        trunk = find_trunk(model)
+        self.trunk = trunk
+        n_layers = len(trunk.layers)
+        self.ranges = split_layers(n_layers, pp)
+        trunk_prefix = next(n for n, m in model.named_modules() if m is trunk)
+        tp = trunk_prefix + "." if trunk_prefix else ""
+
+        def stage_of(name: str) -> int:
+            """Stage that owns a state-dict entry (by the module it sits in)."""
+            if not name.startswith(tp):
+                return pp - 1  # heads outside the trunk run on the last stage
+            rest = name[len(tp) :]
+            m = re.match(r"layers\.(\d+)\.", rest)
+            if m:
+                return next(i for i, r in enumerate(self.ranges) if int(m.group(1)) in r)
+            if rest.startswith("norm."):
+                return pp - 1
+            return 0
+
+        # which stages use each parameter (by identity: tied weights show up under two names)
+        users: dict[int, set[int]] = {}
+        canon: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            users.setdefault(id(p), set()).add(stage_of(name))
+            canon.setdefault(id(p), name)
+        self.stage_of = stage_of
+        self.owned_keys = [k for k in model.state_dict() if stage_of(k) == s]
+        # prune this rank's copy: foreign layers, embedding, final norm
+        for i in range(n_layers):
+            if i not in self.ranges[s]:
+                trunk.layers[i] = _SkipLayer()
+        if not self.is_first:
+            trunk.embed_tokens = _ReceivedEmbedding()
+        if not self.is_last:
+            trunk.norm = _HandoffNorm()
+        local = {
+            id(p): p
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if s in users.get(id(p), ())
+        }
+        self.params = [
+            p
+            for n, p in model.named_parameters()
+            if id(p) in local and n in param_names and p.requires_grad
+        ]
+        # parameters used by several stages (tied embedding / LM head): grads summed over pp
+        shapes = {id(p): (p.shape, p.dtype) for p in model.parameters()}
+        self.shared = sorted((canon[i], i, *shapes[i]) for i, u in users.items() if len(u) > 1)
+        self._by_id = local
+        self.norm_params = [
+            p for p in self.params if min(users[id(p)]) == s
+        ]  # each shared weight counted once
+        self.module = _StageModule(model, trunk, self.is_first, self.is_last)
+        self._schedules: dict[tuple, Any] = {}
+        pg = state.group("pp")
+        self.group = pg
+        self.last_global_rank = dist.get_global_rank(pg, pp - 1)
+        self._dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+    def _probe_rows(
+        self, batch_mb: dict[str, Any], loss_fn: Callable[..., Any], n_in_step: int
+    ) -> torch.Size:
+        """Shape ``(rows, T)`` of the token ids the loss function feeds the trunk."""
+        trunk = self.trunk
+        saved = trunk.embed_tokens
+        trunk.embed_tokens = _ProbeEmbedding()
+        try:
+            with torch.no_grad():
+                loss_fn(batch_mb, n_in_step)
+        except _Probe as p:
+            return p.shape
+        finally:
+            trunk.embed_tokens = saved
+        raise RuntimeError("pipeline parallelism: the loss function never called the model trunk")
+
+    def _schedule(self, n_micro: int, micro: int, rows: int, t_buf: int, hidden: int) -> Any:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        key = (n_micro, micro, rows, t_buf)
+        if key in self._schedules:
+            return self._schedules[key]
+        dev = torch.device(self.state.device)
+        h = torch.empty(rows, t_buf, hidden, dtype=self._dtype, device="meta", requires_grad=True)
+        inp = torch.empty(micro, dtype=torch.long, device="meta") if self.is_first else h
+        out = (
+            torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True)
+            if self.is_last
+            else h
+        )
+        stage = PipelineStage(
+            self.module,
+            self.state.pp_rank,
+            self.state.pp,
+            dev,
+            input_args=inp,
+            output_args=out,
+            group=self.group,
+        )
+        cls = Schedule1F1B if n_micro >= self.state.pp else ScheduleGPipe
+        sched = cls(
+            stage, n_microbatches=n_micro, loss_fn=lambda out, target: out.sum(), scale_grads=False
+        )
+        self._schedules[key] = sched
+        return sched
+
+    def step(
+        self, batch: dict[str, Any], loss_fn: Callable[..., Any], n_in_step: int, micro: int
+    ) -> tuple[float, dict[str, float]]:
+        """Forward + backward of one (data-parallel-local) batch; grads of shared weights synced.
+
+        Returns ``(loss, stats)`` summed as in the one-process loop, on every pipeline rank.
+        """
+        n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        if n % micro:
+            raise ValueError(
+                f"pipeline parallelism needs equal micro-batches: batch {n} is not divisible by "
+                f"trainer.micro_batch_size={micro}"
+            )
+        n_micro = n // micro
+        ctx = _StepContext(batch, loss_fn, n_in_step, micro, 0, 0)
+        # rows and length each micro-batch feeds the trunk (loss functions may trim padding)
+        shapes = [self._probe_rows(ctx.micro_batch(i), loss_fn, n_in_step) for i in range(n_micro)]
+        rows, T = int(shapes[0][0]), max(int(sh[1]) for sh in shapes)
+        if any(int(sh[0]) != rows for sh in shapes):
+            raise RuntimeError(
+                f"pipeline parallelism: micro-batches feed the trunk different row counts {shapes}"
+            )
+        t_buf = ((T + 31) // 32) * 32  # static buffers: one schedule per 32-token length bucket
+        hidden = int(self.trunk.config.hidden_size)
+        sched = self._schedule(n_micro, micro, rows, t_buf, hidden)
+        ctx.rows, ctx.t_buf = rows, t_buf
+        self.module.ctx = ctx
+        idx = torch.arange(n, device=self.state.device)
+        try:
+            if self.is_first:
+                sched.step(idx, target=idx, losses=[])
+            else:
+                sched.step(target=idx, losses=[])
+        finally:
+            self.module.ctx = None
+        self._sync_shared_grads()
+        payload = broadcast_object(
+            (ctx.loss, ctx.stats), src=self.last_global_rank, group=self.group
+        )
+        return payload
+
+    def _sync_shared_grads(self) -> None:
+        """Sum the gradients of weights used on several stages (tied embedding / LM head)."""
+        for _, pid, shape, dtype in self.shared:
+            p = self._by_id.get(pid)
+            g = p.grad if p is not None else None
+            if g is None:  # not used here (or no grad yet): contribute zeros
+                g = torch.zeros(shape, dtype=dtype, device=self.state.device)
+            all_reduce_sum(g, self.group)
+            if p is not None and p.requires_grad:
+                p.grad = g
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stage's trained entries merged on rank 0 (CPU); ``{}`` elsewhere."""
+        mine = {
+            k: v.detach().cpu()
+            for k, v in self.model.state_dict().items()
+            if k in set(self.owned_keys)
+        }
+        parts: list[Any] = [None] * self.state.pp if self.state.pp_rank == 0 else None  # type: ignore[assignment]
+        dist.gather_object(mine, parts, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        if not self.state.is_main:
+            return {}
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+
+# ----------------------------------------------------------------------------- the facade
+
+
+class DistributedModel:
+    """A stage's model under the configured parallelism, driven by ``training.train_loop``.
+
+    ``params``: the parameters the stage wants trained (a subset of ``model.parameters()``).
+    In a single process this is a pass-through (plus bf16 autocast when asked).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: list[nn.Parameter],
+        state: ParallelState,
+        mixed_precision: str = "none",
+    ) -> None:
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"parallel.mixed_precision: {mixed_precision!r} (choose from {MIXED_PRECISION})"
+            )
+        self.model, self.state, self.mixed_precision = model, state, mixed_precision
+        self.root: nn.Module | None = None
+        self.pipe: PipelineRunner | None = None
+        ids = {id(p) for p in params}
+        names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+        self.shadow = meta_copy(model) if state.distributed else None
+        if state.pp > 1:
+            if state.dp > 1 or state.tp > 1:
+                raise NotImplementedError(
+                    "parallel.pp > 1 together with dp_shard/tp > 1 is not supported yet"
+                )
+            self.pipe = PipelineRunner(model, state, names)
+            self.params = self.pipe.params
+            return
+        if state.tp > 1:
+            apply_tp(model, state.mesh["tp"])
+        if state.dp > 1:
+            self.root = apply_fsdp2(model, state.mesh["dp_shard"], mixed_precision)
+        seen: set[int] = set()
+        self.params = []
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if n in names and id(p) not in seen:
+                seen.add(id(p))
+                self.params.append(p)
+
+    # -- compute
+
+    def _autocast(self) -> Any:
+        if self.mixed_precision == "bf16" and self.root is None:
+            dev = "cuda" if self.state.device.startswith("cuda") else "cpu"
+            return torch.autocast(dev, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)`` with the model usable as a whole (under the FSDP root, autocast)."""
+        with self._autocast():
+            if self.root is not None:
+                return self.root(fn, *args, **kwargs)
+            return fn(*args, **kwargs)
+
+    def forward_backward(
+        self, batch: dict[str, Any], loss_fn: Callable[..., Any], n_in_step: int, micro: int
+    ) -> tuple[float, dict[str, float]]:
+        """Gradient accumulation over this rank's rows of the step; returns ``(loss, stats)`` summed
+        over micro-batches and over data-parallel ranks (the one-process values)."""
+        if self.pipe is not None:
+            return self.pipe.step(batch, loss_fn, n_in_step, micro)
+        n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        mbs = list(_micro_batches(batch, micro, n))
+        loss_sum, agg = 0.0, {}
+        for j, mb in enumerate(mbs):
+            if self.root is not None:
+                self.root.set_requires_gradient_sync(j == len(mbs) - 1)
+            loss, stats = self.call(loss_fn, mb, n_in_step)
+            loss.backward()
+            n_mb = next(v.shape[0] for v in mb.values() if isinstance(v, torch.Tensor))
+            loss_sum += float(loss.detach())
+            for k, v in stats.items():
+                agg[k] = agg.get(k, 0.0) + float(v) * n_mb / n_in_step
+        if self.state.distributed and self.state.dp > 1:
+            agg = sum_stats({"loss": loss_sum, **agg}, self.state.group("dp_shard"))
+            loss_sum = agg.pop("loss")
+        return loss_sum, agg
+
+    def clip_grad(self, max_norm: float) -> float:
+        """Clip the global gradient norm; returns the pre-clip norm (same on every rank)."""
+        if self.pipe is not None:
+            return clip_grad_norm(self.params, max_norm, self.pipe.norm_params, self.pipe.group)
+        if not self.state.distributed:
+            params = [p for p in self.params if p.grad is not None]
+            if not params:
+                return 0.0
+            if max_norm and max_norm > 0:
+                return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        return clip_grad_norm(self.params, max_norm)
+
+    @property
+    def can_evaluate(self) -> bool:
+        """Whether the whole model can run mid-training (not while it is split into pipeline stages)."""
+        return self.pipe is None
+
+    # -- end of training
+
+    def finalize(self) -> None:
+        """Make ``model`` a plain, full module again on rank 0; other ranks leave the process.
+
+        Collective: every rank must call it. In a single process it does nothing.
+        """
+        if not self.state.distributed:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        if self.pipe is not None:
+            sd = self.pipe.full_state_dict()
+        else:
+            if self.root is not None:
+                for m in self.root.modules():
+                    if isinstance(m, FSDPModule):
+                        m.reshard()
+            sd = gather_full_state_dict(self.model)
+        dev = self.state.device
+        if self.state.is_main:
+            restore_plain(self.model, self.shadow, sd, dev)
+        self.shadow = None
+        self.root = None
+        self.pipe = None
+        barrier()
+        teardown()
+        if not self.state.is_main:
+            raise SystemExit(0)
+
+
+def _micro_batches(batch: dict[str, Any], micro: int, n: int) -> Iterator[dict[str, Any]]:
+    for i in range(0, n, micro):
+        yield {
+            k: v[i : i + micro]
+            if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
+            else v
+            for k, v in batch.items()
+        }
+
+
+# ----------------------------------------------------------------------------- local launcher
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _local_worker(
+    local_rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
+) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(local_rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    fn(*args)
+
+
+def launch_local(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+    """Run ``fn(*args)`` in ``world_size`` spawned processes with torchrun's environment (tests).
+
+    ``fn`` must be importable (a module-level function). Raises if any process fails.
+    """
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _local_worker,
+        args=(fn, world_size, free_port(), args),
+        nprocs=world_size,
+        start_method="spawn",
+    )

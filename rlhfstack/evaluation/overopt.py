@@ -1,0 +1,263 @@
+"""Reward-model over-optimization curves (Gao, Schulman & Hilton 2022).
+
+Gao et al. measure the policy's distance from its initialisation by ``d = sqrt(KL(pi || pi_0))``
+and find that, for RL, the *gold* reward gain follows
+
+    R(d) = d (alpha - beta log d)
+
+while the proxy (the reward model being optimised) keeps rising. For ``beta > 0`` the curve
+peaks where ``dR/dd = alpha - beta (log d + 1) = 0``:
+
+    d* = exp(alpha / beta - 1),   KL* = d*^2,   R(d*) = beta d*.
+
+The gains are measured from the initial policy. A PPO run's first evaluation comes after one
+update, so the fit includes a free offset ``R0`` (``R(d) = R0 + d (alpha - beta log d)``);
+``offset=False`` fixes ``R0`` to the reward at the smallest KL instead. The model is linear in
+its parameters and is fitted by least squares (``scipy.linalg.lstsq``).
+
+Input: a run directory whose ``metrics.jsonl`` has rows with ``kl/seq_k1`` (the per-sequence
+KL, k1 estimator, nats) and ``eval/gold_reward`` / ``eval/proxy_reward``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "fit_gao",
+    "gao_curve",
+    "overoptimization_report",
+    "plot_overoptimization",
+    "read_kl_rewards",
+]
+
+KL_KEY = "kl/seq_k1"
+GOLD_KEY = "eval/gold_reward"
+PROXY_KEY = "eval/proxy_reward"
+
+
+def read_kl_rewards(
+    run_dir: str | Path,
+    kl_key: str = KL_KEY,
+    gold_key: str = GOLD_KEY,
+    proxy_key: str = PROXY_KEY,
+) -> dict[str, np.ndarray]:
+    """Rows of ``run_dir/metrics.jsonl`` holding ``kl_key`` and at least one reward key.
+
+    Returns ``{"step", "kl", "gold", "proxy"}``, each shape (C,) sorted by step (NaN where a row
+    lacks that reward).
+    """
+    from rlhfstack.runtime import read_jsonl
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    rows = []
+    for i, row in enumerate(read_jsonl(path)):
+        if row.get(kl_key) is None or (row.get(gold_key) is None and row.get(proxy_key) is None):
+            continue
+        g, p = row.get(gold_key), row.get(proxy_key)
+        rows.append(
+            (
+                float(row.get("step", i)),
+                float(row[kl_key]),
+                math.nan if g is None else float(g),
+                math.nan if p is None else float(p),
+            )
+        )
+    rows.sort(key=lambda r: r[0])
+    arr = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    return {"step": arr[:, 0], "kl": arr[:, 1], "gold": arr[:, 2], "proxy": arr[:, 3]}
+
+
+def gao_curve(d: np.ndarray | float, alpha: float, beta: float, offset: float = 0.0) -> np.ndarray:
+    """``offset + d (alpha - beta log d)`` with the ``d -> 0`` limit (0) handled; same shape as d."""
+    d_arr = np.asarray(d, dtype=np.float64)
+    safe = np.where(d_arr > 0, d_arr, 1.0)
+    dlogd = np.where(d_arr > 0, d_arr * np.log(safe), 0.0)
+    return offset + alpha * d_arr - beta * dlogd
+
+
+def fit_gao(
+    d: Sequence[float] | np.ndarray,
+    reward: Sequence[float] | np.ndarray,
+    offset: bool = True,
+) -> dict[str, Any]:
+    """Least-squares fit of ``R(d) = R0 + d (alpha - beta log d)``.
+
+    Args:
+        d: shape (C,) sqrt-KL per checkpoint (negative KL estimates should be clipped first).
+        reward: shape (C,) reward per checkpoint (NaNs are dropped).
+        offset: fit ``R0``; otherwise ``R0`` = the reward at the smallest ``d``.
+
+    Returns:
+        ``{"alpha", "beta", "offset", "r2", "rmse", "n", "peaked", "d_star", "kl_star",
+        "reward_at_peak"}``. ``peaked`` is ``beta > 0``; ``d_star``/``kl_star`` are None otherwise.
+        ``peak_in_range`` says whether ``d*`` lies within the observed ``d`` range.
+    """
+    from scipy.linalg import lstsq
+
+    d_C = np.asarray(d, dtype=np.float64).reshape(-1)
+    r_C = np.asarray(reward, dtype=np.float64).reshape(-1)
+    keep = np.isfinite(d_C) & np.isfinite(r_C)
+    d_C, r_C = np.clip(d_C[keep], 0.0, None), r_C[keep]
+    n_params = 3 if offset else 2
+    if d_C.size < n_params:
+        raise ValueError(f"fit_gao: need >= {n_params} points, got {d_C.size}")
+    dlogd_C = np.where(d_C > 0, d_C * np.log(np.where(d_C > 0, d_C, 1.0)), 0.0)
+    if offset:
+        X = np.stack([np.ones_like(d_C), d_C, -dlogd_C], axis=1)
+        y = r_C
+    else:
+        r0 = float(r_C[np.argmin(d_C)])
+        X = np.stack([d_C, -dlogd_C], axis=1)
+        y = r_C - r0
+    coef, _, rank, _ = lstsq(X, y)
+    if offset:
+        r0, alpha, beta = (float(c) for c in coef)
+    else:
+        alpha, beta = (float(c) for c in coef)
+    pred = gao_curve(d_C, alpha, beta, r0)
+    ss_res = float(np.sum((r_C - pred) ** 2))
+    ss_tot = float(np.sum((r_C - r_C.mean()) ** 2))
+    out: dict[str, Any] = {
+        "alpha": alpha,
+        "beta": beta,
+        "offset": r0,
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+        "rmse": math.sqrt(ss_res / d_C.size),
+        "n": int(d_C.size),
+        "rank_deficient": bool(rank < X.shape[1]),
+        "peaked": bool(beta > 0),
+        "d_star": None,
+        "kl_star": None,
+        "reward_at_peak": None,
+        "peak_in_range": None,
+    }
+    if beta > 0:
+        log_d_star = alpha / beta - 1.0
+        if log_d_star < 700:  # exp overflow guard
+            d_star = math.exp(log_d_star)
+            out.update(
+                d_star=d_star,
+                kl_star=d_star**2,
+                reward_at_peak=r0 + beta * d_star,
+                peak_in_range=bool(d_C.min() <= d_star <= d_C.max()),
+            )
+    return out
+
+
+def plot_overoptimization(
+    data: dict[str, np.ndarray],
+    fits: dict[str, dict[str, Any] | None],
+    out_path: str | Path,
+    title: str = "",
+) -> Path:
+    """Gold and proxy reward against ``d = sqrt(KL)`` with their fitted Gao curves (two panels,
+    since the two rewards are on different scales); the gold peak ``d*`` is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d_C = np.sqrt(np.clip(data["kl"], 0.0, None))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    grid = np.linspace(0.0, max(float(d_C.max()) * 1.15, 1e-3), 200)
+    for ax, key, color in ((axes[0], "gold", "tab:orange"), (axes[1], "proxy", "tab:blue")):
+        y = data[key]
+        ok = np.isfinite(y)
+        ax.scatter(d_C[ok], y[ok], s=18, color=color, label=f"{key} reward")
+        fit = fits.get(key)
+        if fit is not None:
+            ax.plot(
+                grid,
+                gao_curve(grid, fit["alpha"], fit["beta"], fit["offset"]),
+                color=color,
+                lw=1.5,
+                alpha=0.8,
+                label=f"fit a={fit['alpha']:.3g} b={fit['beta']:.3g} (R2={fit['r2']:.2f})",
+            )
+            if fit.get("d_star") is not None and fit["d_star"] <= grid[-1]:
+                ax.axvline(fit["d_star"], color="k", ls="--", lw=1, label=f"d*={fit['d_star']:.3g}")
+        ax.set_xlabel("d = sqrt(KL(pi || pi_0))  [sqrt nats]")
+        ax.set_ylabel(f"{key} reward")
+        ax.set_title(f"{key} reward vs sqrt(KL)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+def overoptimization_report(
+    run_dir: str | Path,
+    output_dir: str | Path,
+    offset: bool = True,
+    kl_key: str = KL_KEY,
+    gold_key: str = GOLD_KEY,
+    proxy_key: str = PROXY_KEY,
+) -> dict[str, Any]:
+    """Fit gold and proxy curves of a PPO run; write ``overoptimization.json`` and
+    ``overoptimization.png`` into ``output_dir``. Returns the JSON written.
+
+    The headline numbers are ``gold_fit.kl_star`` (the KL at the fitted gold peak) and the
+    observed gold peak (``observed_gold_peak``).
+    """
+    from rlhfstack.runtime import atomic_write_json
+
+    data = read_kl_rewards(run_dir, kl_key, gold_key, proxy_key)
+    if data["kl"].size == 0:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no rows with {kl_key} and a reward column")
+    n_neg = int((data["kl"] < 0).sum())
+    d_C = np.sqrt(np.clip(data["kl"], 0.0, None))
+    fits: dict[str, dict[str, Any] | None] = {}
+    errors: dict[str, str] = {}
+    for key in ("gold", "proxy"):
+        try:
+            fits[key] = fit_gao(d_C, data[key], offset=offset)
+        except ValueError as err:
+            fits[key] = None
+            errors[key] = str(err)
+    gold_ok = np.isfinite(data["gold"])
+    observed = None
+    if gold_ok.any():
+        i = int(np.nanargmax(np.where(gold_ok, data["gold"], -np.inf)))
+        observed = {
+            "step": float(data["step"][i]),
+            "kl": float(data["kl"][i]),
+            "d": float(d_C[i]),
+            "gold_reward": float(data["gold"][i]),
+        }
+    out_dir = Path(output_dir)
+    png = plot_overoptimization(data, fits, out_dir / "overoptimization.png", title=str(run_dir))
+    result = {
+        "run_dir": str(run_dir),
+        "model": "R(d) = offset + d * (alpha - beta * log d), d = sqrt(KL)  (Gao et al. 2022)",
+        "n_points": int(data["kl"].size),
+        "n_negative_kl_clipped": n_neg,
+        "gold_fit": fits["gold"],
+        "proxy_fit": fits["proxy"],
+        "kl_star": fits["gold"]["kl_star"] if fits["gold"] else None,
+        "d_star": fits["gold"]["d_star"] if fits["gold"] else None,
+        "observed_gold_peak": observed,
+        "fit_errors": errors,
+        "points": {
+            "step": data["step"].tolist(),
+            "kl": data["kl"].tolist(),
+            "gold": [None if math.isnan(v) else v for v in data["gold"].tolist()],
+            "proxy": [None if math.isnan(v) else v for v in data["proxy"].tolist()],
+        },
+        "plot": str(png),
+    }
+    atomic_write_json(out_dir / "overoptimization.json", result)
+    return result
