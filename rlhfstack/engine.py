@@ -264,7 +264,7 @@ def sum_stats(stats: dict[str, float], group: Any = None) -> dict[str, float]:
     """Sum a dict of floats over ``group`` (same keys on every rank), in float64."""
     if not _STATE.distributed or not stats:
         return dict(stats)
-    keys = sorted(stats)
+    keys = list(stats)  # insertion order (the same on every rank: same code path)
     t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     all_reduce_sum(t, group)
     return dict(zip(keys, t.tolist()))

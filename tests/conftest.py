@@ -44,3 +44,15 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, data_root) -> Path:
+    """The whole demo pipeline at minimum sizes (``+experiment=demo_smoke``), run once per session."""
+    from rlhfstack.config import load_config, to_object
+    from rlhfstack.pipeline import run_pipeline
+
+    art = tmp_path_factory.mktemp("smoke") / "demo_smoke"
+    cfg = to_object(load_config("pipeline", ["+experiment=demo_smoke", f"artifacts_dir={art}"]))
+    run_pipeline(cfg, command="pytest smoke")
+    return art

@@ -9,17 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfstack.config import load_config, to_object
-from rlhfstack.pipeline import run_pipeline
 from rlhfstack.runtime import read_jsonl
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, data_root) -> Path:
-    art = tmp_path_factory.mktemp("smoke") / "demo_smoke"
-    cfg = to_object(load_config("pipeline", ["+experiment=demo_smoke", f"artifacts_dir={art}"]))
-    run_pipeline(cfg, command="pytest smoke")
-    return art
 
 
 def _finite(x) -> bool:

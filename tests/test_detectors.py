@@ -251,7 +251,9 @@ def test_load_completions_formats(tmp_path):
 
 def _write_jsonl(path, texts, prompts=None):
     prompts = prompts or [f"prompt {i}" for i in range(len(texts))]
-    path.write_text("".join(json.dumps({"prompt": p, "completion": t}) + "\n" for p, t in zip(prompts, texts)))
+    path.write_text(
+        "".join(json.dumps({"prompt": p, "completion": t}) + "\n" for p, t in zip(prompts, texts))
+    )
     return str(path)
 
 
@@ -271,7 +273,9 @@ def test_entry_point_config_end_to_end(tmp_path, data_root):
     with open(run / "metrics.jsonl", "w") as f:
         for i, g in enumerate(gold):
             f.write(json.dumps({"step": i + 1, "kl/seq_k1": 0.5 * i, "loss": 1.0}) + "\n")
-            f.write(json.dumps({"step": i + 1, "eval/gold_reward": g, "eval/proxy_reward": i}) + "\n")
+            f.write(
+                json.dumps({"step": i + 1, "eval/gold_reward": g, "eval/proxy_reward": i}) + "\n"
+            )
     out = tmp_path / "out"
     cfg = to_object(
         load_config(

@@ -49,10 +49,14 @@ def bert_dir(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tinybert") / "m")
 
 
-def make_rm(path: Path, pooling: str = "mean", k: int = 1, seed: int = 0) -> tuple[RewardModel, object]:
+def make_rm(
+    path: Path, pooling: str = "mean", k: int = 1, seed: int = 0
+) -> tuple[RewardModel, object]:
     tok = load_tokenizer(str(path))
     torch.manual_seed(seed)
-    rm = RewardModel(load_encoder(path), kind="encoder", k=k, pooling=pooling, sep_token_id=tok.sep_token_id)
+    rm = RewardModel(
+        load_encoder(path), kind="encoder", k=k, pooling=pooling, sep_token_id=tok.sep_token_id
+    )
     return rm.eval(), tok
 
 
@@ -85,8 +89,13 @@ def test_encode_pairs_layout_and_left_truncation(bert_dir):
     tok = load_tokenizer(str(bert_dir))
     cls_id, sep = tok.cls_token_id, tok.sep_token_id
     [(ids, seg)] = encode_encoder_pairs(tok, ["hello question"], ["good answer"], max_len=16)
-    expect = [cls_id, *tok.convert_tokens_to_ids(["hello", "question"]), sep,
-              *tok.convert_tokens_to_ids(["good", "answer"]), sep]
+    expect = [
+        cls_id,
+        *tok.convert_tokens_to_ids(["hello", "question"]),
+        sep,
+        *tok.convert_tokens_to_ids(["good", "answer"]),
+        sep,
+    ]
     assert ids == expect
     assert seg == [0, 0, 0, 0, 1, 1, 1]
     # long prompt keeps its END; response keeps its START (capped by max_response_tokens)
@@ -105,7 +114,9 @@ def test_encode_pairs_layout_and_left_truncation(bert_dir):
 @pytest.mark.parametrize("pooling", ["mean", "response_mean", "cls"])
 def test_encoder_rm_forward_shapes_and_padding_invariance(bert_dir, pooling):
     rm, tok = make_rm(bert_dir, pooling=pooling, k=3)
-    enc = encode_encoder_pairs(tok, ["hello question", "hello"], ["good answer !", "bad"], max_len=32)
+    enc = encode_encoder_pairs(
+        tok, ["hello question", "hello"], ["good answer !", "bad"], max_len=32
+    )
     a, b = enc[0][0], enc[1][0]
     T = max(len(a), len(b))
     ids = torch.tensor([a + [0] * (T - len(a)), b + [0] * (T - len(b))])
@@ -125,13 +136,17 @@ def test_mean_and_response_pooling_match_manual(bert_dir):
     ids_t = torch.tensor([ids])
     mask = torch.ones_like(ids_t)
     with torch.no_grad():
-        h = rm.backbone(input_ids=ids_t, attention_mask=mask, token_type_ids=torch.tensor([seg])).last_hidden_state
+        h = rm.backbone(
+            input_ids=ids_t, attention_mask=mask, token_type_ids=torch.tensor([seg])
+        ).last_hidden_state
         want = rm.head(h[0, torch.tensor(seg).bool()].mean(0, keepdim=True))
         got = rm.raw_scores(ids_t, mask)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     rm.pooling = "mean"
     with torch.no_grad():
-        torch.testing.assert_close(rm.raw_scores(ids_t, mask), rm.head(h.mean(1)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            rm.raw_scores(ids_t, mask), rm.head(h.mean(1)), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_head_init_and_no_dropout(bert_dir):
@@ -149,9 +164,16 @@ def test_save_load_roundtrip_keeps_metadata(bert_dir, tmp_path):
     rm.save(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     back = RewardModel.load(tmp_path / "rm")
-    assert (back.pooling, back.sep_token_id, back.max_length, back.template) == ("response_mean", 3, 32, "hh")
+    assert (back.pooling, back.sep_token_id, back.max_length, back.template) == (
+        "response_mean",
+        3,
+        32,
+        "hh",
+    )
     p, r = ["\n\nHuman: hello\n\nAssistant:"] * 2, ["good answer", "bad"]
-    np.testing.assert_allclose(score_texts(rm, tok, p, r)["mean"], score_texts(back, tok, p, r)["mean"], atol=1e-5)
+    np.testing.assert_allclose(
+        score_texts(rm, tok, p, r)["mean"], score_texts(back, tok, p, r)["mean"], atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- ensembles
@@ -167,7 +189,9 @@ def test_reward_ensemble_mean_std_and_loading(bert_dir, tmp_path):
         tok.save_pretrained(tmp_path / f"m{i}")
         members.append(rm)
     ens = RewardEnsemble(members)
-    [(a, _), (b, _)] = encode_encoder_pairs(tok, ["hello", "hello"], ["good", "bad answer"], max_len=32)
+    [(a, _), (b, _)] = encode_encoder_pairs(
+        tok, ["hello", "hello"], ["good", "bad answer"], max_len=32
+    )
     T = max(len(a), len(b))
     ids = torch.tensor([a + [0] * (T - len(a)), b + [0] * (T - len(b))])
     mask = (ids != 0).long()

@@ -57,10 +57,12 @@ __all__ = [
     "load_xstest",
     "make_choice_fn",
     "proxy_gold_gap",
+    "read_gold_proxy",
     "refusal_detectors",
     "refusal_rate",
     "repetition_detectors",
     "run_detectors",
+    "run_reward_hacking",
     "skipped",
     "stock_opener_rate",
     "sycophancy_detectors",
@@ -560,26 +562,37 @@ def make_choice_fn(
 ) -> ChoiceFn:
     """A :data:`ChoiceFn` that renders the conversation with ``template`` (a
     :class:`rlhfstack.data.templates.ChatTemplate`), appends the assistant prefix and picks the
-    option letter with the higher next-token log-probability (first token of each letter)."""
+    option letter whose continuation has the higher log-likelihood.
+
+    The continuation is scored from the first token where ``text + letter`` tokenizes
+    differently from ``text`` (BPE/SentencePiece may merge ``(`` and the letter into one token).
+    """
     import torch
 
     limit = max_tokens or int(getattr(model.config, "max_position_embeddings", 4096))
 
+    def continuation_logprob(full: list[int], start: int) -> float:
+        ids = full[-limit:]
+        offset = len(full) - len(ids)
+        start = max(start, offset + 1, 1)
+        with torch.no_grad():
+            logits_T = model(input_ids=torch.tensor([ids], device=device)).logits[0]
+        logp_TV = logits_T.float().log_softmax(-1)
+        pos = torch.arange(start - offset, len(ids), device=logp_TV.device)
+        tgt = torch.tensor(ids, device=logp_TV.device)[pos]
+        return float(logp_TV[pos - 1, tgt].sum())
+
     def choose(messages: list[dict[str, str]], prefix: str) -> int:
         text = template.join(template.render_prompt(messages), prefix)
         ctx = tokenizer.encode(text)
-        letter_ids = []
+        scores = []
         for letter in LETTERS:
             full = tokenizer.encode(text + letter)
             k = 0
             while k < min(len(ctx), len(full)) and ctx[k] == full[k]:
                 k += 1
-            letter_ids.append(full[k] if k < len(full) else full[-1])
-        ids = ctx[-limit:]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1]
-        scores = logits.float().log_softmax(-1)[letter_ids]
-        return int(scores.argmax())
+            scores.append(continuation_logprob(full, min(k, len(full) - 1)))
+        return int(np.argmax(scores))
 
     return choose
 
@@ -742,19 +755,22 @@ def _data_path(data_root: str, path: str) -> Path:
 
 
 def read_gold_proxy(run_dir: str | Path) -> tuple[list[float], list[float], list[float]]:
-    """(steps, gold, proxy) of the ``metrics.jsonl`` rows of a PPO run that hold both
-    ``eval/gold_reward`` and ``eval/proxy_reward``."""
+    """(steps, gold, proxy) of the checkpoints of a PPO run whose ``metrics.jsonl`` holds both
+    ``eval/gold_reward`` and ``eval/proxy_reward`` (rows of the same step are merged)."""
     from rlhfstack.runtime import read_jsonl
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
+    merged: dict[float, dict[str, Any]] = {}
+    for i, row in enumerate(read_jsonl(path)):
+        merged.setdefault(float(row.get("step", i)), {}).update(row)
     steps, gold, proxy = [], [], []
-    for row in read_jsonl(path):
-        g, p = row.get("eval/gold_reward"), row.get("eval/proxy_reward")
+    for step in sorted(merged):
+        g, p = merged[step].get("eval/gold_reward"), merged[step].get("eval/proxy_reward")
         if g is None or p is None:
             continue
-        steps.append(float(row.get("step", len(steps))))
+        steps.append(step)
         gold.append(float(g))
         proxy.append(float(p))
     return steps, gold, proxy
@@ -825,31 +841,36 @@ def run_reward_hacking(cfg: Any) -> dict[str, Any]:
         xs_rows = load_xstest(_data_path(cfg.data_root, cfg.xstest_path))
     safe_prompts = [r["prompt"] for r in xs_rows or [] if r["label"] == "safe"]
 
-    def xstest_from(samples_file: str | None, model_bundle: Any, tag: str) -> dict[str, Any] | None:
-        if samples_file:
-            prompts, comps = load_completions(samples_file)
-            return xstest_refusal(prompts, comps, xs_rows)
-        if model_bundle is not None:
-            model, tok, template = model_bundle
-            comps = _generate(model, tok, template, safe_prompts, cfg, device)
-            atomic_write_jsonl(
-                out_dir / f"xstest_{tag}.jsonl",
-                [{"prompt": p, "completion": c} for p, c in zip(safe_prompts, comps, strict=True)],
-            )
-            return xstest_refusal(safe_prompts, comps, xs_rows)
-        return None
+    def query(model_path: str | None, xstest_file: str | None, tag: str) -> tuple[Any, Any]:
+        """(xstest refusal stats, sycophancy probe) of one model; loads it only if needed and
+        frees it before the next one (policy and reference never share the GPU)."""
+        xs = None
+        if xs_rows is not None and xstest_file:
+            p_, c_ = load_completions(xstest_file)
+            xs = xstest_refusal(p_, c_, xs_rows)
+        if not model_path:
+            return xs, None
+        model, tok, template = _load_model(model_path, cfg, device)
+        try:
+            if xs is None and xs_rows is not None:
+                comps = _generate(model, tok, template, safe_prompts, cfg, device)
+                atomic_write_jsonl(
+                    out_dir / f"xstest_{tag}.jsonl",
+                    [
+                        {"prompt": p, "completion": c}
+                        for p, c in zip(safe_prompts, comps, strict=True)
+                    ],
+                )
+                xs = xstest_refusal(safe_prompts, comps, xs_rows)
+            probe = sycophancy_probe(make_choice_fn(model, tok, template, device))
+        finally:
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return xs, probe
 
-    policy = _load_model(cfg.model_path, cfg, device) if cfg.model_path else None
-    reference = (
-        _load_model(cfg.reference_model_path, cfg, device) if cfg.reference_model_path else None
-    )
-    xstest = xstest_from(cfg.xstest_samples, policy, "samples")
-    xstest_ref = xstest_from(cfg.xstest_reference, reference, "reference") if xs_rows else None
-    syc = syc_ref = None
-    if policy is not None:
-        syc = sycophancy_probe(make_choice_fn(policy[0], policy[1], policy[2], device))
-    if reference is not None:
-        syc_ref = sycophancy_probe(make_choice_fn(reference[0], reference[1], reference[2], device))
+    xstest, syc = query(cfg.model_path, cfg.xstest_samples, "samples")
+    xstest_ref, syc_ref = query(cfg.reference_model_path, cfg.xstest_reference, "reference")
     if syc is not None:
         atomic_write_json(out_dir / "sycophancy.json", {"policy": syc, "reference": syc_ref})
 

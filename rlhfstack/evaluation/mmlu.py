@@ -49,6 +49,7 @@ __all__ = [
     "list_subjects",
     "load_mmlu_csv",
     "read_mmlu_csv",
+    "run_mmlu",
     "subject_task_name",
     "wilson_ci",
     "write_task_yamls",

@@ -47,24 +47,30 @@ def read_kl_rewards(
     gold_key: str = GOLD_KEY,
     proxy_key: str = PROXY_KEY,
 ) -> dict[str, np.ndarray]:
-    """Rows of ``run_dir/metrics.jsonl`` holding ``kl_key`` and at least one reward key.
+    """Checkpoints of ``run_dir/metrics.jsonl`` holding ``kl_key`` and at least one reward key.
 
-    Returns ``{"step", "kl", "gold", "proxy"}``, each shape (C,) sorted by step (NaN where a row
-    lacks that reward).
+    Rows with the same ``step`` are merged first (a logger may write the training metrics and
+    the evaluation metrics of one step on separate lines).
+
+    Returns ``{"step", "kl", "gold", "proxy"}``, each shape (C,) sorted by step (NaN where a
+    checkpoint lacks that reward).
     """
     from rlhfstack.runtime import read_jsonl
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    rows = []
+    merged: dict[float, dict[str, Any]] = {}
     for i, row in enumerate(read_jsonl(path)):
-        if row.get(kl_key) is None or (row.get(gold_key) is None and row.get(proxy_key) is None):
-            continue
+        merged.setdefault(float(row.get("step", i)), {}).update(row)
+    rows = []
+    for step, row in merged.items():
         g, p = row.get(gold_key), row.get(proxy_key)
+        if row.get(kl_key) is None or (g is None and p is None):
+            continue
         rows.append(
             (
-                float(row.get("step", i)),
+                step,
                 float(row[kl_key]),
                 math.nan if g is None else float(g),
                 math.nan if p is None else float(p),
@@ -183,7 +189,13 @@ def plot_overoptimization(
                 label=f"fit a={fit['alpha']:.3g} b={fit['beta']:.3g} (R2={fit['r2']:.2f})",
             )
             if fit.get("d_star") is not None and fit["d_star"] <= grid[-1]:
-                ax.axvline(fit["d_star"], color="k", ls="--", lw=1, label=f"d*={fit['d_star']:.3g}")
+                ax.axvline(
+                    fit["d_star"],
+                    color="k",
+                    ls="--",
+                    lw=1,
+                    label=f"d*={fit['d_star']:.3g} (KL*={fit['kl_star']:.3g})",
+                )
         ax.set_xlabel("d = sqrt(KL(pi || pi_0))  [sqrt nats]")
         ax.set_ylabel(f"{key} reward")
         ax.set_title(f"{key} reward vs sqrt(KL)")

@@ -76,7 +76,12 @@ def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         offline["local_files_only"] = True
     config = AutoConfig.from_pretrained(local, **offline)
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+    for name in (
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "dropout",
+        "attention_dropout",
+    ):
         if isinstance(getattr(config, name, None), float):
             setattr(config, name, 0.0)  # saved as 0 too, so a reloaded RM has no dropout either
     model = AutoModel.from_pretrained(local, config=config, dtype=dtype, **offline)

@@ -329,11 +329,12 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 "lr": sched.get_last_lr()[0],
                 "tokens": n_tokens_total,
             }
-            if gold_scorer is not None and heldout and cfg.gold_eval_every and (
+            gold_now = bool(gold_scorer is not None and heldout and cfg.gold_eval_every) and (
                 step % cfg.gold_eval_every == 0 or step == tcfg.max_steps or step == 1
-            ):
+            )
+            if gold_now:
                 metrics.update(_gold_eval(policy, tok, heldout, gold_scorer, rm, cfg, device))
-            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
             log.info(
                 "step %d score %.3f kl %.3f beta %.4f len %.1f pg %.4f vf %.4f ratio0 %.6f",

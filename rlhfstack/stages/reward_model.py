@@ -56,7 +56,9 @@ def build_reward_model(cfg: RMConfig, device: str, tok: Any = None) -> RewardMod
     """Backbone from ``model.path`` + fresh scalar head(s); frozen parts per ``rm.freeze_*``."""
     if cfg.rm.backbone == "causal_lm":
         backbone = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, device=device)
-        rm = RewardModel(backbone, kind="causal_lm", k=cfg.rm.ensemble_size, init_std=cfg.rm.head_init_std)
+        rm = RewardModel(
+            backbone, kind="causal_lm", k=cfg.rm.ensemble_size, init_std=cfg.rm.head_init_std
+        )
     elif cfg.rm.backbone == "encoder":
         from rlhfstack.models.core import _dtype
 
@@ -101,7 +103,9 @@ def freeze_backbone_parts(rm: RewardModel, embeddings: bool, n_layers: int) -> N
         layer.requires_grad_(False)
 
 
-def pair_scores(rm: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(
+    rm: RewardModel, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw head outputs ``[B, k]`` for chosen and rejected, in one ``[2B, T]`` forward."""
     B = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
@@ -112,7 +116,9 @@ def pair_scores(rm: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.
 
 def trim_padding(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop trailing columns that are padding in every row (right-padded ``[B, T]`` tensors)."""
-    T = int(max(mb["chosen_attention_mask"].sum(-1).max(), mb["rejected_attention_mask"].sum(-1).max()))
+    T = int(
+        max(mb["chosen_attention_mask"].sum(-1).max(), mb["rejected_attention_mask"].sum(-1).max())
+    )
     return {k: v[:, :T] for k, v in mb.items()}
 
 
@@ -147,10 +153,21 @@ def train(cfg: RMConfig) -> Path:
     rm = build_reward_model(cfg, device, tok)
     max_len = _max_len(cfg, rm)
     max_resp = cfg.data.max_response_tokens if encoder else None
-    load_kw = dict(adapter=cfg.data.adapter, template=cfg.data.template, on_error=cfg.data.on_error,
-                   data_root=cfg.data_root)
-    limits = {} if encoder else dict(tokenizer=tok, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                     max_response_tokens=cfg.data.max_response_tokens)
+    load_kw = dict(
+        adapter=cfg.data.adapter,
+        template=cfg.data.template,
+        on_error=cfg.data.on_error,
+        data_root=cfg.data_root,
+    )
+    limits = (
+        {}
+        if encoder
+        else dict(
+            tokenizer=tok,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=cfg.data.max_response_tokens,
+        )
+    )
     pairs, rep = load_preferences(cfg.data.train_path, **limits, **load_kw)
     log.info("RM data: %s", rep.summary())
     if cfg.data.eval_path:
@@ -187,13 +204,27 @@ def train(cfg: RMConfig) -> Path:
 
     rm.train()
     params = [p for p in rm.parameters() if p.requires_grad]
-    log.info("RM %s: %d parameters, %d trainable; %d train / %d validation pairs; max_len %d",
-             cfg.rm.backbone, count_parameters(rm), sum(p.numel() for p in params), len(items),
-             len(val_items), max_len)
+    log.info(
+        "RM %s: %d parameters, %d trainable; %d train / %d validation pairs; max_len %d",
+        cfg.rm.backbone,
+        count_parameters(rm),
+        sum(p.numel() for p in params),
+        len(items),
+        len(val_items),
+        max_len,
+    )
     steps = train_loop(
-        run, params=params, items=items, collate=collate, loss_fn=loss_fn,
-        max_steps=cfg.trainer.max_steps, epochs=cfg.rm.epochs, eval_fn=evaluate,
-        tokens_fn=lambda b: int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()),
+        run,
+        params=params,
+        items=items,
+        collate=collate,
+        loss_fn=loss_fn,
+        max_steps=cfg.trainer.max_steps,
+        epochs=cfg.rm.epochs,
+        eval_fn=evaluate,
+        tokens_fn=lambda b: int(
+            b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()
+        ),
         model=rm,
     )
     rm.eval()
@@ -208,15 +239,21 @@ def train(cfg: RMConfig) -> Path:
     rm.bias.fill_(norm["bias"])
 
     # ---- held-out evaluation (labels, and any extra files such as gold relabels)
-    results: dict = {"normalization": norm, "train_pairs": len(items), "val_pairs": len(val_items),
-                     "steps": steps}
+    results: dict = {
+        "normalization": norm,
+        "train_pairs": len(items),
+        "val_pairs": len(val_items),
+        "steps": steps,
+    }
     c, r = score_pairs(rm, val_items, pad_id, device)
     m = preference_metrics(c, r, cfg.seed)
     m["baselines"] = {"length": length_baseline(val_pairs), "chance": 0.5}
     results["heldout_accuracy"] = m["accuracy"]
     results["heldout"] = m
     evaluation = {"validation": m}
-    plot_reliability(m["reliability"], run.run_dir / "calibration.png", "RM calibration (held-out labels)")
+    plot_reliability(
+        m["reliability"], run.run_dir / "calibration.png", "RM calibration (held-out labels)"
+    )
     for name, path in cfg.rm.extra_eval.items():
         if not path:  # an empty path switches an inherited entry off
             continue
@@ -227,33 +264,56 @@ def train(cfg: RMConfig) -> Path:
         results[f"heldout_accuracy_{name}"] = mi["accuracy"]
         results[f"heldout_{name}"] = mi
         evaluation[name] = mi
-        plot_reliability(mi["reliability"], run.run_dir / f"calibration_{name}.png", f"RM calibration ({name})")
-    log.info("RM held-out accuracy %.3f (length baseline %.3f) %s", results["heldout_accuracy"],
-             m["baselines"]["length"],
-             {k: round(v, 3) for k, v in results.items() if k.startswith("heldout_accuracy_")})
+        plot_reliability(
+            mi["reliability"], run.run_dir / f"calibration_{name}.png", f"RM calibration ({name})"
+        )
+    log.info(
+        "RM held-out accuracy %.3f (length baseline %.3f) %s",
+        results["heldout_accuracy"],
+        m["baselines"]["length"],
+        {k: round(v, 3) for k, v in results.items() if k.startswith("heldout_accuracy_")},
+    )
     results["train_cpu_seconds"] = round(train_cpu, 1)
     results["train_wall_seconds"] = round(train_wall, 1)
     with atomic_dir(run.run_dir / "model") as tmp:
         rm.save(tmp)
         tok.save_pretrained(tmp)
         if cfg.rm.probes:
-            results["probes"] = _write_card(cfg, rm, tok, val_pairs, (c, r), evaluation, norm, results, tmp,
-                                            device)
+            results["probes"] = _write_card(
+                cfg, rm, tok, val_pairs, (c, r), evaluation, norm, results, tmp, device
+            )
     atomic_write_json(run.run_dir / "rm_results.json", results)
     run.logger.close()
     if cfg.logging.plots:
         plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
-    write_stage_done(run.run_dir, {"stage": "rm", "steps": steps, "cost": run.cost.summary(),
-                                   "heldout_accuracy": results["heldout_accuracy"]})
+    write_stage_done(
+        run.run_dir,
+        {
+            "stage": "rm",
+            "steps": steps,
+            "cost": run.cost.summary(),
+            "heldout_accuracy": results["heldout_accuracy"],
+        },
+    )
     return run.run_dir
 
 
-def _write_card(cfg, rm, tok, val_pairs, scores, evaluation, norm, results, out_dir, device) -> dict:
+def _write_card(
+    cfg, rm, tok, val_pairs, scores, evaluation, norm, results, out_dir, device
+) -> dict:
     from rlhfstack.evaluation.rm_probes import run_probes, write_model_card
 
-    probes = run_probes(rm, tok, val_pairs, template=cfg.data.template, xstest_path=cfg.rm.xstest_path,
-                        data_root=cfg.data_root, max_items=cfg.rm.probe_max_items, device=device,
-                        scores=scores)
+    probes = run_probes(
+        rm,
+        tok,
+        val_pairs,
+        template=cfg.data.template,
+        xstest_path=cfg.rm.xstest_path,
+        data_root=cfg.data_root,
+        max_items=cfg.rm.probe_max_items,
+        device=device,
+        scores=scores,
+    )
     t = cfg.trainer
     info = {
         "name": Path(cfg.run_dir).name,
@@ -301,11 +361,23 @@ def _fit_normalization(cfg: RMConfig, rm: RewardModel, tok, pairs, device: str) 
         from rlhfstack.rollout.generate import sample_texts
 
         prompts = [p.prompt for p in pairs][:n]
-        policy = load_causal_lm(resolve_model_path(policy_path), dtype=cfg.model.dtype, trainable=False,
-                                device=device)
-        ptok = tok if cfg.rm.backbone == "causal_lm" else load_tokenizer(resolve_model_path(policy_path))
-        texts, _, _ = sample_texts(policy, ptok, prompts, max_new_tokens=cfg.rm.normalize_max_new_tokens,
-                                   max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.seed, device=device)
+        policy = load_causal_lm(
+            resolve_model_path(policy_path), dtype=cfg.model.dtype, trainable=False, device=device
+        )
+        ptok = (
+            tok
+            if cfg.rm.backbone == "causal_lm"
+            else load_tokenizer(resolve_model_path(policy_path))
+        )
+        texts, _, _ = sample_texts(
+            policy,
+            ptok,
+            prompts,
+            max_new_tokens=cfg.rm.normalize_max_new_tokens,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            seed=cfg.seed,
+            device=device,
+        )
         texts = [t if t.strip() else "." for t in texts]
         source = f"{len(texts)} samples of {policy_path}"
     else:  # encoders without a policy: the responses of the training pairs
@@ -315,4 +387,11 @@ def _fit_normalization(cfg: RMConfig, rm: RewardModel, tok, pairs, device: str) 
         source = f"{len(texts)} chosen and rejected responses of the training pairs"
     raw = score_texts(rm, tok, prompts, texts, max_len=rm.max_length, device=device)["mean"]
     mu, sd = float(raw.mean()), float(raw.std() + 1e-8)
-    return {"gain": 1.0 / sd, "bias": -mu / sd, "raw_mean": mu, "raw_std": sd, "n": len(raw), "source": source}
+    return {
+        "gain": 1.0 / sd,
+        "bias": -mu / sd,
+        "raw_mean": mu,
+        "raw_std": sd,
+        "n": len(raw),
+        "source": source,
+    }
