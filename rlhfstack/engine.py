@@ -23,6 +23,7 @@ Model parallelism (``DistributedModel``)
       sequences (tokens, for SFT) in the step, so the sum over ranks is the one-process mean.
     - ``pp > 1``: the decoder layers are split in contiguous chunks across ranks and
       ``torch.distributed.pipelining`` (GPipe / 1F1B, static shapes) moves hidden states.
+      Within a stage, ``tp`` and ``dp_shard`` apply as above (3-d parallelism).
       No stage-specific code is needed: on every pipeline rank the stage's own loss function
       runs on its micro-batch; on the first stage the trunk stops after the local layers and
       its hidden state is sent on; on later stages the embedding is replaced by the received
@@ -200,8 +201,10 @@ def init_distributed(
         if not torch.cuda.is_available():
             raise RuntimeError("cluster.device=cuda but no CUDA device is visible")
         if world > 1:
-            torch.cuda.set_device(local_rank)
-            dev = f"cuda:{local_rank}"
+            # srun --gpus-per-task=1 shows each task one device: index modulo what is visible
+            idx = local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(idx)
+            dev = f"cuda:{idx}"
     if world == 1:
         _STATE = ParallelState(device=dev)
         return _STATE
@@ -386,7 +389,8 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
         "mlp.down_proj": RowwiseParallel(),
     }
     for layer in trunk.layers:
-        parallelize_module(layer, tp_mesh, plan)
+        if hasattr(layer, "self_attn"):  # (pipeline stages hold stand-ins for foreign layers)
+            parallelize_module(layer, tp_mesh, plan)
 
 
 # ----------------------------------------------------------------------------- FSDP2
@@ -407,18 +411,14 @@ class _Closure(nn.Module):
         return fn(*args, **kwargs)
 
 
-def apply_fsdp2(
-    model: nn.Module,
+def _fully_shard_tree(
+    blocks: list[nn.Module],
+    root: nn.Module,
     dp_mesh: Any,
-    mixed_precision: str = "none",
+    mixed_precision: str,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
-    """FSDP2 on every decoder layer and on a root wrapper around ``model``; returns the root.
-
-    Gradients are summed (not averaged) over ``dp_mesh``: losses are normalized by the global
-    count. ``mixed_precision="bf16"``: bf16 compute/all-gather, fp32 sharded master weights
-    and fp32 gradient reduction.
-    """
+    """``fully_shard`` each block, then ``root`` (which owns the rest); sum-reduced gradients."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if mixed_precision not in MIXED_PRECISION:
@@ -433,15 +433,31 @@ def apply_fsdp2(
         mp_root = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
         )
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    root = _Closure(model)
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(root, mesh=dp_mesh, mp_policy=mp_root)
     for m in root.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     return root
+
+
+def apply_fsdp2(
+    model: nn.Module,
+    dp_mesh: Any,
+    mixed_precision: str = "none",
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2 on every decoder layer and on a root wrapper around ``model``; returns the root.
+
+    Gradients are summed (not averaged) over ``dp_mesh``: losses are normalized by the global
+    count. ``mixed_precision="bf16"``: bf16 compute/all-gather, fp32 sharded master weights
+    and fp32 gradient reduction.
+    """
+    return _fully_shard_tree(
+        decoder_layers(model), _Closure(model), dp_mesh, mixed_precision, reshard_after_forward
+    )
 
 
 # ----------------------------------------------------------------------------- grad norm
@@ -606,6 +622,7 @@ class _StepContext:
     micro: int
     rows: int  # rows per micro-batch
     t_buf: int
+    dtype: torch.dtype = torch.float32  # of the hidden states sent between stages
     next_mb: int = 0
     loss: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
@@ -642,7 +659,7 @@ class _StageModule(nn.Module):
             try:
                 ctx.loss_fn(mb, ctx.n_in_step)
             except _Handoff as h:
-                out = h.hidden
+                out = h.hidden.to(ctx.dtype)
                 if out.shape[1] < ctx.t_buf:
                     pad = out.new_zeros(out.shape[0], ctx.t_buf - out.shape[1], *out.shape[2:])
                     out = torch.cat([out, pad], dim=1)
@@ -672,9 +689,20 @@ def split_layers(n_layers: int, pp: int) -> list[range]:
 
 
 class PipelineRunner:
-    """The pipeline stage of this rank and the schedules that drive it (see module doc)."""
+    """The pipeline stage of this rank and the schedules that drive it (see module doc).
 
-    def __init__(self, model: nn.Module, state: ParallelState, param_names: set[str]) -> None:
+    Inside a stage, ``tp > 1`` applies the tensor-parallel plan to the local layers and
+    ``dp_shard > 1`` wraps them (and a root around the stage) with FSDP2 over the
+    data-parallel ranks holding the same stage.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state: ParallelState,
+        param_names: set[str],
+        mixed_precision: str = "none",
+    ) -> None:
         self.state = state
         self.model = model
         pp, s = state.pp, state.pp_rank
@@ -700,12 +728,21 @@ class PipelineRunner:
 
         # which stages use each parameter (by identity: tied weights show up under two names)
         users: dict[int, set[int]] = {}
-        canon: dict[int, str] = {}
+        aliases: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             users.setdefault(id(p), set()).add(stage_of(name))
-            canon.setdefault(id(p), name)
-        self.stage_of = stage_of
+            aliases.setdefault(id(p), []).append(name)
         self.owned_keys = [k for k in model.state_dict() if stage_of(k) == s]
+        local_names = {n for i, ns in aliases.items() if s in users[i] for n in ns}
+        train_names = local_names & set(param_names)
+        norm_names = {n for i, ns in aliases.items() if min(users[i]) == s for n in ns}
+        # tied weights used by several stages (embedding / LM head): their grads are summed over pp
+        self._shared = sorted(ns for i, ns in aliases.items() if len(users[i]) > 1)
+        self._shared_meta = {
+            ns[0]: (model.get_parameter(ns[0]).shape, model.get_parameter(ns[0]).dtype)
+            for ns in self._shared
+        }
+        self._dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         # prune this rank's copy: foreign layers, embedding, final norm
         for i in range(n_layers):
             if i not in self.ranges[s]:
@@ -714,29 +751,33 @@ class PipelineRunner:
             trunk.embed_tokens = _ReceivedEmbedding()
         if not self.is_last:
             trunk.norm = _HandoffNorm()
-        local = {
-            id(p): p
-            for n, p in model.named_parameters(remove_duplicate=False)
-            if s in users.get(id(p), ())
-        }
-        self.params = [
-            p
-            for n, p in model.named_parameters()
-            if id(p) in local and n in param_names and p.requires_grad
-        ]
-        # parameters used by several stages (tied embedding / LM head): grads summed over pp
-        shapes = {id(p): (p.shape, p.dtype) for p in model.parameters()}
-        self.shared = sorted((canon[i], i, *shapes[i]) for i, u in users.items() if len(u) > 1)
-        self._by_id = local
-        self.norm_params = [
-            p for p in self.params if min(users[id(p)]) == s
-        ]  # each shared weight counted once
-        self.module = _StageModule(model, trunk, self.is_first, self.is_last)
+        self.module: nn.Module = _StageModule(model, trunk, self.is_first, self.is_last)
+        if state.tp > 1:
+            apply_tp(model, state.mesh["tp"])
+        self.fsdp = state.dp > 1
+        if self.fsdp:
+            self.module = _fully_shard_tree(
+                [m for m in trunk.layers if not isinstance(m, _SkipLayer)],
+                self.module,
+                state.mesh["dp_shard"],
+                mixed_precision,
+            )
+            if mixed_precision == "bf16":
+                self._dtype = torch.bfloat16
+        self._autocast = mixed_precision == "bf16" and not self.fsdp
+        # parameters by name, after any sharding replaced them
+        self._named = dict(model.named_parameters(remove_duplicate=False))
+        seen: set[int] = set()
+        self.params, self.norm_params = [], []
+        for n, p in self._named.items():
+            if n in train_names and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.params.append(p)
+                if n in norm_names:
+                    self.norm_params.append(p)  # each shared weight counted on one stage
         self._schedules: dict[tuple, Any] = {}
-        pg = state.group("pp")
-        self.group = pg
-        self.last_global_rank = dist.get_global_rank(pg, pp - 1)
-        self._dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.group = state.group("pp")
+        self.last_global_rank = dist.get_global_rank(self.group, pp - 1)
 
     def _probe_rows(
         self, batch_mb: dict[str, Any], loss_fn: Callable[..., Any], n_in_step: int
@@ -810,45 +851,78 @@ class PipelineRunner:
         hidden = int(self.trunk.config.hidden_size)
         sched = self._schedule(n_micro, micro, rows, t_buf, hidden)
         ctx.rows, ctx.t_buf = rows, t_buf
+        ctx.dtype = self._dtype
         self.module.ctx = ctx
         idx = torch.arange(n, device=self.state.device)
+        dev_type = "cuda" if self.state.device.startswith("cuda") else "cpu"
+        amp = (
+            torch.autocast(dev_type, dtype=torch.bfloat16)
+            if self._autocast
+            else contextlib.nullcontext()
+        )
         try:
-            if self.is_first:
-                sched.step(idx, target=idx, losses=[])
-            else:
-                sched.step(target=idx, losses=[])
+            with amp:
+                if self.is_first:
+                    sched.step(idx, target=idx, losses=[])
+                else:
+                    sched.step(target=idx, losses=[])
         finally:
             self.module.ctx = None
         self._sync_shared_grads()
-        payload = broadcast_object(
+        loss, stats = broadcast_object(
             (ctx.loss, ctx.stats), src=self.last_global_rank, group=self.group
         )
-        return payload
+        if self.state.dp > 1:  # each data-parallel replica of the pipeline saw its own rows
+            stats = sum_stats({"loss": loss, **stats}, self.state.group("dp_shard"))
+            loss = stats.pop("loss")
+        return loss, stats
 
     def _sync_shared_grads(self) -> None:
         """Sum the gradients of weights used on several stages (tied embedding / LM head)."""
-        for _, pid, shape, dtype in self.shared:
-            p = self._by_id.get(pid)
-            g = p.grad if p is not None else None
-            if g is None:  # not used here (or no grad yet): contribute zeros
-                g = torch.zeros(shape, dtype=dtype, device=self.state.device)
-            all_reduce_sum(g, self.group)
-            if p is not None and p.requires_grad:
+        from torch.distributed.tensor import DTensor
+
+        for names in self._shared:
+            p = next((self._named[n] for n in names if n in self._named), None)
+            if p is None:  # this stage does not hold the weight: contribute zeros
+                if self.fsdp or self.state.tp > 1:
+                    raise NotImplementedError(
+                        f"pipeline parallelism: shared weight {names} missing on a stage"
+                    )
+                shape, dtype = self._shared_meta[names[0]]
+                all_reduce_sum(
+                    torch.zeros(shape, dtype=dtype, device=self.state.device), self.group
+                )
+                continue
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            all_reduce_sum(g.to_local() if isinstance(g, DTensor) else g, self.group)
+            if p.requires_grad:
                 p.grad = g
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every stage's trained entries merged on rank 0 (CPU); ``{}`` elsewhere."""
-        mine = {
-            k: v.detach().cpu()
-            for k, v in self.model.state_dict().items()
-            if k in set(self.owned_keys)
-        }
-        parts: list[Any] = [None] * self.state.pp if self.state.pp_rank == 0 else None  # type: ignore[assignment]
+        """Every stage's trained entries merged on rank 0 (CPU); ``{}`` elsewhere.
+
+        Collective over the whole world: sharded entries are gathered within each stage first.
+        """
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        for m in self.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        owned = set(self.owned_keys)
+        mine = {}
+        for k, v in self.model.state_dict().items():
+            if k in owned:
+                v = v.full_tensor() if isinstance(v, DTensor) else v
+                mine[k] = v.detach().cpu()
+        if self.state.dp_rank != 0 or self.state.tp_rank != 0:
+            return {}
+        parts: list[Any] | None = [None] * self.state.pp if self.state.pp_rank == 0 else None
         dist.gather_object(mine, parts, dst=dist.get_global_rank(self.group, 0), group=self.group)
         if not self.state.is_main:
             return {}
         merged: dict[str, torch.Tensor] = {}
-        for part in parts:
+        for part in parts or []:
             merged.update(part)
         return merged
 
@@ -881,11 +955,7 @@ class DistributedModel:
         names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
         self.shadow = meta_copy(model) if state.distributed else None
         if state.pp > 1:
-            if state.dp > 1 or state.tp > 1:
-                raise NotImplementedError(
-                    "parallel.pp > 1 together with dp_shard/tp > 1 is not supported yet"
-                )
-            self.pipe = PipelineRunner(model, state, names)
+            self.pipe = PipelineRunner(model, state, names, mixed_precision)
             self.params = self.pipe.params
             return
         if state.tp > 1:

@@ -54,22 +54,24 @@ def setup_run(cfg: Any) -> Run:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     parallel = getattr(cfg, "parallel", None)
-    rank, world, _ = engine.launch_env()
-    wants_parallel = parallel is not None and (parallel.dp_shard, parallel.tp, parallel.pp) != (
-        1,
-        1,
-        1,
-    )
-    if (world > 1 or wants_parallel) and getattr(cfg, "stage", None) not in DISTRIBUTED_STAGES:
-        raise NotImplementedError(
-            f"stage {getattr(cfg, 'stage', '?')!r} runs in one process; distributed training "
-            f"(torchrun/srun, parallel.*) is implemented for {', '.join(DISTRIBUTED_STAGES)}"
-        )
+    _, world, _ = engine.launch_env()
+    stage = getattr(cfg, "stage", None)
+    if stage not in DISTRIBUTED_STAGES:
+        if world > 1:
+            raise NotImplementedError(
+                f"stage {stage!r} runs in one process (launch it without torchrun/srun tasks); "
+                f"distributed training is implemented for {', '.join(DISTRIBUTED_STAGES)}"
+            )
+        if parallel is not None and (parallel.dp_shard, parallel.tp, parallel.pp) != (1, 1, 1):
+            log.warning("stage %r runs in one process: parallel.* is ignored", stage)
+        parallel = None
     state = (
         engine.init_distributed(parallel, cfg.cluster.device, cfg.cluster.backend)
-        if parallel
-        else (engine.ParallelState())
+        if parallel is not None
+        else engine.ParallelState(device=cfg.cluster.device)
     )
+    if not state.is_main:  # one copy of the run log: rank 0's (others still warn)
+        logging.getLogger("rlhfstack").setLevel(logging.WARNING)
     seed_everything(cfg.seed)
     if cfg.cluster.num_threads > 0:
         torch.set_num_threads(cfg.cluster.num_threads)

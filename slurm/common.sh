@@ -31,7 +31,8 @@ NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}"
 NPROC_PER_NODE="${NPROC_PER_NODE##*:}"   # "a100:8" -> "8"
 
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# (sed reads all lines: `head -n 1` could SIGPIPE scontrol and fail the job under pipefail)
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MASTER_ADDR MASTER_PORT
 

@@ -117,9 +117,18 @@ def test_setup_run_refuses_unlaunched_parallel(tmp_path, monkeypatch):
     cfg = to_object(load_config("sft", [f"run_dir={tmp_path}/r", "parallel.dp_shard=2"]))
     with pytest.raises(ValueError, match="torchrun"):
         setup_run(cfg)
+    # stages without a distributed loop (PPO) refuse several processes...
     cfg = to_object(load_config("ppo", [f"run_dir={tmp_path}/p", "parallel.dp_shard=2"]))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(NotImplementedError, match="one process"):
         setup_run(cfg)
+    # ...and run in one process, ignoring parallel.*, when launched alone
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    run = setup_run(cfg)
+    assert not run.dist.distributed and run.is_main and run.device == "cpu"
+    run.logger.close()
 
 
 # ----------------------------------------------------------------------------- batches / layers
@@ -220,7 +229,7 @@ def test_distributed_model_single_process_matches_plain_loop():
         mb = {k: v[i : i + 3] for k, v in b.items()}
         loss, _ = loss_fn(mb, 8)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     dm = engine.DistributedModel(m2, list(m2.parameters()), engine.ParallelState())
     loss2, stats = dm.forward_backward(b, _sft_loss(m2), 8, 3)
     assert loss2 == pytest.approx(total, rel=1e-6)
@@ -243,7 +252,7 @@ def test_bf16_autocast_single_process():
         m, list(m.parameters()), engine.ParallelState(), mixed_precision="bf16"
     )
     loss, _ = dm.forward_backward(b, _sft_loss(m), 8, 8)
-    assert loss == pytest.approx(float(ref), rel=2e-2)
+    assert loss == pytest.approx(float(ref.detach()), rel=2e-2)
     assert all(p.grad.dtype == torch.float32 for p in m.parameters())
     with pytest.raises(ValueError, match="mixed_precision"):
         engine.DistributedModel(m, [], engine.ParallelState(), mixed_precision="fp8")

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from rlhfstack.models.convert import ckpt_to_hf, export_hf, find_checkpoint
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 100
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -174,7 +174,7 @@ def test_recipe_composes_and_documents_sources(name):
     assert not bad, f"hyperparameters without a source comment: {bad}"
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_model_on_meta_with_parallel_plan(name):
     cfg = _compose(name)
@@ -211,7 +211,7 @@ def test_recipe_model_on_meta_with_parallel_plan(name):
         assert all(t.is_meta for t in model.parameters())  # still no memory
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize(
     "name,overrides,error",
     [

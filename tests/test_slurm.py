@@ -74,7 +74,9 @@ class Cluster:
             list(args), env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
         )
         if check and res.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr}{res.stdout}")
+            raise RuntimeError(
+                f"{' '.join(args)} failed ({res.returncode}): {res.stderr}{res.stdout}"
+            )
         return res.stdout
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -147,7 +149,7 @@ def cluster():
         pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="rlhf-slurm-"))
     root.chmod(0o755)
-    for d in ("munge", "state", "spool", "log", "jobs"):
+    for d in ("munge", "state", "spool", "log"):
         (root / d).mkdir()
     (root / "munge").chmod(0o755)
     key = root / "munge" / "munge.key"
@@ -162,24 +164,32 @@ def cluster():
         if var != "SLURM_CONF":  # a test run inside a SLURM job must not leak its own job
             env.pop(var)
     daemons: list[subprocess.Popen] = []
+    outputs = []
     munged_args = [
-        "munged", "--force", f"--socket={sock}", f"--key-file={key}",
-        f"--log-file={root}/log/munged.log", f"--pid-file={root}/munge/munged.pid",
+        "munged",
+        "--force",
+        f"--socket={sock}",
+        f"--key-file={key}",
+        f"--log-file={root}/log/munged.log",
+        f"--pid-file={root}/munge/munged.pid",
         f"--seed-file={root}/munge/munged.seed",
-    ]  # fmt: skip
+    ]
     c = Cluster(root, env)
     try:
         subprocess.run(munged_args, env=env, check=True, timeout=20, capture_output=True)
         _wait_for(sock.exists, 10, "munge socket")
         for daemon in ("slurmctld", "slurmd"):
-            out = open(root / "log" / f"{daemon}.stdout", "w")  # noqa: SIM115 (closed with the process)
+            out = open(root / "log" / f"{daemon}.stdout", "w")  # noqa: SIM115 (closed below)
+            outputs.append(out)
             daemons.append(
                 subprocess.Popen(
                     [daemon, "-D", "-f", str(conf)], env=env, stdout=out, stderr=subprocess.STDOUT
                 )
             )
             if daemon == "slurmctld":
-                _wait_for(lambda: c.run("scontrol", "ping", check=False).count("UP"), 30, "slurmctld")
+                _wait_for(
+                    lambda: c.run("scontrol", "ping", check=False).count("UP"), 30, "slurmctld"
+                )
         _wait_for(
             lambda: c.run("sinfo", "-h", "-o", "%T", check=False).strip() == "idle", 40, "idle node"
         )
@@ -195,8 +205,15 @@ def cluster():
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
-        subprocess.run(["munged", f"--socket={sock}", "--stop"], env=env, timeout=20,
-                       capture_output=True, check=False)  # fmt: skip
+        for out in outputs:
+            out.close()
+        subprocess.run(
+            ["munged", f"--socket={sock}", "--stop"],
+            env=env,
+            timeout=20,
+            capture_output=True,
+            check=False,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -204,11 +221,16 @@ def _sbatch(c: Cluster, script: str, out: Path, extra_env: dict[str, str], args:
     """Submit ``slurm/<script>`` the way a user would, sized for this 2-CPU CPU-only node."""
     env_list = ",".join(f"{k}={v}" for k, v in extra_env.items())
     job_id = c.run(
-        "sbatch", "--parsable",
-        "--gpus-per-node=0", "--cpus-per-task=2", "--time=00:10:00",
-        f"--output={out}", f"--export=ALL,{env_list}",
-        str(REPO_ROOT / "slurm" / script), *args,
-    ).strip()  # fmt: skip
+        "sbatch",
+        "--parsable",
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        "--time=00:10:00",
+        f"--output={out}",
+        f"--export=ALL,{env_list}",
+        str(REPO_ROOT / "slurm" / script),
+        *args,
+    ).strip()
     assert re.fullmatch(r"\d+", job_id), job_id
     return job_id
 
@@ -224,14 +246,25 @@ def _tiny_model(path: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     ).save_pretrained(path)
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
 
 
@@ -242,20 +275,44 @@ def test_sbatch_sft_two_workers(cluster, tmp_path):
     with open(data, "w") as f:
         for i in range(32):
             name = ("lily", "tom")[i % 2]
-            f.write(json.dumps({"prompt": f"once upon a time there was {name}",
-                                "completion": " who liked to play in park"}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"once upon a time there was {name}",
+                        "completion": " who liked to play in park",
+                    }
+                )
+                + "\n"
+            )
     run_dir = tmp_path / "run"
     out = tmp_path / "job.out"
     job = _sbatch(
-        cluster, "sft.sbatch", out,
-        {"NPROC_PER_NODE": "2", "RLHF_CLUSTER": "local", "RLHF_PYTHON": sys.executable,
-         "RLHF_REPO_DIR": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
-        [f"model.path={model}", f"data.train_path={data}", "data.eval_path=null",
-         "data.adapter=plain", "data.template=plain", f"run_dir={run_dir}",
-         "parallel.dp_shard=2", "trainer.max_steps=2", "trainer.batch_size=8",
-         "trainer.micro_batch_size=4", "trainer.warmup_steps=0",
-         "logging.tensorboard=false", "logging.plots=false"],
-    )  # fmt: skip
+        cluster,
+        "sft.sbatch",
+        out,
+        {
+            "NPROC_PER_NODE": "2",
+            "RLHF_CLUSTER": "local",
+            "RLHF_PYTHON": sys.executable,
+            "RLHF_REPO_DIR": str(REPO_ROOT),
+            "OMP_NUM_THREADS": "1",
+        },
+        [
+            f"model.path={model}",
+            f"data.train_path={data}",
+            "data.eval_path=null",
+            "data.adapter=plain",
+            "data.template=plain",
+            f"run_dir={run_dir}",
+            "parallel.dp_shard=2",
+            "trainer.max_steps=2",
+            "trainer.batch_size=8",
+            "trainer.micro_batch_size=4",
+            "trainer.warmup_steps=0",
+            "logging.tensorboard=false",
+            "logging.plots=false",
+        ],
+    )
     info = cluster.wait_job(job, timeout=300)
     log = out.read_text(errors="replace") if out.exists() else "(no job output)"
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
@@ -296,26 +353,51 @@ def test_usr1_checkpoints_and_requeues(cluster, tmp_path):
     marks.mkdir()
     out = tmp_path / "job.out"
     job = _sbatch(
-        cluster, "sft.sbatch", out,
-        {"NPROC_PER_NODE": "2", "RLHF_CLUSTER": "local", "RLHF_PYTHON": sys.executable,
-         "RLHF_REPO_DIR": str(REPO_ROOT), "RLHF_RECIPE": str(worker)},
+        cluster,
+        "sft.sbatch",
+        out,
+        {
+            "NPROC_PER_NODE": "2",
+            "RLHF_CLUSTER": "local",
+            "RLHF_PYTHON": sys.executable,
+            "RLHF_REPO_DIR": str(REPO_ROOT),
+            "RLHF_RECIPE": str(worker),
+        },
         [f"out={marks}"],
-    )  # fmt: skip
+    )
     try:
         _wait_for(lambda: len(list(marks.glob("ready-*"))) == 2, 120, "both workers running")
     except TimeoutError:
         cluster.run("scancel", job, check=False)
-        raise AssertionError(out.read_text(errors="replace") if out.exists() else "no output")
+        raise AssertionError(
+            out.read_text(errors="replace") if out.exists() else "no output"
+        ) from None
     # what --signal=B:USR1@120 does 120 s before the time limit
     cluster.run("scancel", "--batch", "--signal=USR1", job)
-    # SLURM holds a requeued batch job back for a while (BeginTime); release it at once
-    _wait_for(lambda: cluster.job(job).get("Restarts") == "1", 120, "the requeue")
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+
+    # SLURM holds a requeued batch job back for ~2 minutes (Reason=BeginTime): release it now
+    def requeued() -> bool:
+        info = cluster.job(job)
+        return info.get("Restarts") == "1" and info.get("JobState") != "COMPLETING"
+
+    def released() -> bool:
+        if cluster.job(job).get("Reason") != "BeginTime":
+            return True
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        return False
+
+    _wait_for(requeued, 120, "the requeue")
+    _wait_for(released, 60, "the requeued job to be released", interval=1.0)
     info = cluster.wait_job(job, timeout=240)
     log = out.read_text(errors="replace") if out.exists() else ""
     assert info["JobState"] == "COMPLETED", f"{info}\n{log}"
     assert info["Restarts"] == "1", f"{info}\n{log}"
     assert sorted(p.name for p in marks.iterdir()) == [
-        "ready-0", "ready-1", "resumed-0", "resumed-1", "saved-0", "saved-1",
-    ], log  # fmt: skip
+        "ready-0",
+        "ready-1",
+        "resumed-0",
+        "resumed-1",
+        "saved-0",
+        "saved-1",
+    ], log
     assert "requeueing job" in log

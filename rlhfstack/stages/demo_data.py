@@ -76,12 +76,20 @@ def train(cfg: DemoDataConfig) -> Path:
         "f0": f0, "f_scale": f_scale, "w_sentiment": 1.0, "w_fluency": 0.5, "w_repetition": 2.0,
         "note": "gold = w_sentiment*VADER + w_fluency*clip((fluency-f0)/f_scale,-3,1) - w_repetition*repetition",
     })
-    gold = GoldReward(base, tok, f0=f0, f_scale=f_scale)
+    gold = GoldReward(base, tok, f0=f0, f_scale=f_scale, batch_size=128)
 
-    # ---- pairs, labeled by the noisy pool
+    # ---- pairs, labeled by the noisy pool (features computed once per distinct sample)
     pa_p, pa_a, pa_b = best_of_k_pairs(pref_p, per_prompt, pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed)
+    uniq = sorted(set(zip(pa_p, pa_a)) | set(zip(pa_p, pa_b)))
+    uf = gold.features([u[0] for u in uniq], [u[1] for u in uniq])
+    row_of = {u: i for i, u in enumerate(uniq)}
+
+    def lookup(ps, cs):
+        idx = np.array([row_of[(p, c)] for p, c in zip(ps, cs)], dtype=int)
+        return {k: np.asarray(v)[idx] for k, v in uf.items()}
+
     pool = default_labeler_pool(cfg.flip_prob)
-    labels = [r for r in label_pairs(pa_p, pa_a, pa_b, gold, pool, seed=cfg.seed)
+    labels = [r for r in label_pairs(pa_p, pa_a, pa_b, gold, pool, seed=cfg.seed, features_fn=lookup)
               if r["chosen"].strip() and r["rejected"].strip()]
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(len(labels))

@@ -596,6 +596,7 @@ def label_pairs(
     pool: Sequence[Labeler] | None = None,
     seed: int = 0,
     assignment: str = "round_robin",
+    features_fn: Callable[[Sequence[str], Sequence[str]], dict[str, np.ndarray]] | None = None,
 ) -> list[dict[str, Any]]:
     """Label (prompt, A, B) pairs with a simulated labeler pool.
 
@@ -619,8 +620,9 @@ def label_pairs(
     if not keep:
         return []
     p = [prompts[i] for i in keep]
-    fa = gold.features(p, [completions_a[i] for i in keep])
-    fb = gold.features(p, [completions_b[i] for i in keep])
+    feats = features_fn or gold.features  # features_fn: e.g. a lookup of precomputed features
+    fa = feats(p, [completions_a[i] for i in keep])
+    fb = feats(p, [completions_b[i] for i in keep])
     rng = np.random.default_rng(seed)
     out: list[dict[str, Any]] = []
     for j, i in enumerate(keep):

@@ -1,0 +1,111 @@
+"""The SFT recipe end to end: one process vs ``torchrun --nproc_per_node=2 ... parallel.dp_shard=2``.
+
+Both runs start from stories260K (converted by the session fixture) on a tiny embedded SFT
+set and must log the same losses and save the same model; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory, stories_hf) -> Path:
+    """ARTS/base_model (stories260K) and ARTS/data/sft_{train,val}.jsonl (40 + 8 examples)."""
+    root = tmp_path_factory.mktemp("arts")
+    shutil.copytree(stories_hf, root / "base_model")
+    names, things = (
+        ["Tom", "Lily", "Ben", "Sue", "Max", "Mia"],
+        ["a red ball", "a big dog", "a small cat", "a cake"],
+    )
+    rows = [
+        {
+            "prompt": f"Once upon a time, {names[i % 6]} saw {things[i % 4]}.",
+            "completion": f" {names[i % 6]} was happy and played with {things[(i * 7) % 4]} all day.",
+        }
+        for i in range(48)
+    ]
+    (root / "data").mkdir()
+    for name, part in (("sft_train", rows[:40]), ("sft_val", rows[40:])):
+        (root / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONHASHSEED="0"
+    )
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+
+
+def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path):
+    common = [
+        "recipes/train_sft.py",
+        "+experiment=demo",
+        "trainer.max_steps=6",
+        f"artifacts_dir={arts}",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+        "cluster.num_threads=1",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *common, f"run_dir={one}"],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+        subprocess.Popen(
+            [*torchrun, *common, f"run_dir={two}", "parallel.dp_shard=2"],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-4000:]
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, 7))
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert m2[-1]["val/nll_per_token"] == pytest.approx(m1[-1]["val/nll_per_token"], rel=1e-4)
+    assert m2[-1]["loss"] < m2[0]["loss"]
+    # rank 0 alone wrote the run directory; the saved (gathered) model equals the one-process model
+    from safetensors.torch import load_file
+
+    w1, w2 = (
+        load_file(one / "model" / "model.safetensors"),
+        load_file(two / "model" / "model.safetensors"),
+    )
+    assert sorted(w1) == sorted(w2)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    assert (two / "done.json").exists() and (two / "config.yaml").exists()
+    assert "dp_shard: 2" in (two / "config.yaml").read_text()
