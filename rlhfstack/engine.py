@@ -31,6 +31,13 @@ Model parallelism (``DistributedModel``)
       (SFT, reward model and DPO do). Tied embedding / LM-head weights that live on two stages
       have their gradients all-reduced over the pipeline group.
 
+Gradient accumulation (``trainer.micro_batch_size``) works in every mode (FSDP2 skips the
+reduce-scatter until the last micro-batch; pipelining turns micro-batches into its schedule).
+Activation checkpointing is the model's own (``model.activation_checkpointing``) and composes
+with all three. ``parallel.mixed_precision=bf16`` is an FSDP2 ``MixedPrecisionPolicy`` (bf16
+compute and all-gathers, fp32 master weights and gradient reduction) under ``dp_shard > 1``
+and ``torch.autocast`` otherwise.
+
 After training ``DistributedModel.finalize()`` gathers the full (unsharded) state dict on
 rank 0 and turns the stage's model object back into a plain single-device module there;
 the other ranks leave (``SystemExit(0)``), so everything a stage does after training
@@ -527,6 +534,7 @@ def restore_plain(
 
     The model object keeps its identity (the stage's references stay valid) but gets the
     shadow's modules, parameters, buffers and hooks: no FSDP/TP/pipeline state is left.
+    Attributes set on ``model`` after ``meta_copy`` (other than weights) are not carried over.
     """
     new: dict[int, nn.Parameter] = {}
     for mod in shadow.modules():

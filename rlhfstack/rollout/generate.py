@@ -25,6 +25,10 @@ class Generation:
     response_ids_BR: right-padded with PAD after the first EOS (EOS itself kept).
     response_mask_BR: 1 on response tokens up to and including the first EOS.
     ended_B: True where the response emitted EOS within the budget.
+    logprobs_BR: (``return_logprobs=True``) ``log softmax(logits / T)`` of each response token
+        under the sampling policy, 0 where the mask is 0.
+    hidden_BRD: (``return_hidden=True``) the policy's last hidden state at the position that
+        predicted each response token (what a value head on the policy trunk reads).
     """
 
     prompt_ids_BP: torch.Tensor
@@ -32,6 +36,8 @@ class Generation:
     response_ids_BR: torch.Tensor
     response_mask_BR: torch.Tensor
     ended_B: torch.Tensor
+    logprobs_BR: torch.Tensor | None = None
+    hidden_BRD: torch.Tensor | None = None
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated ``(input_ids, attention_mask)`` of prompt + response."""
@@ -54,28 +60,120 @@ def generate(
     generator: torch.Generator | None = None,
     suppress_ids: tuple[int, ...] | None = None,
     stop_ids: tuple[int, ...] | None = None,
+    return_logprobs: bool = False,
+    return_hidden: bool = False,
+    fast: bool = True,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt; stops early once every row has ended.
 
     ``suppress_ids`` (default: the PAD id) are never sampled. A row ends at the first token in
     ``stop_ids`` (default: EOS), which is kept in the response and its mask.
-    """
-    from transformers import DynamicCache
 
+    ``fast`` (default) uses :func:`rlhfstack.rollout.fast.fast_decode` for HF causal LMs
+    (preallocated KV cache and mask, LM head on the last position only); ``fast=False`` or any
+    other module runs the plain loop. Both draw the same tokens for the same generator state.
+    ``return_logprobs`` / ``return_hidden`` fill :attr:`Generation.logprobs_BR` /
+    :attr:`Generation.hidden_BRD` (fast path only).
+    """
+    from rlhfstack.rollout.fast import fast_decode, supports_fast_decode
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
+    use_fast = fast and supports_fast_decode(model)
+    if (return_logprobs or return_hidden) and not use_fast:
+        raise ValueError("return_logprobs / return_hidden need the fast path (an HF causal LM)")
     was_training = model.training
     model.eval()
-    B = prompt_ids_BP.shape[0]
     device = prompt_ids_BP.device
     suppress = list(suppress_ids) if suppress_ids is not None else [pad_id]
     stops = torch.tensor(list(stop_ids) if stop_ids is not None else [eos_id], device=device)
-    cache = DynamicCache()
-    attn_BT = prompt_mask_BP.long()
-    pos_BT = position_ids_from_mask(attn_BT)
+    stops = stops.long()
+    attn_BP = prompt_mask_BP.long()
+    pos_BP = position_ids_from_mask(attn_BP)
+    try:
+        if use_fast:
+            res = fast_decode(
+                model,
+                prompt_ids_BP,
+                attn_BP,
+                pos_BP,
+                max_new_tokens=max_new_tokens,
+                pad_id=pad_id,
+                temperature=temperature,
+                greedy=greedy,
+                generator=generator,
+                suppress=suppress,
+                stops_S=stops,
+                return_logprobs=return_logprobs,
+                return_hidden=return_hidden,
+            )
+            response_ids_BR, logprobs_BR, hidden_BRD = (
+                res.tokens_BN,
+                res.logprobs_BN,
+                res.hidden_BND,
+            )
+        else:
+            response_ids_BR = _plain_decode(
+                model,
+                prompt_ids_BP,
+                attn_BP,
+                pos_BP,
+                max_new_tokens=max_new_tokens,
+                pad_id=pad_id,
+                temperature=temperature,
+                greedy=greedy,
+                generator=generator,
+                suppress=suppress,
+                stops=stops,
+            )
+            logprobs_BR = hidden_BRD = None
+    finally:
+        if was_training:
+            model.train()
+    # mask: tokens up to and including the first stop token
+    is_eos_BR = torch.isin(response_ids_BR, stops)
+    after_eos_BR = (is_eos_BR.long().cumsum(1) - is_eos_BR.long()) > 0
+    response_mask_BR = (~after_eos_BR).long()
+    response_ids_BR = response_ids_BR.masked_fill(after_eos_BR, pad_id)
+    if logprobs_BR is not None:
+        logprobs_BR = logprobs_BR.masked_fill(after_eos_BR, 0.0)
+    return Generation(
+        prompt_ids_BP=prompt_ids_BP,
+        prompt_mask_BP=prompt_mask_BP.long(),
+        response_ids_BR=response_ids_BR,
+        response_mask_BR=response_mask_BR,
+        ended_B=is_eos_BR.any(1),
+        logprobs_BR=logprobs_BR,
+        hidden_BRD=hidden_BRD,
+    )
+
+
+def _plain_decode(
+    model: nn.Module,
+    prompt_ids_BP: torch.Tensor,
+    attn_BT: torch.Tensor,
+    pos_BT: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    temperature: float,
+    greedy: bool,
+    generator: torch.Generator | None,
+    suppress: list[int],
+    stops: torch.Tensor,
+) -> torch.Tensor:
+    """The reference loop: the model's own forward with a ``DynamicCache``. Returns ``[B, N]``."""
+    from transformers import DynamicCache
+
+    B = prompt_ids_BP.shape[0]
+    device = prompt_ids_BP.device
     out = model(
         input_ids=prompt_ids_BP,
         attention_mask=attn_BT,
         position_ids=pos_BT,
-        past_key_values=cache,
+        past_key_values=DynamicCache(),
         use_cache=True,
     )
     next_pos_B = pos_BT[:, -1] + 1
@@ -94,7 +192,7 @@ def generate(
         tokens.append(tok_B)
         is_stop_B = torch.isin(tok_B, stops) & ~ended_B
         ended_B = ended_B | is_stop_B
-        if bool(ended_B.all()):
+        if bool(ended_B.all()) or len(tokens) == max_new_tokens:
             break
         attn_BT = torch.cat([attn_BT, (~ended_B | is_stop_B).long().unsqueeze(1)], dim=1)
         out = model(
@@ -105,21 +203,7 @@ def generate(
             use_cache=True,
         )
         next_pos_B = next_pos_B + 1
-    if was_training:
-        model.train()
-    response_ids_BR = torch.stack(tokens, dim=1)
-    # mask: tokens up to and including the first stop token
-    is_eos_BR = torch.isin(response_ids_BR, stops)
-    after_eos_BR = (is_eos_BR.long().cumsum(1) - is_eos_BR.long()) > 0
-    response_mask_BR = (~after_eos_BR).long()
-    response_ids_BR = response_ids_BR.masked_fill(after_eos_BR, pad_id)
-    return Generation(
-        prompt_ids_BP=prompt_ids_BP,
-        prompt_mask_BP=prompt_mask_BP.long(),
-        response_ids_BR=response_ids_BR,
-        response_mask_BR=response_mask_BR,
-        ended_B=is_eos_BR.any(1),
-    )
+    return torch.stack(tokens, dim=1)
 
 
 def left_pad_prompts(
@@ -160,7 +244,9 @@ def sample_texts(
     ended: list[bool] = []
     n_tokens = 0
     for i in range(0, len(prompts), batch_size):
-        ids, mask = left_pad_prompts(tokenizer, prompts[i : i + batch_size], max_prompt_tokens, device)
+        ids, mask = left_pad_prompts(
+            tokenizer, prompts[i : i + batch_size], max_prompt_tokens, device
+        )
         gen = generate(
             model,
             ids,
@@ -181,18 +267,29 @@ def sample_texts(
 
 @torch.no_grad()
 def score_texts(
-    rm, tokenizer, prompts: list[str], completions: list[str], *, max_len: int = 512,
-    batch_size: int = 64, device: str = "cpu",
+    rm,
+    tokenizer,
+    prompts: list[str],
+    completions: list[str],
+    *,
+    max_len: int = 512,
+    batch_size: int = 64,
+    device: str = "cpu",
 ) -> torch.Tensor:
     """Normalized reward-model scores ``[N]`` of prompt + completion + EOS, tokenized exactly as
     the reward model's training pairs were (``tokenize_sft`` = ``[BOS] prompt completion EOS``)."""
     from rlhfstack.data.collate import collate_sft, tokenize_sft
     from rlhfstack.data.schemas import SFTExample
 
-    ex = [SFTExample(prompt=p, completion=c if c.strip() else ".") for p, c in zip(prompts, completions)]
+    ex = [
+        SFTExample(prompt=p, completion=c if c.strip() else ".")
+        for p, c in zip(prompts, completions)
+    ]
     items = tokenize_sft(ex, tokenizer, max_len)
     out = []
     for i in range(0, len(items), batch_size):
         b = collate_sft(items[i : i + batch_size], tokenizer.pad_token_id)
-        out.append(rm.score(b["input_ids"].to(device), b["attention_mask"].to(device))["mean"].cpu())
+        out.append(
+            rm.score(b["input_ids"].to(device), b["attention_mask"].to(device))["mean"].cpu()
+        )
     return torch.cat(out)
