@@ -211,6 +211,12 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
 
             shutil.rmtree(old, ignore_errors=True)
 
+    vllm_engine = None
+    if cfg.rollout.backend == "vllm":
+        from rlhfstack.rollout.vllm_backend import VLLMRollout
+
+        vllm_engine = VLLMRollout(cfg.model.path, dtype="bfloat16", seed=cfg.seed)
+
     B = tcfg.batch_size
     mb_size = B // pcfg.num_minibatches
     micro = max(1, min(tcfg.micro_batch_size, mb_size))
@@ -225,10 +231,17 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             cursor += B
             p_ids, p_mask = left_pad_prompts(tok, batch_prompts, cfg.data.max_prompt_tokens, device)
             policy.eval()
-            gen = generate(
-                policy, p_ids, p_mask, max_new_tokens=cfg.rollout.max_new_tokens,
-                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=T, generator=gen_rng,
-            )
+            if vllm_engine is not None:  # GPU-only path (not exercised in CI)
+                vllm_engine.sync_weights(policy)
+                gen = vllm_engine.generate(
+                    p_ids, p_mask, max_new_tokens=cfg.rollout.max_new_tokens, eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id, temperature=T, seed=cfg.seed + step,
+                )
+            else:
+                gen = generate(
+                    policy, p_ids, p_mask, max_new_tokens=cfg.rollout.max_new_tokens,
+                    eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=T, generator=gen_rng,
+                )
             ids, mask = gen.full()
             P = p_ids.shape[1]
             resp_mask = gen.response_mask_BR.float()
