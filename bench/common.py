@@ -119,42 +119,62 @@ def random_ids(n: int, length: int, tag: str) -> list[list[int]]:
     return [[r.randrange(3, VOCAB) for _ in range(length)] for _ in range(n)]
 
 
-def preference_rows(n: int) -> list[dict[str, list[int]]]:
-    """``n`` pairs: a 128-token prompt (BOS first) + 64-token chosen / rejected (EOS last)."""
-    prompts = random_ids(n, PROMPT_LEN - 1, "pref-prompt")
-    chosen = random_ids(n, COMPLETION_LEN - 1, "pref-chosen")
-    rejected = random_ids(n, COMPLETION_LEN - 1, "pref-rejected")
-    return [
-        {"prompt_ids": [BOS_ID, *p], "chosen_ids": [*c, EOS_ID], "rejected_ids": [*r, EOS_ID]}
-        for p, c, r in zip(prompts, chosen, rejected)
-    ]
-
-
 def prompt_rows(n: int) -> list[list[int]]:
-    """``n`` 128-token prompts (BOS first)."""
+    """``n`` 128-token prompts (BOS first), for sides that take token ids."""
     return [[BOS_ID, *p] for p in random_ids(n, PROMPT_LEN - 1, "rl-prompt")]
 
 
-def text_prompts(tokenizer: Any, n: int) -> list[str]:
-    """``n`` text prompts that tokenize to exactly 128 tokens (for trainers that tokenize).
+_POOL: list[str] | None = None
 
-    Built from whole-word pieces that encode to themselves, so that the round trip is exact.
-    """
+
+def word_pool(tokenizer: Any) -> list[str]:
+    """Words that are one vocabulary piece each and encode back to it, so that a text of N of
+    them, space-separated, tokenizes to exactly N tokens (TRL's DPO and GRPO trainers take
+    text and tokenize it themselves)."""
+    global _POOL
+    if _POOL is None:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(3, VOCAB)))
+        words = sorted(t[1:] for t in vocab if t.startswith("\u2581") and t[1:].isalpha() and len(t) > 3)
+        words = _rng("pool").sample(words, 2000)
+        ids = tokenizer(words, add_special_tokens=False)["input_ids"]
+        _POOL = [w for w, i in zip(words, ids) if len(i) == 1]
+    return _POOL
+
+
+def _text(tokenizer: Any, n_words: int, r: random.Random) -> str:
+    pool = word_pool(tokenizer)
+    return " ".join(r.choice(pool) for _ in range(n_words))
+
+
+def text_prompts(tokenizer: Any, n: int) -> list[str]:
+    """``n`` text prompts of exactly 128 tokens."""
     r = _rng("text-prompt")
-    vocab = tokenizer.convert_ids_to_tokens(list(range(3, VOCAB)))
-    words = [t[1:] for t in vocab if t.startswith("\u2581") and t[1:].isalpha() and len(t) > 3]
-    ok: list[str] = []
-    for w in r.sample(words, 3000):
-        if tokenizer(" " + w, add_special_tokens=False)["input_ids"] == tokenizer.convert_tokens_to_ids(["\u2581" + w]):
-            ok.append(w)
-    out = []
-    for _ in range(n):
-        text = " ".join(r.choice(ok) for _ in range(PROMPT_LEN))
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) != PROMPT_LEN:
-            raise RuntimeError(f"text prompt tokenizes to {len(ids)} tokens, want {PROMPT_LEN}")
-        out.append(text)
-    return out
+    return [_text(tokenizer, PROMPT_LEN, r) for _ in range(n)]
+
+
+def preference_texts(tokenizer: Any, n: int) -> list[dict[str, str]]:
+    """``n`` pairs as text: a 128-token prompt, 63-token chosen / rejected (each starts with a
+    space; EOS is appended by whoever tokenizes, so completions are 64 tokens)."""
+    r = _rng("pref")
+    return [
+        {
+            "prompt": _text(tokenizer, PROMPT_LEN, r),
+            "chosen": " " + _text(tokenizer, COMPLETION_LEN - 1, r),
+            "rejected": " " + _text(tokenizer, COMPLETION_LEN - 1, r),
+        }
+        for _ in range(n)
+    ]
+
+
+def preference_rows(tokenizer: Any, n: int) -> list[dict[str, list[int]]]:
+    """The pairs of :func:`preference_texts` as ids: prompt 128, chosen / rejected 64 (EOS last)."""
+    rows = []
+    for t in preference_texts(tokenizer, n):
+        enc = tokenizer([t["prompt"], t["chosen"].strip(), t["rejected"].strip()], add_special_tokens=False)
+        p, c, rj = enc["input_ids"]
+        assert len(p) == PROMPT_LEN and len(c) == len(rj) == COMPLETION_LEN - 1, (len(p), len(c), len(rj))
+        rows.append({"prompt_ids": p, "chosen_ids": [*c, EOS_ID], "rejected_ids": [*rj, EOS_ID]})
+    return rows
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -51,10 +51,12 @@ def _run(tmp: Path):
     return Run(cfg=cfg, run_dir=tmp, logger=RunLogger(tmp, tensorboard=False), cost=CostMeter(), device="cpu")
 
 
-def _pref_items(n: int) -> list[dict[str, list[int]]]:
+def _pref_items(model_dir: str, n: int) -> list[dict[str, list[int]]]:
     """``tokenize_preference`` layout: ``{chosen,rejected}_{input_ids,loss_mask}``."""
+    from rlhfstack.models.core import load_tokenizer
+
     items = []
-    for r in C.preference_rows(n):
+    for r in C.preference_rows(load_tokenizer(model_dir), n):
         it = {}
         for name in ("chosen", "rejected"):
             it[f"{name}_input_ids"] = r["prompt_ids"] + r[f"{name}_ids"]
@@ -71,7 +73,7 @@ def bench_rm(model_dir: str, steps: int) -> list[float]:
     from rlhfstack.models.core import RewardModel, load_causal_lm
 
     rm = RewardModel(load_causal_lm(model_dir), kind="causal_lm", k=1)
-    items = _pref_items(steps * C.BATCH)
+    items = _pref_items(model_dir, steps * C.BATCH)
     timer = C.StepTimer()
 
     def trim(mb):  # stages/reward_model.trim_padding
@@ -112,7 +114,7 @@ def bench_dpo(model_dir: str, steps: int) -> tuple[list[float], float]:
     from rlhfstack.training import train_loop
 
     policy = load_causal_lm(model_dir)
-    items = _pref_items(steps * C.BATCH)
+    items = _pref_items(model_dir, steps * C.BATCH)
 
     def pair_logps(model, b):
         B = b["chosen_input_ids"].shape[0]

@@ -69,6 +69,9 @@ class ModelConfig:
     """Local HF directory (or a hub id, for users with hub access) of the starting checkpoint."""
     tokenizer_path: str | None = None
     """Tokenizer directory; defaults to ``path``."""
+    pad_token: str | None = None
+    """An existing vocabulary entry used as PAD when the tokenizer has none or reuses EOS
+    (never EOS itself: masks built from ``ids != pad`` would hide real EOS tokens)."""
     dtype: str = "float32"
     """Parameter dtype: float32 | bfloat16 | float16. bf16 is the GPU default for large models."""
     activation_checkpointing: bool = False

@@ -41,19 +41,32 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(cfg, name, 0.0)
 
 
-def load_tokenizer(path: str) -> Any:
-    """Load a tokenizer and check it has a PAD token distinct from EOS."""
+def load_tokenizer(path: str, pad_token: str | None = None) -> Any:
+    """Load a tokenizer and check it has a PAD token distinct from EOS.
+
+    ``pad_token`` names an existing vocabulary entry to use as PAD for tokenizers that have none or
+    reuse EOS (Llama-3: ``<|finetune_right_pad_id|>`` / a reserved special token; Qwen2:
+    ``<|fim_pad|>``). It must already be in the vocabulary: the embedding is never resized here.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
+    if pad_token is not None and (tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id):
+        pad_id = tok.convert_tokens_to_ids(pad_token)
+        if pad_id is None or pad_id == tok.unk_token_id or pad_id == tok.eos_token_id:
+            raise ValueError(
+                f"model.pad_token: {pad_token!r} is not a distinct token of the vocabulary of {path}"
+            )
+        tok.pad_token = pad_token
     if tok.pad_token_id is None:
         raise ValueError(
-            f"{path}: tokenizer has no pad token; add a dedicated one (never reuse EOS as PAD)"
+            f"{path}: tokenizer has no pad token; name an unused vocabulary entry with model.pad_token "
+            "(never reuse EOS as PAD)"
         )
     if tok.pad_token_id == tok.eos_token_id:
         raise ValueError(
             f"{path}: pad_token_id == eos_token_id ({tok.pad_token_id}); masks built from ids != pad "
-            "would hide real EOS tokens. Add a dedicated pad token."
+            "would hide real EOS tokens. Name another vocabulary entry with model.pad_token."
         )
     return tok
 
@@ -470,3 +483,8 @@ def save_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, merge_
             m = copy.deepcopy(m).merge_and_unload()
         m.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def tokenizer_for(model_cfg: Any) -> Any:
+    """The tokenizer of a ``ModelConfig`` (``tokenizer_path`` or ``path``, with ``pad_token``)."""
+    return load_tokenizer(model_cfg.tokenizer_path or model_cfg.path, getattr(model_cfg, "pad_token", None))

@@ -1,9 +1,12 @@
 """Batched sampling with a KV cache: left-padded prompts in, right-padded responses out.
 
-The loop calls the model's own forward with a ``DynamicCache`` and explicit position ids
-(counted over real tokens, as in training), so the log-probs of the rollout pass and of the
-training pass agree. Sampling is plain ancestral sampling from ``softmax(logits / T)``: no
-top-k, no top-p (truncated sampling would break the log-prob semantics PPO relies on).
+The loop runs the model with a KV cache and explicit position ids (counted over real tokens, as
+in training), so the log-probs of the rollout pass and of the training pass agree. Sampling is
+plain ancestral sampling from ``softmax(logits / T)`` (inverse CDF,
+:func:`rlhfstack.rollout.fast.sample_categorical`): no top-k, no top-p (truncated sampling would
+break the log-prob semantics PPO relies on). HF causal LMs take the fast loop of
+:mod:`rlhfstack.rollout.fast`; other modules the plain loop below (same tokens for the same
+generator state).
 """
 
 from __future__ import annotations
@@ -167,6 +170,8 @@ def _plain_decode(
     """The reference loop: the model's own forward with a ``DynamicCache``. Returns ``[B, N]``."""
     from transformers import DynamicCache
 
+    from rlhfstack.rollout.fast import sample_categorical
+
     B = prompt_ids_BP.shape[0]
     device = prompt_ids_BP.device
     out = model(
@@ -187,7 +192,7 @@ def _plain_decode(
             tok_B = logits_BV.argmax(-1)
         else:
             probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
-            tok_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+            tok_B = sample_categorical(probs_BV, generator)
         tok_B = torch.where(ended_B, torch.full_like(tok_B, pad_id), tok_B)
         tokens.append(tok_B)
         is_stop_B = torch.isin(tok_B, stops) & ~ended_B

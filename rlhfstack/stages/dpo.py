@@ -15,7 +15,7 @@ from rlhfstack.config import DPOConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.loading import load_preferences
 from rlhfstack.losses import dpo_loss
-from rlhfstack.models.core import load_causal_lm, load_tokenizer, save_hf, sequence_logprob_sums
+from rlhfstack.models.core import load_causal_lm, tokenizer_for, save_hf, sequence_logprob_sums
 from rlhfstack.runtime import plot_metrics, write_stage_done
 from rlhfstack.training import setup_run, train_loop
 
@@ -34,7 +34,7 @@ def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
 
 def train(cfg: DPOConfig) -> Path:
     run = setup_run(cfg)
-    tok = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+    tok = tokenizer_for(cfg.model)
     policy = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, lora=cfg.model.lora,
                             activation_checkpointing=cfg.model.activation_checkpointing, device=run.device)
     max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens

@@ -45,7 +45,7 @@ from rlhfstack.models.core import (
     adapter_disabled,
     causal_lm_parts,
     load_causal_lm,
-    load_tokenizer,
+    tokenizer_for,
     response_logprobs,
     save_hf,
 )
@@ -119,7 +119,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     run = setup_run_resumable(cfg)
     device = run.device
     tcfg, pcfg = cfg.trainer, cfg.ppo
-    tok = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+    tok = tokenizer_for(cfg.model)
     policy = load_causal_lm(
         cfg.model.path,
         dtype=cfg.model.dtype,

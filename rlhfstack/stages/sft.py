@@ -14,7 +14,7 @@ from rlhfstack.data.loading import load_sft
 from rlhfstack.models.core import (
     causal_lm_parts,
     load_causal_lm,
-    load_tokenizer,
+    tokenizer_for,
     save_hf,
     trunk_hidden,
 )
@@ -44,7 +44,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor], n_in_step: int) -> tuple[tor
 
 def train(cfg: SFTConfig) -> Path:
     run = setup_run(cfg)
-    tok = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+    tok = tokenizer_for(cfg.model)
     model = load_causal_lm(
         cfg.model.path, dtype=cfg.model.dtype, lora=cfg.model.lora,
         activation_checkpointing=cfg.model.activation_checkpointing, device=run.device,
