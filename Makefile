@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= $(shell [ -d "$(RLHF_DATA_ROOT)/models/stories260K" ] &
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	# torch pinned to 2.13.0 (CPU build from local disk here); constraints.txt pins the rest.
-	.venv/bin/pip install -q -c constraints.txt -e '.[dev,eval]'
+	.venv/bin/pip install -q -c constraints.txt -e '.[dev,eval,megatron]'
 	touch $@
 
 setup: .venv/.installed

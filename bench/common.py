@@ -134,7 +134,9 @@ def word_pool(tokenizer: Any) -> list[str]:
     global _POOL
     if _POOL is None:
         vocab = tokenizer.convert_ids_to_tokens(list(range(3, VOCAB)))
-        words = sorted(t[1:] for t in vocab if t.startswith("\u2581") and t[1:].isalpha() and len(t) > 3)
+        words = sorted(
+            t[1:] for t in vocab if t.startswith("\u2581") and t[1:].isalpha() and len(t) > 3
+        )
         words = _rng("pool").sample(words, 2000)
         ids = tokenizer(words, add_special_tokens=False)["input_ids"]
         _POOL = [w for w, i in zip(words, ids) if len(i) == 1]
@@ -170,9 +172,15 @@ def preference_rows(tokenizer: Any, n: int) -> list[dict[str, list[int]]]:
     """The pairs of :func:`preference_texts` as ids: prompt 128, chosen / rejected 64 (EOS last)."""
     rows = []
     for t in preference_texts(tokenizer, n):
-        enc = tokenizer([t["prompt"], t["chosen"].strip(), t["rejected"].strip()], add_special_tokens=False)
+        enc = tokenizer(
+            [t["prompt"], t["chosen"].strip(), t["rejected"].strip()], add_special_tokens=False
+        )
         p, c, rj = enc["input_ids"]
-        assert len(p) == PROMPT_LEN and len(c) == len(rj) == COMPLETION_LEN - 1, (len(p), len(c), len(rj))
+        assert len(p) == PROMPT_LEN and len(c) == len(rj) == COMPLETION_LEN - 1, (
+            len(p),
+            len(c),
+            len(rj),
+        )
         rows.append({"prompt_ids": p, "chosen_ids": [*c, EOS_ID], "rejected_ids": [*rj, EOS_ID]})
     return rows
 
@@ -202,7 +210,9 @@ class StepTimer:
         self.last = now
 
 
-def summarize(times: list[float], warmup: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(
+    times: list[float], warmup: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Median seconds per step over ``times[warmup:]`` plus the raw list and peak RSS."""
     kept = times[warmup:]
     if not kept:

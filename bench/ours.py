@@ -35,9 +35,17 @@ import common as C  # noqa: E402
 
 def _tcfg(**kw) -> SimpleNamespace:
     base = dict(
-        lr=C.LR, adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0, grad_clip=1.0,
-        warmup_steps=0, lr_schedule="constant", batch_size=C.BATCH, micro_batch_size=C.BATCH,
-        log_every=1, eval_every=0,
+        lr=C.LR,
+        adam_betas=(0.9, 0.999),
+        adam_eps=1e-8,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        warmup_steps=0,
+        lr_schedule="constant",
+        batch_size=C.BATCH,
+        micro_batch_size=C.BATCH,
+        log_every=1,
+        eval_every=0,
     )
     base.update(kw)
     return SimpleNamespace(**base)
@@ -48,7 +56,13 @@ def _run(tmp: Path):
     from rlhfstack.training import Run
 
     cfg = SimpleNamespace(trainer=_tcfg(), seed=C.SEED, parallel=None)
-    return Run(cfg=cfg, run_dir=tmp, logger=RunLogger(tmp, tensorboard=False), cost=CostMeter(), device="cpu")
+    return Run(
+        cfg=cfg,
+        run_dir=tmp,
+        logger=RunLogger(tmp, tensorboard=False),
+        cost=CostMeter(),
+        device="cpu",
+    )
 
 
 def _pref_items(model_dir: str, n: int) -> list[dict[str, list[int]]]:
@@ -77,7 +91,12 @@ def bench_rm(model_dir: str, steps: int) -> list[float]:
     timer = C.StepTimer()
 
     def trim(mb):  # stages/reward_model.trim_padding
-        T = int(max(mb["chosen_attention_mask"].sum(-1).max(), mb["rejected_attention_mask"].sum(-1).max()))
+        T = int(
+            max(
+                mb["chosen_attention_mask"].sum(-1).max(),
+                mb["rejected_attention_mask"].sum(-1).max(),
+            )
+        )
         return {k: v[:, :T] for k, v in mb.items()}
 
     def loss_fn(mb, n_in_step):
@@ -98,8 +117,13 @@ def bench_rm(model_dir: str, steps: int) -> list[float]:
         run = _run(Path(tmp))
         timer.start()
         train_loop(
-            run, params=[p for p in rm.parameters() if p.requires_grad], items=items,
-            collate=lambda b: collate_preference(b, C.PAD_ID), loss_fn=loss_fn, max_steps=steps, model=rm,
+            run,
+            params=[p for p in rm.parameters() if p.requires_grad],
+            items=items,
+            collate=lambda b: collate_preference(b, C.PAD_ID),
+            loss_fn=loss_fn,
+            max_steps=steps,
+            model=rm,
         )
         timer.tick()
     return timer.times[1:]  # the first tick starts step 1
@@ -155,8 +179,13 @@ def bench_dpo(model_dir: str, steps: int) -> tuple[list[float], float]:
         run = _run(Path(tmp))
         timer.start()
         train_loop(
-            run, params=[p for p in policy.parameters() if p.requires_grad], items=items,
-            collate=collate, loss_fn=loss_fn, max_steps=steps, model=policy,
+            run,
+            params=[p for p in policy.parameters() if p.requires_grad],
+            items=items,
+            collate=collate,
+            loss_fn=loss_fn,
+            max_steps=steps,
+            model=policy,
         )
         timer.tick()
     return timer.times[1:], ref_s
@@ -201,7 +230,11 @@ def bench_ppo(model_dir: str, steps: int, value_model: str, from_rollout: bool) 
         critic_lm = copy.deepcopy(rm.backbone)
         critic_lm.requires_grad_(True)
         critic_head = ValueHead(d)
-        params = list(policy.parameters()) + list(critic_lm.parameters()) + list(critic_head.parameters())
+        params = (
+            list(policy.parameters())
+            + list(critic_lm.parameters())
+            + list(critic_head.parameters())
+        )
     opt = build_optimizer(params, tcfg)
     kl_ctl = AdaptiveKLController(0.05, 6.0, 10000)
     gen_rng = torch.Generator().manual_seed(C.SEED)
@@ -220,8 +253,15 @@ def bench_ppo(model_dir: str, steps: int, value_model: str, from_rollout: bool) 
         p_mask = torch.ones_like(p_ids)
         policy.eval()
         gen = generate(
-            policy, p_ids, p_mask, max_new_tokens=C.COMPLETION_LEN, eos_id=C.EOS_ID, pad_id=C.PAD_ID,
-            temperature=T, generator=gen_rng, return_logprobs=from_rollout,
+            policy,
+            p_ids,
+            p_mask,
+            max_new_tokens=C.COMPLETION_LEN,
+            eos_id=C.EOS_ID,
+            pad_id=C.PAD_ID,
+            temperature=T,
+            generator=gen_rng,
+            return_logprobs=from_rollout,
             return_hidden=from_rollout and value_head is not None,
         )
         ids, mask = gen.full()
@@ -240,7 +280,9 @@ def bench_ppo(model_dir: str, steps: int, value_model: str, from_rollout: bool) 
             ref_logprobs = response_logprobs(ref, ids, mask, P, T)["logprobs"]
             scores = rm.score(ids, mask)["mean"]
             scores = scores - 1.0 * (~gen.ended_B).float()
-            rewards, _ = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, resp_mask, kl_ctl.value, estimator="k1")
+            rewards, _ = kl_shaped_rewards(
+                scores, old_logprobs, ref_logprobs, resp_mask, kl_ctl.value, estimator="k1"
+            )
             advantages, returns = gae(rewards, old_values, resp_mask, 1.0, 0.95)
             advantages = masked_whiten(advantages, resp_mask)
         policy.train()
@@ -248,7 +290,9 @@ def bench_ppo(model_dir: str, steps: int, value_model: str, from_rollout: bool) 
         opt.zero_grad(set_to_none=True)
         o = response_logprobs(policy, ids, mask, P, T, value_head=value_head, return_entropy=True)
         v = o["values"] if value_head is not None else critic_values(ids, mask)
-        pg, _ = ppo_policy_loss(o["logprobs"], old_logprobs, advantages, resp_mask, 0.2, normalizer=n_tok)
+        pg, _ = ppo_policy_loss(
+            o["logprobs"], old_logprobs, advantages, resp_mask, 0.2, normalizer=n_tok
+        )
         vf, _ = ppo_value_loss(v, old_values, returns, resp_mask, 0.2, normalizer=n_tok)
         (pg + 0.1 * vf).backward()
         clip_grad(params, tcfg.grad_clip)
@@ -288,8 +332,14 @@ def bench_grpo(model_dir: str, steps: int) -> list[float]:
         p_mask = enc["attention_mask"].repeat_interleave(G, 0)
         policy.eval()
         gen = generate(
-            policy, p_ids, p_mask, max_new_tokens=C.COMPLETION_LEN, eos_id=C.EOS_ID, pad_id=C.PAD_ID,
-            generator=gen_rng, return_logprobs=True,
+            policy,
+            p_ids,
+            p_mask,
+            max_new_tokens=C.COMPLETION_LEN,
+            eos_id=C.EOS_ID,
+            pad_id=C.PAD_ID,
+            generator=gen_rng,
+            return_logprobs=True,
         )
         rewards = torch.tensor(reward_fn(decode_responses(tok, gen)))
         adv_B = group_normalized_advantages(rewards, G)
@@ -299,8 +349,14 @@ def bench_grpo(model_dir: str, steps: int) -> list[float]:
         opt.zero_grad(set_to_none=True)
         o = response_logprobs(policy, ids, mask, P)
         adv_BT = adv_B.unsqueeze(1).expand_as(resp_mask)
-        loss, _ = ppo_policy_loss(o["logprobs"], gen.logprobs_BR, adv_BT, resp_mask, 0.2,
-                                  normalizer=float(resp_mask.sum()) or 1.0)
+        loss, _ = ppo_policy_loss(
+            o["logprobs"],
+            gen.logprobs_BR,
+            adv_BT,
+            resp_mask,
+            0.2,
+            normalizer=float(resp_mask.sum()) or 1.0,
+        )
         loss.backward()
         clip_grad(params, tcfg.grad_clip)
         opt.step()
@@ -325,13 +381,29 @@ def bench_gen(model_dir: str, steps: int, hf: bool) -> tuple[list[float], int]:
         if hf:
             with torch.no_grad():
                 out = model.generate(
-                    p, attention_mask=m, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                    max_new_tokens=C.COMPLETION_LEN, min_new_tokens=C.COMPLETION_LEN, pad_token_id=C.PAD_ID,
+                    p,
+                    attention_mask=m,
+                    do_sample=True,
+                    top_k=0,
+                    top_p=1.0,
+                    temperature=1.0,
+                    max_new_tokens=C.COMPLETION_LEN,
+                    min_new_tokens=C.COMPLETION_LEN,
+                    pad_token_id=C.PAD_ID,
                 )
             n = out.shape[1] - p.shape[1]
         else:
-            gen = generate(model, p, m, max_new_tokens=C.COMPLETION_LEN, eos_id=C.EOS_ID, pad_id=C.PAD_ID,
-                           generator=g, stop_ids=(), suppress_ids=(C.PAD_ID, C.EOS_ID))
+            gen = generate(
+                model,
+                p,
+                m,
+                max_new_tokens=C.COMPLETION_LEN,
+                eos_id=C.EOS_ID,
+                pad_id=C.PAD_ID,
+                generator=g,
+                stop_ids=(),
+                suppress_ids=(C.PAD_ID, C.EOS_ID),
+            )
             n = gen.response_ids_BR.shape[1]
         times.append(time.perf_counter() - t0)
         n_tokens = n * p.shape[0]
@@ -361,7 +433,9 @@ def main(argv: list[str] | None = None) -> dict:
     elif a.algo == "dpo":
         times, ref_s = bench_dpo(a.model_dir, n)
         # the reference pass ran once for the whole data set: charge each step its share
-        extra.update(train_s_per_step=C.summarize(times, a.warmup)["s_per_step"], ref_precompute_s=ref_s)
+        extra.update(
+            train_s_per_step=C.summarize(times, a.warmup)["s_per_step"], ref_precompute_s=ref_s
+        )
         times = [t + ref_s / n for t in times]
     elif a.algo == "ppo":
         times = bench_ppo(a.model_dir, n, a.value_model, a.logprobs_from_rollout)

@@ -69,11 +69,19 @@ def bench_rm(model_dir: str, steps: int, out: str) -> list[float]:
     model.config.pad_token_id = tok.pad_token_id
     rows = C.preference_rows(tok, steps * C.BATCH)
     ds = Dataset.from_list(
-        [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]} for r in rows]
+        [
+            {
+                "chosen_ids": r["prompt_ids"] + r["chosen_ids"],
+                "rejected_ids": r["prompt_ids"] + r["rejected_ids"],
+            }
+            for r in rows
+        ]
     )
     timer = C.StepTimer()
     args = RewardConfig(**_common_args(out, steps), max_length=C.PROMPT_LEN + C.COMPLETION_LEN)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[_callback(timer)])
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[_callback(timer)]
+    )
     C.set_threads(NTHREADS)
     trainer.train()
     return timer.times
@@ -89,9 +97,16 @@ def bench_dpo(model_dir: str, steps: int, out: str) -> list[float]:
     ref = AutoModelForCausalLM.from_pretrained(model_dir)
     ds = Dataset.from_list(C.preference_texts(tok, steps * C.BATCH))
     timer = C.StepTimer()
-    args = DPOConfig(**_common_args(out, steps), max_length=C.PROMPT_LEN + C.COMPLETION_LEN, beta=0.1)
+    args = DPOConfig(
+        **_common_args(out, steps), max_length=C.PROMPT_LEN + C.COMPLETION_LEN, beta=0.1
+    )
     trainer = DPOTrainer(
-        model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok, callbacks=[_callback(timer)]
+        model=model,
+        ref_model=ref,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[_callback(timer)],
     )
     first = trainer.train_dataset[0]
     n = (len(first["prompt_ids"]), len(first["chosen_ids"]), len(first["rejected_ids"]))
@@ -129,7 +144,11 @@ def bench_grpo(model_dir: str, steps: int, out: str) -> list[float]:
         shuffle_dataset=False,
     )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=[reward_fn], args=args, train_dataset=ds, processing_class=tok,
+        model=model,
+        reward_funcs=[reward_fn],
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
         callbacks=[_callback(timer)],
     )
     C.set_threads(NTHREADS)
@@ -166,8 +185,14 @@ def bench_ppo(model_dir: str, steps: int, out: str) -> list[float]:
         num_sample_generations=0,
     )
     trainer = PPOTrainer(
-        args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward, value_model=value,
-        train_dataset=ds, callbacks=[_callback(timer)],
+        args=args,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=ds,
+        callbacks=[_callback(timer)],
     )
     C.set_threads(NTHREADS)
     trainer.train()
@@ -199,9 +224,16 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         times = fn(a.model_dir, n, tmp)
     res = C.summarize(
-        times, a.warmup,
-        {"side": "trl", "algo": a.algo, "threads": a.threads, "trl": trl.__version__,
-         "transformers": transformers.__version__, "torch": torch.__version__},
+        times,
+        a.warmup,
+        {
+            "side": "trl",
+            "algo": a.algo,
+            "threads": a.threads,
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
     )
     C.emit(res, a.out)
     return res

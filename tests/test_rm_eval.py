@@ -191,6 +191,7 @@ def test_rm_eval_writes_missing_model_card(tiny_rm_dir, tmp_path, data_root):
     assert probes["refusal"]["n"] == 5
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~10-30 s
 def test_rm_eval_cli(tiny_rm_dir, tmp_path, data_root):
     data = write_eval_file(tmp_path / "pairs.jsonl")
     out = tmp_path / "cli_out"
