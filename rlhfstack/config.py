@@ -776,6 +776,16 @@ PRIMARY_CONFIG_NAMES = {
 }
 
 
+def _abspath(path: str) -> str:
+    return os.path.abspath(path)
+
+
+# ``${abspath:${artifacts_dir}}/data/x.jsonl``: files a run generated are named by absolute path, so
+# that the data loader never mistakes them for files under the shared data root.
+if not OmegaConf.has_resolver("abspath"):
+    OmegaConf.register_new_resolver("abspath", _abspath)
+
+
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()

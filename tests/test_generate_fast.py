@@ -1,0 +1,248 @@
+"""The fast decoding loop is pinned to the plain loop and to HF ``generate`` on fixed inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfstack.models.core import ValueHead, load_causal_lm, load_tokenizer, response_logprobs
+from rlhfstack.rollout.fast import PreallocatedCache, sample_categorical, supports_fast_decode
+from rlhfstack.rollout.generate import generate, left_pad_prompts
+
+PROMPTS = [
+    "Once upon a time",
+    "Lily saw a dog. The dog was big and",
+    "Tom had a red ball. He liked to play with it every day in the park with his",
+    "Sue",
+]
+
+
+@pytest.fixture(scope="module")
+def model_tok(stories_hf):
+    return load_causal_lm(str(stories_hf), trainable=False), load_tokenizer(str(stories_hf))
+
+
+def _kw(tok, **extra):
+    return dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, **extra)
+
+
+def test_stories_model_takes_the_fast_path(model_tok):
+    model, _ = model_tok
+    assert supports_fast_decode(model)
+    assert not supports_fast_decode(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_samples_the_same_tokens_as_plain(model_tok, temperature):
+    """Same generator seed -> the same tokens, masks and ended flags (left-padded batch, EOS stops)."""
+    model, tok = model_tok
+    ids, mask = left_pad_prompts(tok, PROMPTS * 2, 64)
+    outs = []
+    for fast in (False, True):
+        g = torch.Generator().manual_seed(123)
+        outs.append(
+            generate(
+                model,
+                ids,
+                mask,
+                max_new_tokens=48,
+                stop_ids=(tok.eos_token_id, tok.convert_tokens_to_ids(".")),
+                temperature=temperature,
+                generator=g,
+                fast=fast,
+                **_kw(tok),
+            )
+        )
+    plain, fast = outs
+    assert torch.equal(plain.response_ids_BR, fast.response_ids_BR)
+    assert torch.equal(plain.response_mask_BR, fast.response_mask_BR)
+    assert torch.equal(plain.ended_B, fast.ended_B)
+    assert plain.ended_B.any()  # the EOS path is exercised
+
+
+def test_fast_stops_early_like_plain(model_tok):
+    """With "." as a stop token every row ends early; both loops stop at the same length."""
+    model, tok = model_tok
+    ids, mask = left_pad_prompts(tok, PROMPTS, 64)
+    period = tok.convert_tokens_to_ids(".")
+    kw = _kw(tok, max_new_tokens=200, greedy=True, stop_ids=(tok.eos_token_id, period))
+    plain = generate(model, ids, mask, fast=False, **kw)
+    fast = generate(model, ids, mask, fast=True, **kw)
+    assert fast.ended_B.all()
+    assert fast.response_ids_BR.shape[1] < 200
+    assert torch.equal(plain.response_ids_BR, fast.response_ids_BR)
+    assert torch.equal(plain.response_mask_BR, fast.response_mask_BR)
+
+
+def test_fast_greedy_matches_hf_generate(model_tok):
+    model, tok = model_tok
+    ids, mask = left_pad_prompts(tok, PROMPTS, 64)
+    ours = generate(model, ids, mask, max_new_tokens=30, greedy=True, stop_ids=(), **_kw(tok))
+    hf = model.generate(
+        ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=30,
+        min_new_tokens=30,
+        pad_token_id=tok.pad_token_id,
+    )
+    assert ours.response_ids_BR.tolist() == hf[:, ids.shape[1] :].tolist()
+
+
+def test_rollout_logprobs_and_hidden_match_the_training_pass(model_tok):
+    """``return_logprobs`` / ``return_hidden`` equal what the scoring pass would compute."""
+    model, tok = model_tok
+    ids, mask = left_pad_prompts(tok, PROMPTS, 64)
+    g = torch.Generator().manual_seed(7)
+    gen = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=24,
+        temperature=0.8,
+        generator=g,
+        return_logprobs=True,
+        return_hidden=True,
+        **_kw(tok),
+    )
+    full, fmask = gen.full()
+    torch.manual_seed(0)
+    head = ValueHead(model.config.hidden_size)
+    ref = response_logprobs(model, full, fmask, ids.shape[1], temperature=0.8, value_head=head)
+    m = gen.response_mask_BR.bool()
+    assert gen.logprobs_BR.shape == gen.response_ids_BR.shape
+    assert torch.allclose(gen.logprobs_BR[m], ref["logprobs"][m], atol=1e-4)
+    assert (gen.logprobs_BR[~m] == 0).all()
+    values = head(gen.hidden_BRD).squeeze(-1)
+    assert torch.allclose(values[m], ref["values"][m], atol=1e-4)
+
+
+def test_return_logprobs_needs_an_hf_model():
+    class Fake(torch.nn.Module):
+        def forward(self, **kw):  # pragma: no cover - never reached
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="fast path"):
+        generate(
+            Fake(),
+            torch.tensor([[3]]),
+            torch.tensor([[1]]),
+            max_new_tokens=2,
+            eos_id=2,
+            pad_id=0,
+            return_logprobs=True,
+        )
+
+
+def test_sample_categorical_matches_the_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    draws = sample_categorical(p.expand(200_000, -1), g)
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability entries are never drawn
+    assert torch.allclose(freq, p, atol=5e-3)
+    # unnormalized rows are fine; a row's draw depends only on its own probabilities
+    a = sample_categorical(torch.tensor([[2.0, 0.0, 2.0]]), torch.Generator().manual_seed(1))
+    assert a.item() in (0, 2)
+
+
+def test_preallocated_cache_refuses_to_overflow():
+    cache = PreallocatedCache(1, 3)
+    k = torch.zeros(1, 2, 2, 4)
+    cache.update(k, k, 0)
+    assert cache.get_seq_length() == 2
+    with pytest.raises(RuntimeError, match="capacity"):
+        cache.update(k, k, 0)
+
+
+def test_prompt_groups_sample_the_same_tokens(model_tok):
+    """GRPO layout (G samples per prompt): the prompt pass once per group, same tokens."""
+    model, tok = model_tok
+    ids, mask = left_pad_prompts(tok, PROMPTS[:2], 64)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    outs = [
+        generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=20,
+            generator=torch.Generator().manual_seed(5),
+            prompt_group_size=g,
+            **_kw(tok),
+        )
+        for g in (1, 3)
+    ]
+    assert torch.equal(outs[0].response_ids_BR, outs[1].response_ids_BR)
+    with pytest.raises(ValueError, match="identical prompts"):
+        generate(model, ids[2:6], mask[2:6], max_new_tokens=2, prompt_group_size=2, **_kw(tok))
+
+
+def _pref_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    from rlhfstack.data.collate import collate_preference
+
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for P, C, R in [(5, 3, 7), (9, 4, 2), (3, 6, 6)]:  # different prompt and response lengths
+        p = [1] + torch.randint(3, 500, (P - 1,), generator=g).tolist()
+        c = torch.randint(3, 500, (C,), generator=g).tolist() + [2]
+        r = torch.randint(3, 500, (R,), generator=g).tolist() + [2]
+        items.append(
+            {
+                "chosen_input_ids": p + c,
+                "chosen_loss_mask": [0] * P + [1] * (C + 1),
+                "rejected_input_ids": p + r,
+                "rejected_loss_mask": [0] * P + [1] * (R + 1),
+            }
+        )
+    return collate_preference(items, pad_id)
+
+
+def test_training_pass_shortcuts_match_the_plain_passes(stories_hf):
+    """Response-only LM head and shared-prompt passes: same log-probs, scores and gradients."""
+    from rlhfstack.models.core import RewardModel, sequence_logprob_sums
+    from rlhfstack.rollout import fast as F
+
+    torch.manual_seed(0)
+    model, tok = load_causal_lm(str(stories_hf)), load_tokenizer(str(stories_hf))
+    pad = tok.pad_token_id
+    b = _pref_batch(pad)
+    ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])
+    att = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]])
+    lm = torch.cat([b["chosen_loss_mask"], b["rejected_loss_mask"]])
+
+    def run(fn):
+        model.zero_grad()
+        c, r = fn()
+        (c.sum() - 2 * r.sum()).backward()
+        return c.detach(), r.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def split(lp):
+        return lp[:3], lp[3:]
+
+    c0, r0, g0 = run(lambda: split(sequence_logprob_sums(model, ids, att, lm)))
+    for fn in (
+        lambda: split(F.masked_logprob_sums(model, ids, att, lm)),
+        lambda: F.shared_prompt_pair_logprob_sums(model, b, pad),
+    ):
+        c1, r1, g1 = run(fn)
+        assert torch.allclose(c0, c1, atol=1e-4) and torch.allclose(r0, r1, atol=1e-4)
+        assert (g0 - g1).norm() <= 1e-4 * g0.norm()
+    rm = RewardModel(model, k=2)
+    s = rm.raw_scores(ids, att)
+    c2, r2 = F.shared_prompt_pair_scores(rm, b, pad)
+    assert torch.allclose(s[:3], c2, atol=1e-5) and torch.allclose(s[3:], r2, atol=1e-5)
+    # GRPO layout: 2 left-padded prompts x 3 right-padded responses
+    p_ids = torch.tensor([[pad, pad, 1, 5, 6], [1, 7, 8, 9, 10]])
+    p_mask = (p_ids != pad).long()
+    resp = torch.randint(3, 500, (6, 4), generator=torch.Generator().manual_seed(1))
+    r_mask = torch.ones(6, 4, dtype=torch.long)
+    r_mask[1, 3] = 0
+    resp[1, 3] = pad
+    full = torch.cat([p_ids.repeat_interleave(3, 0), resp], 1)
+    f_mask = torch.cat([p_mask.repeat_interleave(3, 0), r_mask], 1)
+    vh = ValueHead(model.config.hidden_size)
+    a = response_logprobs(model, full, f_mask, 5, 0.7, value_head=vh)
+    o = F.shared_prefix_response_logprobs(model, p_ids, p_mask, resp, r_mask, 0.7, value_head=vh)
+    m = r_mask.bool()
+    assert torch.allclose(a["logprobs"][m], o["logprobs"][m], atol=1e-4)
+    assert torch.allclose(a["values"][m], o["values"][m], atol=1e-5)
