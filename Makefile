@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= $(shell [ -d "$(RLHF_DATA_ROOT)/models/stories260K" ] && echo 1 || echo 0)
 
-.PHONY: setup demo demo-smoke test test-slow lint format clean publish-report
+.PHONY: setup demo demo-smoke test test-slow test-ci-slow lint format clean
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -31,6 +31,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The slow tests CI runs after `make test`: resume after SIGKILL, SLURM, 4-process parallel layouts.
+test-ci-slow: setup
+	$(PY) -m pytest -q -m "slow and not experiment"
 
 lint: setup
 	.venv/bin/ruff check .

@@ -79,7 +79,7 @@ def _pref_items(model_dir: str, n: int) -> list[dict[str, list[int]]]:
     return items
 
 
-def bench_rm(model_dir: str, steps: int) -> list[float]:
+def bench_rm(model_dir: str, steps: int, shared_prompt: bool = False) -> list[float]:
     import torch
 
     from rlhfstack.data.collate import collate_preference
@@ -102,11 +102,16 @@ def bench_rm(model_dir: str, steps: int) -> list[float]:
     def loss_fn(mb, n_in_step):
         timer.tick()
         mb = trim(mb)
-        B = mb["chosen_input_ids"].shape[0]
-        ids = torch.cat([mb["chosen_input_ids"], mb["rejected_input_ids"]])
-        att = torch.cat([mb["chosen_attention_mask"], mb["rejected_attention_mask"]])
-        s = rm.raw_scores(ids, att)
-        c, r = s[:B], s[B:]
+        if shared_prompt:
+            from rlhfstack.rollout.fast import shared_prompt_pair_scores
+
+            c, r = shared_prompt_pair_scores(rm, mb, C.PAD_ID)
+        else:
+            B = mb["chosen_input_ids"].shape[0]
+            ids = torch.cat([mb["chosen_input_ids"], mb["rejected_input_ids"]])
+            att = torch.cat([mb["chosen_attention_mask"], mb["rejected_attention_mask"]])
+            s = rm.raw_scores(ids, att)
+            c, r = s[:B], s[B:]
         loss, stats = bradley_terry_loss(c.reshape(-1), r.reshape(-1))
         return loss * c.shape[0] / n_in_step, {k: float(v) for k, v in stats.items()}
 
@@ -129,7 +134,9 @@ def bench_rm(model_dir: str, steps: int) -> list[float]:
     return timer.times[1:]  # the first tick starts step 1
 
 
-def bench_dpo(model_dir: str, steps: int) -> tuple[list[float], float]:
+def bench_dpo(model_dir: str, steps: int, mode: str = "stage") -> tuple[list[float], float]:
+    """``mode``: ``stage`` (``sequence_logprob_sums``), ``masked_head`` (LM head on response
+    tokens only) or ``shared_prompt`` (that, plus each pair's prompt run once)."""
     import torch
 
     from rlhfstack.data.collate import collate_preference
@@ -141,11 +148,20 @@ def bench_dpo(model_dir: str, steps: int) -> tuple[list[float], float]:
     items = _pref_items(model_dir, steps * C.BATCH)
 
     def pair_logps(model, b):
+        if mode == "shared_prompt":
+            from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
+
+            return shared_prompt_pair_logprob_sums(model, b, C.PAD_ID)
         B = b["chosen_input_ids"].shape[0]
         ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])
         att = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]])
         lm = torch.cat([b["chosen_loss_mask"], b["rejected_loss_mask"]])
-        lp = sequence_logprob_sums(model, ids, att, lm)
+        if mode == "masked_head":
+            from rlhfstack.rollout.fast import masked_logprob_sums
+
+            lp = masked_logprob_sums(model, ids, att, lm)
+        else:
+            lp = sequence_logprob_sums(model, ids, att, lm)
         return lp[:B], lp[B:]
 
     # reference log-probs, once (stages/dpo.py); the cost is amortized over the steps below
@@ -307,7 +323,7 @@ def reward_fn(texts: list[str]) -> list[float]:
     return [len(set(t.split())) / 64.0 for t in texts]
 
 
-def bench_grpo(model_dir: str, steps: int) -> list[float]:
+def bench_grpo(model_dir: str, steps: int, shared_prompt: bool = False) -> list[float]:
     import torch
 
     from rlhfstack.losses import group_normalized_advantages, ppo_policy_loss
@@ -340,6 +356,7 @@ def bench_grpo(model_dir: str, steps: int) -> list[float]:
             pad_id=C.PAD_ID,
             generator=gen_rng,
             return_logprobs=True,
+            prompt_group_size=G if shared_prompt else 1,
         )
         rewards = torch.tensor(reward_fn(decode_responses(tok, gen)))
         adv_B = group_normalized_advantages(rewards, G)
@@ -347,7 +364,14 @@ def bench_grpo(model_dir: str, steps: int) -> list[float]:
         resp_mask = gen.response_mask_BR.float()
         policy.train()
         opt.zero_grad(set_to_none=True)
-        o = response_logprobs(policy, ids, mask, P)
+        if shared_prompt:
+            from rlhfstack.rollout.fast import shared_prefix_response_logprobs
+
+            o = shared_prefix_response_logprobs(
+                policy, p_ids[::G], p_mask[::G], gen.response_ids_BR, gen.response_mask_BR
+            )
+        else:
+            o = response_logprobs(policy, ids, mask, P)
         adv_BT = adv_B.unsqueeze(1).expand_as(resp_mask)
         loss, _ = ppo_policy_loss(
             o["logprobs"],
@@ -419,6 +443,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--value-model", default="shared", choices=["shared", "separate"])
     ap.add_argument("--logprobs-from-rollout", action="store_true")
+    ap.add_argument(
+        "--shared-prompt", action="store_true", help="rm/dpo/grpo: run each shared prompt once"
+    )
+    ap.add_argument(
+        "--masked-head", action="store_true", help="dpo: LM head on response tokens only"
+    )
     ap.add_argument("--hf", action="store_true", help="gen: time HF generate instead")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
@@ -429,9 +459,12 @@ def main(argv: list[str] | None = None) -> dict:
     n = a.warmup + a.steps
     extra: dict = {"side": "ours", "algo": a.algo, "threads": a.threads}
     if a.algo == "rm":
-        times = bench_rm(a.model_dir, n)
+        times = bench_rm(a.model_dir, n, a.shared_prompt)
+        extra.update(shared_prompt=a.shared_prompt)
     elif a.algo == "dpo":
-        times, ref_s = bench_dpo(a.model_dir, n)
+        mode = "shared_prompt" if a.shared_prompt else "masked_head" if a.masked_head else "stage"
+        times, ref_s = bench_dpo(a.model_dir, n, mode)
+        extra.update(mode=mode)
         # the reference pass ran once for the whole data set: charge each step its share
         extra.update(
             train_s_per_step=C.summarize(times, a.warmup)["s_per_step"], ref_precompute_s=ref_s
@@ -441,7 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
         times = bench_ppo(a.model_dir, n, a.value_model, a.logprobs_from_rollout)
         extra.update(value_model=a.value_model, logprobs_from_rollout=a.logprobs_from_rollout)
     elif a.algo == "grpo":
-        times = bench_grpo(a.model_dir, n)
+        times = bench_grpo(a.model_dir, n, a.shared_prompt)
+        extra.update(shared_prompt=a.shared_prompt)
     else:
         times, n_tok = bench_gen(a.model_dir, n, a.hf)
         res = C.summarize(times, a.warmup, {**extra, "impl": "hf" if a.hf else "ours"})

@@ -13,8 +13,8 @@ median seconds per optimizer step after its warm-up steps and its peak RSS
 
 Output: ``runs/bench/bench.json`` with, for each of ``ppo``, ``dpo``, ``rm``, ``grpo`` and each
 size, ``ours_s_per_step``, ``trl_s_per_step``, ``ratio`` (ours / TRL), ``ours_peak_rss_mb``,
-``trl_peak_rss_mb``; ``generation`` (``ours_tok_s``, ``hf_tok_s``); ``ppo_variants`` (ours with
-the changes recommended for the PPO stage); raw child results and the environment.
+``trl_peak_rss_mb``; ``generation`` (``ours_tok_s``, ``hf_tok_s``); ``variants`` (ours with the
+changes recommended for the stages, same math); raw child results and the environment.
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ BENCH = Path(__file__).resolve().parent
 TRL_PY = {"ppo": C.REPO / ".venv-bench-trl112" / "bin" / "python"}
 TRL_PY_DEFAULT = C.REPO / ".venv-bench-trl" / "bin" / "python"
 ALGOS = ("rm", "dpo", "grpo", "ppo")
+
+#: ours with the changes recommended to the stages (same math; see rlhfstack/rollout/fast.py)
+VARIANTS = {
+    "ppo": {
+        "logprobs_from_rollout": ["--logprobs-from-rollout"],
+        "separate_value_model": ["--value-model", "separate"],
+    },
+    "dpo": {"response_only_head": ["--masked-head"], "shared_prompt": ["--shared-prompt"]},
+    "rm": {"shared_prompt": ["--shared-prompt"]},
+    "grpo": {"shared_prompt": ["--shared-prompt"]},
+}
 
 #: targets from the issue (ratios ours / TRL; generation: ours / HF at least 2x)
 TARGETS = {"ppo": 0.5, "ppo_rss": 0.6, "dpo": 0.6, "rm": 0.9, "grpo": 0.7, "generation": 2.0}
@@ -117,6 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-wait", action="store_true")
     ap.add_argument("--no-trl", action="store_true", help="ours only (no TRL venvs needed)")
     ap.add_argument("--no-variants", action="store_true")
+    ap.add_argument(
+        "--trl-no-gc",
+        action="store_true",
+        help="also time TRL with its default gradient checkpointing turned off",
+    )
     ap.add_argument("--out", default=str(C.REPO / "runs" / "bench" / "bench.json"))
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -164,6 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
         for algo in algos:
             ours = child("ours", algo, size)
             trl = {} if a.no_trl else child("trl", algo, size)
+            trl_nogc = (
+                {}
+                if a.no_trl or not a.trl_no_gc
+                else child("trl", algo, size, ["--no-gradient-checkpointing"], "-nogc")
+            )
             o, t = ours.get("s_per_step"), trl.get("s_per_step")
             result.setdefault(algo, {})[size] = {
                 "ours_s_per_step": o,
@@ -173,6 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "trl_peak_rss_mb": trl.get("peak_rss_mb"),
                 "rss_ratio": _ratio(ours.get("peak_rss_mb"), trl.get("peak_rss_mb")),
             }
+            if trl_nogc:
+                result[algo][size]["trl_no_gradient_checkpointing"] = {
+                    "trl_s_per_step": trl_nogc.get("s_per_step"),
+                    "trl_peak_rss_mb": trl_nogc.get("peak_rss_mb"),
+                    "ratio": _ratio(o, trl_nogc.get("s_per_step")),
+                    "rss_ratio": _ratio(ours.get("peak_rss_mb"), trl_nogc.get("peak_rss_mb")),
+                }
         gen_o = child("ours", "gen", size)
         gen_h = child("ours", "gen", size, ["--hf"], "-hf")
         result.setdefault("generation", {})[size] = {
@@ -183,19 +211,19 @@ def main(argv: list[str] | None = None) -> dict:
             "prompt_tokens": C.PROMPT_LEN,
             "new_tokens": C.COMPLETION_LEN,
         }
-        if "ppo" in algos and not a.no_variants:
-            trl_ppo = result["ppo"][size]
-            for tag, extra in {
-                "logprobs_from_rollout": ["--logprobs-from-rollout"],
-                "separate_value_model": ["--value-model", "separate"],
-            }.items():
-                r = child("ours", "ppo", size, extra, "-" + tag)
-                result.setdefault("ppo_variants", {}).setdefault(size, {})[tag] = {
-                    "ours_s_per_step": r.get("s_per_step"),
-                    "ratio": _ratio(r.get("s_per_step"), trl_ppo["trl_s_per_step"]),
-                    "ours_peak_rss_mb": r.get("peak_rss_mb"),
-                    "rss_ratio": _ratio(r.get("peak_rss_mb"), trl_ppo["trl_peak_rss_mb"]),
-                }
+        if not a.no_variants:
+            for algo in algos:
+                trl_res = result[algo][size]
+                for tag, extra in VARIANTS.get(algo, {}).items():
+                    r = child("ours", algo, size, extra, "-" + tag)
+                    result.setdefault("variants", {}).setdefault(algo, {}).setdefault(size, {})[
+                        tag
+                    ] = {
+                        "ours_s_per_step": r.get("s_per_step"),
+                        "ratio": _ratio(r.get("s_per_step"), trl_res["trl_s_per_step"]),
+                        "ours_peak_rss_mb": r.get("peak_rss_mb"),
+                        "rss_ratio": _ratio(r.get("peak_rss_mb"), trl_res["trl_peak_rss_mb"]),
+                    }
     import torch
     import transformers
 

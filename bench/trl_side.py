@@ -7,7 +7,9 @@
 PPOTrainer (trl 1.12.0, the last release that has it: four models, a whole second model as the
 value function). Settings mirror ``bench/ours.py``: batch 8 sequences (8 pairs for rm/dpo; 2
 prompts x 4 samples for grpo), prompt 128 + completion 64 tokens, fp32, one PPO epoch of one
-minibatch, constant learning rate, gradient clipping at 1.0, no logging or checkpoints.
+minibatch, constant learning rate, gradient clipping at 1.0, no logging or checkpoints, and
+TRL's own defaults otherwise (gradient checkpointing on; ``--no-gradient-checkpointing`` turns
+it off).
 Seconds per step are the wall time between consecutive ``on_step_end`` callbacks.
 """
 
@@ -36,8 +38,12 @@ def _callback(timer: C.StepTimer):
     return Timing()
 
 
+GRADIENT_CHECKPOINTING = True  # TRL's default in every trainer used here
+
+
 def _common_args(out: str, steps: int) -> dict:
     return dict(
+        gradient_checkpointing=GRADIENT_CHECKPOINTING,
         output_dir=out,
         per_device_train_batch_size=C.BATCH,
         gradient_accumulation_steps=1,
@@ -203,16 +209,22 @@ NTHREADS = 2
 
 
 def main(argv: list[str] | None = None) -> dict:
-    global NTHREADS
+    global NTHREADS, GRADIENT_CHECKPOINTING
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--algo", required=True, choices=["rm", "dpo", "ppo", "grpo"])
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--no-gradient-checkpointing",
+        action="store_true",
+        help="turn off TRL's default gradient checkpointing (faster, more memory)",
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     NTHREADS = a.threads
+    GRADIENT_CHECKPOINTING = not a.no_gradient_checkpointing
     C.set_threads(a.threads)
     import torch
     import transformers
@@ -232,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": a.threads,
             "trl": trl.__version__,
             "transformers": transformers.__version__,
+            "gradient_checkpointing": GRADIENT_CHECKPOINTING,
             "torch": torch.__version__,
         },
     )

@@ -15,6 +15,7 @@ TARGETS = {"rm_hh": 0.65, "rm_ultrafeedback": 0.70}
 
 
 @pytest.mark.slow
+@pytest.mark.experiment
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("experiment", sorted(TARGETS))
 def test_rm_experiment_reaches_target(experiment, tmp_path, data_root):
