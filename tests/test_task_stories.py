@@ -34,7 +34,6 @@ DATA_ROOT = Path(os.environ.get("RLHF_DATA_ROOT", REPO.parent / "shared" / "data
 if not DATA_ROOT.is_absolute():
     DATA_ROOT = (REPO / DATA_ROOT).resolve()
 GPT2_DIR = DATA_ROOT / "models" / "tiny-gpt2"
-STORIES_HF = REPO / "runs" / "_cache" / "stories260k_hf"
 
 HAPPY = "She was so happy and loved her new friend."
 SAD = "She was sad and angry and cried."
@@ -192,13 +191,10 @@ def test_lm_fluency_truncates_long_inputs(tiny_lm) -> None:
     assert g.score(["Hi"], [HAPPY]).shape == (1,)
 
 
-@pytest.mark.slow
-def test_gold_with_real_stories260k() -> None:
+def test_gold_with_real_stories260k(stories_hf) -> None:
     transformers = pytest.importorskip("transformers")
-    if not STORIES_HF.exists():
-        pytest.skip(f"missing {STORIES_HF}")
-    tok = transformers.AutoTokenizer.from_pretrained(str(STORIES_HF))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(STORIES_HF))
+    tok = transformers.AutoTokenizer.from_pretrained(str(stories_hf))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(stories_hf))
     g = GoldReward(model, tok)
     prompt = "Lily and Tom went to the park."
     fluent = "They saw a big dog. The dog was very friendly and they became best friends."
