@@ -1,6 +1,6 @@
 """Entry point: evaluate pi_sft, pi_dpo, pi_ppo of the embedded demo (results.json + EVAL_REPORT.md).
 
-    python eval/evaluate_demo.py +experiment=demo
+python eval/evaluate_demo.py +experiment=demo
 """
 
 import sys

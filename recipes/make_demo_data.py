@@ -1,6 +1,6 @@
 """Entry point: The embedded task's data (prompts, base samples, simulated labels).
 
-    python recipes/make_demo_data.py +experiment=demo [key=value ...]
+python recipes/make_demo_data.py +experiment=demo [key=value ...]
 """
 
 import hydra

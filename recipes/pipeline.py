@@ -1,6 +1,6 @@
 """Entry point: the whole pipeline (data -> SFT -> RM -> PPO -> DPO -> evaluation).
 
-    python recipes/pipeline.py +experiment=demo
+python recipes/pipeline.py +experiment=demo
 """
 
 import sys

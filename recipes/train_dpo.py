@@ -1,6 +1,6 @@
 """Entry point: DPO.
 
-    python recipes/train_dpo.py +experiment=demo [key=value ...]
+python recipes/train_dpo.py +experiment=demo [key=value ...]
 """
 
 import hydra

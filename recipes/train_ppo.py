@@ -1,6 +1,6 @@
 """Entry point: PPO against the frozen reward model with a KL penalty to the frozen SFT model.
 
-    python recipes/train_ppo.py +experiment=demo [run_dir=DIR trainer.max_steps=N ...]
+python recipes/train_ppo.py +experiment=demo [run_dir=DIR trainer.max_steps=N ...]
 """
 
 import hydra
@@ -15,7 +15,11 @@ def main(cfg: DictConfig) -> None:
     from rlhfstack.tasks.demo import gold_scorer_for
 
     c = to_object(cfg)
-    gold = gold_scorer_for(c.gold_task, c.artifacts_dir, c.cluster.device) if c.gold_eval_every else None
+    gold = (
+        gold_scorer_for(c.gold_task, c.artifacts_dir, c.cluster.device)
+        if c.gold_eval_every
+        else None
+    )
     train(c, gold_scorer=gold)
 
 

@@ -1,6 +1,6 @@
 """Entry point: Reward model (Bradley-Terry).
 
-    python recipes/train_rm.py +experiment=demo [key=value ...]
+python recipes/train_rm.py +experiment=demo [key=value ...]
 """
 
 import hydra

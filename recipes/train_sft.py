@@ -1,6 +1,6 @@
 """Entry point: Supervised fine-tuning.
 
-    python recipes/train_sft.py +experiment=demo [key=value ...]
+python recipes/train_sft.py +experiment=demo [key=value ...]
 """
 
 import hydra

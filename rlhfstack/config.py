@@ -54,7 +54,15 @@ class LoraConfig:
     dropout: float = 0.0
     """Adapter dropout. 0 for RL: dropout breaks ratio == 1 before the first update."""
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
     """Module names that receive adapters."""
     quantize_4bit: bool = False
@@ -831,7 +839,9 @@ def to_object(cfg: DictConfig | Any) -> Any:
     schema = OmegaConf.get_type(cfg)
     if schema is not None and schema is not dict:
         try:
-            OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=False))
+            OmegaConf.merge(
+                OmegaConf.structured(schema), OmegaConf.to_container(cfg, resolve=False)
+            )
         except Exception as err:  # omegaconf raises ConfigKeyError / ValidationError
             raise ValueError(f"invalid config for {schema.__name__}: {err}") from None
     return OmegaConf.to_object(cfg)

@@ -51,7 +51,11 @@ def run_pipeline(cfg: PipelineConfig, command: str = "") -> Path:
         if stage == "ppo":
             from rlhfstack.tasks.demo import gold_scorer_for
 
-            gold = gold_scorer_for(scfg.gold_task, scfg.artifacts_dir, scfg.cluster.device) if scfg.gold_eval_every else None
+            gold = (
+                gold_scorer_for(scfg.gold_task, scfg.artifacts_dir, scfg.cluster.device)
+                if scfg.gold_eval_every
+                else None
+            )
             mod.train(scfg, gold_scorer=gold)
         elif stage == "eval":
             mod.train(scfg, command=command)

@@ -32,7 +32,9 @@ def stories_hf(tmp_path_factory, data_root) -> Path:
         pytest.skip(f"{STORIES} not found")
     from rlhfstack.models.llama2c import convert
 
-    return convert(STORIES / "stories260K.bin", STORIES / "tok512.bin", tmp_path_factory.mktemp("s260k") / "hf")
+    return convert(
+        STORIES / "stories260K.bin", STORIES / "tok512.bin", tmp_path_factory.mktemp("s260k") / "hf"
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -68,4 +68,6 @@ def test_data_root_comes_from_environment(monkeypatch):
 
 def test_generated_data_paths_are_absolute_so_the_data_root_never_captures_them():
     cfg = to_object(load_config("sft", ["+experiment=demo"]))
-    assert cfg.data.train_path.startswith("/") and cfg.data.train_path.endswith("runs/demo/data/sft_train.jsonl")
+    assert cfg.data.train_path.startswith("/") and cfg.data.train_path.endswith(
+        "runs/demo/data/sft_train.jsonl"
+    )

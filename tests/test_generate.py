@@ -17,8 +17,16 @@ def model_tok(stories_hf):
 def test_greedy_matches_hf_generate(model_tok):
     model, tok = model_tok
     ids, mask = left_pad_prompts(tok, ["Once upon a time"], 64)
-    ours = generate(model, ids, mask, max_new_tokens=40, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                    greedy=True, stop_ids=(tok.eos_token_id, tok.bos_token_id))
+    ours = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=40,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        greedy=True,
+        stop_ids=(tok.eos_token_id, tok.bos_token_id),
+    )
     hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40)
     n = ours.response_ids_BR.shape[1]
     assert ours.response_ids_BR[0].tolist() == hf[0, ids.shape[1] : ids.shape[1] + n].tolist()
@@ -41,10 +49,20 @@ def test_left_padding_does_not_change_greedy_continuation(model_tok):
 def test_rollout_logprobs_equal_training_pass_logprobs(model_tok):
     """Sampling is from softmax(logits/T); the training pass must give the same log-probs."""
     model, tok = model_tok
-    ids, mask = left_pad_prompts(tok, ["Tom had a cat.", "Once upon a time, there was a big tree"], 64)
+    ids, mask = left_pad_prompts(
+        tok, ["Tom had a cat.", "Once upon a time, there was a big tree"], 64
+    )
     g = torch.Generator().manual_seed(0)
-    gen = generate(model, ids, mask, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                   temperature=0.7, generator=g)
+    gen = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=12,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        temperature=0.7,
+        generator=g,
+    )
     full, fmask = gen.full()
     a = response_logprobs(model, full, fmask, ids.shape[1], temperature=0.7)["logprobs"]
     b = response_logprobs(model, full, fmask, ids.shape[1], temperature=0.7)["logprobs"]
@@ -76,7 +94,9 @@ def test_response_mask_stops_after_first_stop_token():
             return o
 
     ids = torch.tensor([[7, 3]])
-    gen = generate(Fake(), ids, torch.ones_like(ids), max_new_tokens=6, eos_id=2, pad_id=0, greedy=True)
+    gen = generate(
+        Fake(), ids, torch.ones_like(ids), max_new_tokens=6, eos_id=2, pad_id=0, greedy=True
+    )
     assert gen.response_ids_BR.tolist() == [[5, 5, 2]]
     assert gen.response_mask_BR.tolist() == [[1, 1, 1]]
     assert gen.ended_B.tolist() == [True]
@@ -85,6 +105,14 @@ def test_response_mask_stops_after_first_stop_token():
 def test_pad_token_is_never_sampled(model_tok):
     model, tok = model_tok
     ids, mask = left_pad_prompts(tok, ["Sue"] * 16, 64)
-    gen = generate(model, ids, mask, max_new_tokens=16, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                   temperature=2.0, generator=torch.Generator().manual_seed(1))
+    gen = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=16,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        temperature=2.0,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert not (gen.response_ids_BR[gen.response_mask_BR.bool()] == tok.pad_token_id).any()

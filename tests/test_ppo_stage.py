@@ -26,16 +26,24 @@ SMALL = [
 
 
 def _cfg(smoke: Path, run_dir: Path, extra: list[str]):
-    return to_object(load_config("ppo", [f"artifacts_dir={smoke}", f"run_dir={run_dir}", *SMALL, *extra]))
+    return to_object(
+        load_config("ppo", [f"artifacts_dir={smoke}", f"run_dir={run_dir}", *SMALL, *extra])
+    )
 
 
 def test_lora_policy_uses_adapter_disabled_reference(smoke, tmp_path):
     from rlhfstack.stages.ppo import train
 
-    cfg = _cfg(smoke, tmp_path / "ppo_lora", ["trainer.max_steps=2", "model.lora.enabled=true", "model.lora.r=4"])
+    cfg = _cfg(
+        smoke,
+        tmp_path / "ppo_lora",
+        ["trainer.max_steps=2", "model.lora.enabled=true", "model.lora.r=4"],
+    )
     run_dir = train(cfg)
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert rows[0]["kl/seq_k1"] == pytest.approx(0.0, abs=1e-6)  # LoRA B=0 at init: policy == reference
+    assert rows[0]["kl/seq_k1"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # LoRA B=0 at init: policy == reference
     assert rows[0]["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert (run_dir / "model" / "config.json").exists()  # adapter merged into one HF dir
 
@@ -49,12 +57,20 @@ def test_bad_sampling_config_is_rejected(smoke, tmp_path):
 
 def _run(smoke: Path, run_dir: Path, steps: int, save_every: int) -> subprocess.Popen:
     cmd = [
-        sys.executable, str(REPO / "recipes" / "train_ppo.py"), f"artifacts_dir={smoke}", f"run_dir={run_dir}",
-        f"trainer.max_steps={steps}", f"trainer.save_every={save_every}", *SMALL, "logging.tensorboard=false",
+        sys.executable,
+        str(REPO / "recipes" / "train_ppo.py"),
+        f"artifacts_dir={smoke}",
+        f"run_dir={run_dir}",
+        f"trainer.max_steps={steps}",
+        f"trainer.save_every={save_every}",
+        *SMALL,
+        "logging.tensorboard=false",
         "logging.plots=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def _strip(row: dict) -> dict:

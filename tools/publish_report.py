@@ -1,6 +1,6 @@
 """Copy a pipeline run's EVAL_REPORT.md to the repository root, with its plots under docs/.
 
-    python tools/publish_report.py --artifacts runs/demo --out EVAL_REPORT.md
+python tools/publish_report.py --artifacts runs/demo --out EVAL_REPORT.md
 """
 
 import argparse

@@ -24,15 +24,27 @@ def reliability_bins(probs: np.ndarray, outcomes: np.ndarray, n_bins: int = 10) 
         sel = idx == b
         n = int(sel.sum())
         if n == 0:
-            bins.append({"lo": edges[b], "hi": edges[b + 1], "n": 0, "mean_prob": None, "accuracy": None})
+            bins.append(
+                {"lo": edges[b], "hi": edges[b + 1], "n": 0, "mean_prob": None, "accuracy": None}
+            )
             continue
         conf, acc = float(probs[sel].mean()), float(outcomes[sel].mean())
         ece += n / len(probs) * abs(acc - conf)
-        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": n, "mean_prob": conf, "accuracy": acc})
+        bins.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n": n,
+                "mean_prob": conf,
+                "accuracy": acc,
+            }
+        )
     return {"ece": float(ece), "bins": bins}
 
 
-def plot_reliability(rel: dict, path: str | os.PathLike, title: str = "reward model calibration") -> Path:
+def plot_reliability(
+    rel: dict, path: str | os.PathLike, title: str = "reward model calibration"
+) -> Path:
     """Reliability diagram PNG (written to a temporary name, then renamed)."""
     import matplotlib
 

@@ -129,8 +129,18 @@ def render_report(art: Path, results: dict[str, Any]) -> str:
     L.append("## PPO diagnostics\n")
     if gp:
         L.append(f"![gold vs proxy]({gp})\n")
-    for key in ("reward_rm_score", "kl_seq_k1", "kl_beta", "response_length", "ppo_clipfrac",
-                "ppo_approx_kl", "entropy", "values_explained_variance", "loss_value", "loss_policy"):
+    for key in (
+        "reward_rm_score",
+        "kl_seq_k1",
+        "kl_beta",
+        "response_length",
+        "ppo_clipfrac",
+        "ppo_approx_kl",
+        "entropy",
+        "values_explained_variance",
+        "loss_value",
+        "loss_policy",
+    ):
         if (art / "ppo" / "plots" / f"{key}.png").exists():
             L.append(f"![{key}](ppo/plots/{key}.png)")
     L.append("")
@@ -151,7 +161,9 @@ def write_eval_report(art: str | os.PathLike, results: dict[str, Any]) -> Path:
     return path
 
 
-def publish_report(art: str | os.PathLike, dest_md: str | os.PathLike, assets_dir: str | os.PathLike) -> None:
+def publish_report(
+    art: str | os.PathLike, dest_md: str | os.PathLike, assets_dir: str | os.PathLike
+) -> None:
     """Copy ``art/EVAL_REPORT.md`` to ``dest_md`` with its images copied under ``assets_dir``."""
     import re
 

@@ -36,7 +36,14 @@ def disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
     cfg = getattr(model, "config", None)
     if cfg is not None:
-        for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        for name in (
+            "attention_dropout",
+            "hidden_dropout",
+            "dropout",
+            "resid_pdrop",
+            "embd_pdrop",
+            "attn_pdrop",
+        ):
             if hasattr(cfg, name) and isinstance(getattr(cfg, name), float):
                 setattr(cfg, name, 0.0)
 
@@ -263,7 +270,9 @@ class RewardModel(nn.Module):
         if kind not in ("causal_lm", "encoder"):
             raise ValueError(f"rm.backbone: unknown kind {kind!r} (causal_lm | encoder)")
         if pooling not in ("mean", "response_mean", "cls"):
-            raise ValueError(f"rm.pooling: unknown pooling {pooling!r} (mean | response_mean | cls)")
+            raise ValueError(
+                f"rm.pooling: unknown pooling {pooling!r} (mean | response_mean | cls)"
+            )
         self.kind = kind
         self.pooling = pooling
         self.sep_token_id = sep_token_id
@@ -281,7 +290,9 @@ class RewardModel(nn.Module):
             return causal_lm_parts(self.backbone)[0]
         return self.backbone
 
-    def raw_scores(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    def raw_scores(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor
+    ) -> torch.Tensor:
         """Unnormalized head outputs ``[B, k]``."""
         if self.kind == "causal_lm":
             h_BTD = trunk_hidden(self.trunk(), input_ids_BT, attention_mask_BT)
@@ -311,7 +322,9 @@ class RewardModel(nn.Module):
         return self.raw_scores(input_ids_BT, attention_mask_BT)
 
     @torch.no_grad()
-    def score(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+    def score(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Normalized reward: ``mean`` and ``std`` over ensemble heads, each ``[B]``."""
         r_Bk = self.raw_scores(input_ids_BT, attention_mask_BT) * self.gain + self.bias
         std = r_Bk.std(-1) if r_Bk.shape[-1] > 1 else torch.zeros_like(r_Bk[:, 0])
@@ -345,13 +358,17 @@ class RewardModel(nn.Module):
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, dtype: str = "float32", device: str = "cpu") -> RewardModel:
+    def load(
+        cls, path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"
+    ) -> RewardModel:
         from safetensors.torch import load_file
 
         path = Path(path)
         cfg_path = path / "reward_config.json"
         if not cfg_path.exists():
-            raise FileNotFoundError(f"{cfg_path}: not a reward model directory (reward_config.json missing)")
+            raise FileNotFoundError(
+                f"{cfg_path}: not a reward model directory (reward_config.json missing)"
+            )
         meta = json.loads(cfg_path.read_text())
         if meta["kind"] == "causal_lm":
             backbone = load_causal_lm(str(path), dtype=dtype, trainable=False)
@@ -399,7 +416,9 @@ class RewardEnsemble(nn.Module):
                 ref.backbone.config.vocab_size,
             )
             if not same:
-                raise ValueError("RewardEnsemble members must share kind, tokenizer and input layout")
+                raise ValueError(
+                    "RewardEnsemble members must share kind, tokenizer and input layout"
+                )
         self.members = nn.ModuleList(members)
 
     def __getattr__(self, name: str) -> Any:
@@ -408,10 +427,13 @@ class RewardEnsemble(nn.Module):
         return super().__getattr__(name)
 
     @torch.no_grad()
-    def score(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+    def score(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """``mean``/``std`` ``[B]`` over all heads of all members; ``all`` ``[B, sum_k]``."""
         r_BK = torch.cat(
-            [m.raw_scores(input_ids_BT, attention_mask_BT) * m.gain + m.bias for m in self.members], -1
+            [m.raw_scores(input_ids_BT, attention_mask_BT) * m.gain + m.bias for m in self.members],
+            -1,
         )
         std = r_BK.std(-1) if r_BK.shape[-1] > 1 else torch.zeros_like(r_BK[:, 0])
         return {"mean": r_BK.mean(-1), "std": std, "all": r_BK}
@@ -471,7 +493,9 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def save_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, merge_lora: bool = True) -> None:
+def save_hf(
+    model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, merge_lora: bool = True
+) -> None:
     """Save model + tokenizer as one HF directory (LoRA merged by default), atomically."""
     from rlhfstack.runtime import atomic_dir
 
@@ -487,4 +511,6 @@ def save_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, merge_
 
 def tokenizer_for(model_cfg: Any) -> Any:
     """The tokenizer of a ``ModelConfig`` (``tokenizer_path`` or ``path``, with ``pad_token``)."""
-    return load_tokenizer(model_cfg.tokenizer_path or model_cfg.path, getattr(model_cfg, "pad_token", None))
+    return load_tokenizer(
+        model_cfg.tokenizer_path or model_cfg.path, getattr(model_cfg, "pad_token", None)
+    )

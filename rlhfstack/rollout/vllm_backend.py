@@ -34,7 +34,9 @@ class VLLMRollout:
         try:
             from vllm import LLM
         except ImportError as err:  # pragma: no cover - GPU-only dependency
-            raise RuntimeError("rollout.backend=vllm needs vLLM and a CUDA GPU: pip install '.[gpu]'") from err
+            raise RuntimeError(
+                "rollout.backend=vllm needs vLLM and a CUDA GPU: pip install '.[gpu]'"
+            ) from err
         if not torch.cuda.is_available():  # pragma: no cover
             raise RuntimeError("rollout.backend=vllm needs a CUDA GPU")
         self.llm = LLM(
@@ -81,11 +83,17 @@ class VLLMRollout:
 
         stops = list(stop_ids) if stop_ids is not None else [eos_id]
         params = SamplingParams(
-            temperature=temperature, top_k=-1, top_p=1.0, max_tokens=max_new_tokens,
-            stop_token_ids=stops, seed=seed, skip_special_tokens=False,
+            temperature=temperature,
+            top_k=-1,
+            top_p=1.0,
+            max_tokens=max_new_tokens,
+            stop_token_ids=stops,
+            seed=seed,
+            skip_special_tokens=False,
         )
         prompts = [
-            {"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(prompt_ids_BP.cpu(), prompt_mask_BP.cpu())
+            {"prompt_token_ids": ids[m.bool()].tolist()}
+            for ids, m in zip(prompt_ids_BP.cpu(), prompt_mask_BP.cpu())
         ]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         seqs, ended = [], []
@@ -104,6 +112,9 @@ class VLLMRollout:
             mask[i, : len(s)] = 1
         dev = prompt_ids_BP.device
         return Generation(
-            prompt_ids_BP=prompt_ids_BP, prompt_mask_BP=prompt_mask_BP.long(), response_ids_BR=ids.to(dev),
-            response_mask_BR=mask.to(dev), ended_B=torch.tensor(ended, device=dev),
+            prompt_ids_BP=prompt_ids_BP,
+            prompt_mask_BP=prompt_mask_BP.long(),
+            response_ids_BR=ids.to(dev),
+            response_mask_BR=mask.to(dev),
+            ended_B=torch.tensor(ended, device=dev),
         )

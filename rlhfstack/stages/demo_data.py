@@ -55,31 +55,59 @@ def train(cfg: DemoDataConfig) -> Path:
     stop = (tok.eos_token_id, tok.bos_token_id)
     per_prompt: list[list[str]] = [[] for _ in pref_p]
     for k in range(cfg.completions_per_prompt):
-        texts, _, n_tok = sample_texts(base, tok, pref_p, max_new_tokens=cfg.max_new_tokens,
-                                       temperature=cfg.temperature, seed=cfg.seed * 1000 + k,
-                                       device=run.device, batch_size=256, stop_ids=stop)
+        texts, _, n_tok = sample_texts(
+            base,
+            tok,
+            pref_p,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed * 1000 + k,
+            device=run.device,
+            batch_size=256,
+            stop_ids=stop,
+        )
         run.cost.add_tokens(n_tok)
         for i, t in enumerate(texts):
             per_prompt[i].append(cut_at_sentence(t))
     # held-out base text for the alignment-tax NLL
-    held_texts, _, _ = sample_texts(base, tok, held_p, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                                    seed=cfg.seed + 777, device=run.device, batch_size=256, stop_ids=stop)
-    atomic_write_jsonl(out / "heldout_text.jsonl",
-                       [{"prompt": p, "completion": cut_at_sentence(t)} for p, t in zip(held_p, held_texts)])
+    held_texts, _, _ = sample_texts(
+        base,
+        tok,
+        held_p,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=1.0,
+        seed=cfg.seed + 777,
+        device=run.device,
+        batch_size=256,
+        stop_ids=stop,
+    )
+    atomic_write_jsonl(
+        out / "heldout_text.jsonl",
+        [{"prompt": p, "completion": cut_at_sentence(t)} for p, t in zip(held_p, held_texts)],
+    )
 
     # ---- gold reward, calibrated on the base samples
     gold = GoldReward(base, tok)
     flat_p = [p for p, cs in zip(pref_p, per_prompt) for _ in cs]
     flat_c = [c for cs in per_prompt for c in cs]
     f0, f_scale = calibrate_fluency(gold.features(flat_p[:1024], flat_c[:1024])["fluency"])
-    save_gold_params(out / "gold.json", {
-        "f0": f0, "f_scale": f_scale, "w_sentiment": 1.0, "w_fluency": 0.5, "w_repetition": 2.0,
-        "note": "gold = w_sentiment*VADER + w_fluency*clip((fluency-f0)/f_scale,-3,1) - w_repetition*repetition",
-    })
+    save_gold_params(
+        out / "gold.json",
+        {
+            "f0": f0,
+            "f_scale": f_scale,
+            "w_sentiment": 1.0,
+            "w_fluency": 0.5,
+            "w_repetition": 2.0,
+            "note": "gold = w_sentiment*VADER + w_fluency*clip((fluency-f0)/f_scale,-3,1) - w_repetition*repetition",
+        },
+    )
     gold = GoldReward(base, tok, f0=f0, f_scale=f_scale, batch_size=128)
 
     # ---- pairs, labeled by the noisy pool (features computed once per distinct sample)
-    pa_p, pa_a, pa_b = best_of_k_pairs(pref_p, per_prompt, pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed)
+    pa_p, pa_a, pa_b = best_of_k_pairs(
+        pref_p, per_prompt, pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed
+    )
     uniq = sorted(set(zip(pa_p, pa_a)) | set(zip(pa_p, pa_b)))
     uf = gold.features([u[0] for u in uniq], [u[1] for u in uniq])
     row_of = {u: i for i, u in enumerate(uniq)}
@@ -89,8 +117,11 @@ def train(cfg: DemoDataConfig) -> Path:
         return {k: np.asarray(v)[idx] for k, v in uf.items()}
 
     pool = default_labeler_pool(cfg.flip_prob)
-    labels = [r for r in label_pairs(pa_p, pa_a, pa_b, gold, pool, seed=cfg.seed, features_fn=lookup)
-              if r["chosen"].strip() and r["rejected"].strip()]
+    labels = [
+        r
+        for r in label_pairs(pa_p, pa_a, pa_b, gold, pool, seed=cfg.seed, features_fn=lookup)
+        if r["chosen"].strip() and r["rejected"].strip()
+    ]
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(len(labels))
     n_val = max(16, len(labels) // 10)
@@ -99,22 +130,44 @@ def train(cfg: DemoDataConfig) -> Path:
     keys = ("prompt", "chosen", "rejected", "labeler", "gold_margin")
     atomic_write_jsonl(out / "prefs_train.jsonl", [{k: r[k] for k in keys} for r in tr])
     atomic_write_jsonl(out / "prefs_val.jsonl", [{k: r[k] for k in keys} for r in val])
-    atomic_write_jsonl(out / "prefs_val_gold.jsonl", [
-        {"prompt": r["prompt"], "chosen": r["chosen"] if r["gold_margin"] >= 0 else r["rejected"],
-         "rejected": r["rejected"] if r["gold_margin"] >= 0 else r["chosen"]}
-        for r in val if r["gold_margin"] != 0
-    ])
-    atomic_write_jsonl(out / "sft_train.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in tr])
-    atomic_write_jsonl(out / "sft_val.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in val])
+    atomic_write_jsonl(
+        out / "prefs_val_gold.jsonl",
+        [
+            {
+                "prompt": r["prompt"],
+                "chosen": r["chosen"] if r["gold_margin"] >= 0 else r["rejected"],
+                "rejected": r["rejected"] if r["gold_margin"] >= 0 else r["chosen"],
+            }
+            for r in val
+            if r["gold_margin"] != 0
+        ],
+    )
+    atomic_write_jsonl(
+        out / "sft_train.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in tr]
+    )
+    atomic_write_jsonl(
+        out / "sft_val.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in val]
+    )
     agree = labeler_agreement_with_gold(labels)
     overall = float(np.mean([r["agrees_with_gold"] for r in labels]))
-    atomic_write_json(out / "labelers.json", {
-        "agreement_with_gold": agree, "overall_agreement": overall, "n_pairs": len(labels),
-        "flip_prob": cfg.flip_prob,
-        "pool": [vars(lab) for lab in pool],
-    })
-    log.info("data: %d train prompts, %d held-out, %d labeled pairs; label/gold agreement %.3f %s",
-             len(train_p), len(held_p), len(labels), overall, {k: round(v, 3) for k, v in agree.items()})
+    atomic_write_json(
+        out / "labelers.json",
+        {
+            "agreement_with_gold": agree,
+            "overall_agreement": overall,
+            "n_pairs": len(labels),
+            "flip_prob": cfg.flip_prob,
+            "pool": [vars(lab) for lab in pool],
+        },
+    )
+    log.info(
+        "data: %d train prompts, %d held-out, %d labeled pairs; label/gold agreement %.3f %s",
+        len(train_p),
+        len(held_p),
+        len(labels),
+        overall,
+        {k: round(v, 3) for k, v in agree.items()},
+    )
     run.logger.log(0, {"loss": 0.0, "pairs": len(labels), "label_gold_agreement": overall})
     run.logger.close()
     write_stage_done(out, {"stage": "data", "cost": run.cost.summary(), "pairs": len(labels)})

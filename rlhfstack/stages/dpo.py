@@ -15,7 +15,7 @@ from rlhfstack.config import DPOConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.loading import load_preferences
 from rlhfstack.losses import dpo_loss
-from rlhfstack.models.core import load_causal_lm, tokenizer_for, save_hf, sequence_logprob_sums
+from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
 from rlhfstack.runtime import plot_metrics, write_stage_done
 from rlhfstack.training import setup_run, train_loop
 
@@ -35,12 +35,22 @@ def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
 def train(cfg: DPOConfig) -> Path:
     run = setup_run(cfg)
     tok = tokenizer_for(cfg.model)
-    policy = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, lora=cfg.model.lora,
-                            activation_checkpointing=cfg.model.activation_checkpointing, device=run.device)
+    policy = load_causal_lm(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        lora=cfg.model.lora,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        device=run.device,
+    )
     max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     pairs, rep = load_preferences(
-        cfg.data.train_path, adapter=cfg.data.adapter, template=cfg.data.template, on_error=cfg.data.on_error,
-        data_root=cfg.data_root, tokenizer=tok, max_prompt_tokens=cfg.data.max_prompt_tokens,
+        cfg.data.train_path,
+        adapter=cfg.data.adapter,
+        template=cfg.data.template,
+        on_error=cfg.data.on_error,
+        data_root=cfg.data_root,
+        tokenizer=tok,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_response_tokens=cfg.data.max_response_tokens,
     )
     log.info("DPO data: %s", rep.summary())
@@ -51,12 +61,18 @@ def train(cfg: DPOConfig) -> Path:
     # reference log-probs, once
     ref = None
     if not cfg.model.lora.enabled or cfg.dpo.ref_path:
-        ref = load_causal_lm(cfg.dpo.ref_path or cfg.model.path, dtype=cfg.model.dtype, trainable=False,
-                             device=run.device)
+        ref = load_causal_lm(
+            cfg.dpo.ref_path or cfg.model.path,
+            dtype=cfg.model.dtype,
+            trainable=False,
+            device=run.device,
+        )
     with torch.no_grad():
         for i in range(0, len(items), 64):
             chunk = items[i : i + 64]
-            b = {k: v.to(run.device) for k, v in collate_preference(chunk, tok.pad_token_id).items()}
+            b = {
+                k: v.to(run.device) for k, v in collate_preference(chunk, tok.pad_token_id).items()
+            }
             if ref is not None:
                 c, r = pair_logps(ref, b)
             else:  # LoRA: the reference is the policy with its adapter switched off
@@ -74,8 +90,15 @@ def train(cfg: DPOConfig) -> Path:
 
     def loss_fn(mb, n_in_step):
         pc, pr = pair_logps(policy, mb)
-        losses, cr, rr = dpo_loss(pc, pr, mb["ref_chosen"], mb["ref_rejected"], beta=cfg.dpo.beta,
-                                  label_smoothing=cfg.dpo.label_smoothing, loss_type=cfg.dpo.loss_type)
+        losses, cr, rr = dpo_loss(
+            pc,
+            pr,
+            mb["ref_chosen"],
+            mb["ref_rejected"],
+            beta=cfg.dpo.beta,
+            label_smoothing=cfg.dpo.label_smoothing,
+            loss_type=cfg.dpo.loss_type,
+        )
         return losses.sum() / n_in_step, {
             "reward_accuracy": float((cr > rr).float().mean()),
             "reward_margin": float((cr - rr).mean()),
@@ -85,9 +108,16 @@ def train(cfg: DPOConfig) -> Path:
 
     policy.train()
     steps = train_loop(
-        run, params=[p for p in policy.parameters() if p.requires_grad], items=items, collate=collate,
-        loss_fn=loss_fn, max_steps=cfg.trainer.max_steps, epochs=cfg.dpo.epochs,
-        tokens_fn=lambda b: int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()),
+        run,
+        params=[p for p in policy.parameters() if p.requires_grad],
+        items=items,
+        collate=collate,
+        loss_fn=loss_fn,
+        max_steps=cfg.trainer.max_steps,
+        epochs=cfg.dpo.epochs,
+        tokens_fn=lambda b: int(
+            b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()
+        ),
         model=policy,
     )
     policy.eval()

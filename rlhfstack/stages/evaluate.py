@@ -39,15 +39,22 @@ PAIRS = (("ppo", "sft"), ("dpo", "sft"), ("ppo", "dpo"))
 
 
 @torch.no_grad()
-def _seq_logprobs(model, tok, prompts, completions, device, max_len=160) -> tuple[np.ndarray, np.ndarray]:
+def _seq_logprobs(
+    model, tok, prompts, completions, device, max_len=160
+) -> tuple[np.ndarray, np.ndarray]:
     """Sum of completion-token log-probs (with EOS) and the token counts, per example."""
-    ex = [SFTExample(prompt=p, completion=c if c.strip() else ".") for p, c in zip(prompts, completions)]
+    ex = [
+        SFTExample(prompt=p, completion=c if c.strip() else ".")
+        for p, c in zip(prompts, completions)
+    ]
     items = tokenize_sft(ex, tok, max_len)
     sums, counts = [], []
     for i in range(0, len(items), 64):
         b = collate_sft(items[i : i + 64], tok.pad_token_id)
         mask = (b["labels"] != -100).long()
-        s = sequence_logprob_sums(model, b["input_ids"].to(device), b["attention_mask"].to(device), mask.to(device))
+        s = sequence_logprob_sums(
+            model, b["input_ids"].to(device), b["attention_mask"].to(device), mask.to(device)
+        )
         sums.append(s.cpu().numpy())
         counts.append(mask[:, 1:].sum(-1).numpy())
     return np.concatenate(sums), np.concatenate(counts)
@@ -55,8 +62,9 @@ def _seq_logprobs(model, tok, prompts, completions, device, max_len=160) -> tupl
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except Exception:
         return "unknown"
 
@@ -76,19 +84,37 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
     per: dict[str, dict] = {}
     for name in cfg.policies:
         mdir = art / name / "model"
-        model = sft_model if name == "sft" else load_causal_lm(str(mdir), trainable=False, device=device)
-        texts, ended, n_tok = sample_texts(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                                           temperature=cfg.temperature, seed=cfg.seed + 4242, device=device)
+        model = (
+            sft_model
+            if name == "sft"
+            else load_causal_lm(str(mdir), trainable=False, device=device)
+        )
+        texts, ended, n_tok = sample_texts(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed + 4242,
+            device=device,
+        )
         run.cost.add_tokens(n_tok)
         samples[name] = texts
-        atomic_write_jsonl(art / "samples" / f"{name}.jsonl",
-                           [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)])
+        atomic_write_jsonl(
+            art / "samples" / f"{name}.jsonl",
+            [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)],
+        )
         feats = gold.features(prompts, texts)
         proxy = score_texts(rm, tok, prompts, texts, device=device).numpy()
         lp_pi, n_pi = _seq_logprobs(model, tok, prompts, texts, device)
         lp_sft, _ = _seq_logprobs(sft_model, tok, prompts, texts, device)
-        tax_lp, tax_n = _seq_logprobs(model, tok, [r["prompt"] for r in held_text],
-                                      [r["completion"] for r in held_text], device)
+        tax_lp, tax_n = _seq_logprobs(
+            model,
+            tok,
+            [r["prompt"] for r in held_text],
+            [r["completion"] for r in held_text],
+            device,
+        )
         per[name] = {
             "gold_reward": bootstrap_mean_ci(feats["gold"], cfg.n_bootstrap, cfg.seed),
             "sentiment": float(np.mean(feats["sentiment"])),
@@ -105,15 +131,23 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
         }
         per[name]["_gold_scores"] = feats["gold"]
         per[name]["_feats"] = feats
-        log.info("%s: gold %.3f proxy %.3f kl %.2f len %.1f", name, per[name]["gold_reward"]["mean"],
-                 per[name]["proxy_reward"]["mean"], per[name]["kl_to_sft"]["mean"], per[name]["length_tokens"])
+        log.info(
+            "%s: gold %.3f proxy %.3f kl %.2f len %.1f",
+            name,
+            per[name]["gold_reward"]["mean"],
+            per[name]["proxy_reward"]["mean"],
+            per[name]["kl_to_sft"]["mean"],
+            per[name]["length_tokens"],
+        )
 
     winrate, judge_winrate = {}, {}
     for a, b in PAIRS:
         if a in samples and b in samples:
             out = judge_outcomes(prompts, samples[a], samples[b], gold)
             winrate[f"{a}_vs_{b}"] = winrate_from_outcomes(out["gold"], cfg.n_bootstrap, cfg.seed)
-            judge_winrate[f"{a}_vs_{b}"] = winrate_from_outcomes(out["judge"], cfg.n_bootstrap, cfg.seed)
+            judge_winrate[f"{a}_vs_{b}"] = winrate_from_outcomes(
+                out["judge"], cfg.n_bootstrap, cfg.seed
+            )
     for name in per:
         per[name].pop("_gold_scores")
         per[name].pop("_feats")
@@ -161,8 +195,11 @@ def _targets(winrate: dict, per: dict) -> dict:
     t = {}
     if "ppo_vs_sft" in winrate:
         w = winrate["ppo_vs_sft"]
-        t["ppo_vs_sft_rate_ge_0.65_ci_lo_gt_0.5"] = {"value": w["rate"], "ci95": w["ci95"],
-                                                      "met": bool(w["rate"] >= 0.65 and w["ci95"][0] > 0.5)}
+        t["ppo_vs_sft_rate_ge_0.65_ci_lo_gt_0.5"] = {
+            "value": w["rate"],
+            "ci95": w["ci95"],
+            "met": bool(w["rate"] >= 0.65 and w["ci95"][0] > 0.5),
+        }
     if "dpo_vs_sft" in winrate:
         w = winrate["dpo_vs_sft"]
         t["dpo_vs_sft_rate_ge_0.60"] = {"value": w["rate"], "met": bool(w["rate"] >= 0.60)}

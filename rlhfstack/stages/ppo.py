@@ -45,9 +45,9 @@ from rlhfstack.models.core import (
     adapter_disabled,
     causal_lm_parts,
     load_causal_lm,
-    tokenizer_for,
     response_logprobs,
     save_hf,
+    tokenizer_for,
 )
 from rlhfstack.rollout.generate import generate, left_pad_prompts, sample_texts, score_texts
 from rlhfstack.runtime import (
@@ -96,16 +96,22 @@ def _kl_controller(cfg: PPOConfig):
 
 def _validate(cfg: PPOConfig) -> None:
     if cfg.rollout.top_k != 0 or cfg.rollout.top_p != 1.0:
-        raise ValueError("rollout.top_k must be 0 and rollout.top_p 1.0: truncated sampling breaks PPO's log-probs")
+        raise ValueError(
+            "rollout.top_k must be 0 and rollout.top_p 1.0: truncated sampling breaks PPO's log-probs"
+        )
     if cfg.rollout.backend not in ("native", "vllm"):
-        raise ValueError(f"rollout.backend: unknown backend {cfg.rollout.backend!r} (native | vllm)")
+        raise ValueError(
+            f"rollout.backend: unknown backend {cfg.rollout.backend!r} (native | vllm)"
+        )
     if cfg.trainer.batch_size % cfg.ppo.num_minibatches:
         raise ValueError(
             f"trainer.batch_size ({cfg.trainer.batch_size}) must be divisible by ppo.num_minibatches "
             f"({cfg.ppo.num_minibatches})"
         )
     if cfg.ppo.value_model not in ("shared", "separate"):
-        raise ValueError(f"ppo.value_model: unknown value {cfg.ppo.value_model!r} (shared | separate)")
+        raise ValueError(
+            f"ppo.value_model: unknown value {cfg.ppo.value_model!r} (shared | separate)"
+        )
 
 
 class _Preempted(Exception):
@@ -130,7 +136,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     use_lora = bool(cfg.model.lora.enabled)
     ref = None
     if not use_lora:  # with LoRA the reference is the policy with its adapter switched off
-        ref = load_causal_lm(cfg.ref_path or cfg.model.path, dtype=cfg.model.dtype, trainable=False, device=device)
+        ref = load_causal_lm(
+            cfg.ref_path or cfg.model.path, dtype=cfg.model.dtype, trainable=False, device=device
+        )
     rm = RewardModel.load(cfg.reward_model_path, dtype=cfg.model.dtype, device=device)
     d_model = causal_lm_parts(policy)[0].config.hidden_size
     critic: _Critic | None = None
@@ -147,16 +155,26 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     kl_ctl = _kl_controller(cfg)
 
     prompts, report = load_prompts(
-        cfg.data.train_path, adapter=cfg.data.adapter, template=cfg.data.template,
-        on_error=cfg.data.on_error, data_root=cfg.data_root,
+        cfg.data.train_path,
+        adapter=cfg.data.adapter,
+        template=cfg.data.template,
+        on_error=cfg.data.on_error,
+        data_root=cfg.data_root,
     )
     train_prompts = [p.prompt for p in prompts]
     heldout: list[str] = []
     if cfg.data.eval_path:
-        ev, _ = load_prompts(cfg.data.eval_path, adapter=cfg.data.adapter, template=cfg.data.template,
-                             on_error=cfg.data.on_error, data_root=cfg.data_root)
+        ev, _ = load_prompts(
+            cfg.data.eval_path,
+            adapter=cfg.data.adapter,
+            template=cfg.data.template,
+            on_error=cfg.data.on_error,
+            data_root=cfg.data_root,
+        )
         heldout = [p.prompt for p in ev][: cfg.gold_eval_prompts]
-    log.info("PPO: %d train prompts, %d held-out; %s", len(train_prompts), len(heldout), report.summary())
+    log.info(
+        "PPO: %d train prompts, %d held-out; %s", len(train_prompts), len(heldout), report.summary()
+    )
 
     gen_rng = torch.Generator().manual_seed(cfg.seed)
     order_rng = np.random.default_rng(cfg.seed)
@@ -234,13 +252,24 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             if vllm_engine is not None:  # GPU-only path (not exercised in CI)
                 vllm_engine.sync_weights(policy)
                 gen = vllm_engine.generate(
-                    p_ids, p_mask, max_new_tokens=cfg.rollout.max_new_tokens, eos_id=tok.eos_token_id,
-                    pad_id=tok.pad_token_id, temperature=T, seed=cfg.seed + step,
+                    p_ids,
+                    p_mask,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                    eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id,
+                    temperature=T,
+                    seed=cfg.seed + step,
                 )
             else:
                 gen = generate(
-                    policy, p_ids, p_mask, max_new_tokens=cfg.rollout.max_new_tokens,
-                    eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=T, generator=gen_rng,
+                    policy,
+                    p_ids,
+                    p_mask,
+                    max_new_tokens=cfg.rollout.max_new_tokens,
+                    eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id,
+                    temperature=T,
+                    generator=gen_rng,
                 )
             ids, mask = gen.full()
             P = p_ids.shape[1]
@@ -288,16 +317,35 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     for j in range(0, mb_size, micro):
                         sub = idx[j : j + micro]
                         o = response_logprobs(
-                            policy, ids[sub], mask[sub], P, T, value_head=value_head,
+                            policy,
+                            ids[sub],
+                            mask[sub],
+                            P,
+                            T,
+                            value_head=value_head,
                             return_entropy=pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0),
                         )
-                        v = o["values"] if critic is None else _values(critic, ids[sub], mask[sub], P)
+                        v = (
+                            o["values"]
+                            if critic is None
+                            else _values(critic, ids[sub], mask[sub], P)
+                        )
                         m = resp_mask[sub]
                         pg_loss, pg_stats = ppo_policy_loss(
-                            o["logprobs"], old_logprobs[sub], advantages[sub], m, pcfg.clip_eps, normalizer=mb_tokens
+                            o["logprobs"],
+                            old_logprobs[sub],
+                            advantages[sub],
+                            m,
+                            pcfg.clip_eps,
+                            normalizer=mb_tokens,
                         )
                         vf_loss, vf_stats = ppo_value_loss(
-                            v, old_values[sub], returns[sub], m, pcfg.value_clip, normalizer=mb_tokens
+                            v,
+                            old_values[sub],
+                            returns[sub],
+                            m,
+                            pcfg.value_clip,
+                            normalizer=mb_tokens,
                         )
                         loss = pg_loss + pcfg.vf_coef * vf_loss
                         if pcfg.entropy_coef > 0:
@@ -324,7 +372,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             kl_ctl.update(mean_kl, B)
             lengths = resp_mask.sum(-1)
             metrics = {
-                "loss": float(np.mean(stats["loss/policy"])) + pcfg.vf_coef * float(np.mean(stats["loss/value"])),
+                "loss": float(np.mean(stats["loss/policy"]))
+                + pcfg.vf_coef * float(np.mean(stats["loss/value"])),
                 **{k: float(np.mean(v)) for k, v in stats.items()},
                 **first,
                 "reward/rm_score": float(raw_scores.mean()),
@@ -336,7 +385,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 "kl/beta": beta,
                 "returns/mean": float(masked_mean(returns, resp_mask)),
                 "values/mean": float(masked_mean(old_values, resp_mask)),
-                "values/explained_variance": float(explained_variance(old_values, returns, resp_mask)),
+                "values/explained_variance": float(
+                    explained_variance(old_values, returns, resp_mask)
+                ),
                 "response/length": float(lengths.mean()),
                 "response/ended_frac": float(gen.ended_B.float().mean()),
                 "lr": sched.get_last_lr()[0],
@@ -351,8 +402,14 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 run.logger.log(step, metrics)
             log.info(
                 "step %d score %.3f kl %.3f beta %.4f len %.1f pg %.4f vf %.4f ratio0 %.6f",
-                step, metrics["reward/rm_score"], mean_kl, beta, metrics["response/length"],
-                metrics["loss/policy"], metrics["loss/value"], first.get("first_minibatch_ratio", float("nan")),
+                step,
+                metrics["reward/rm_score"],
+                mean_kl,
+                beta,
+                metrics["response/length"],
+                metrics["loss/policy"],
+                metrics["loss/value"],
+                first.get("first_minibatch_ratio", float("nan")),
             )
             if preempt["flag"]:
                 save_checkpoint(step)
@@ -385,9 +442,14 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
 def _gold_eval(policy, tok, prompts, gold_scorer, rm, cfg: PPOConfig, device) -> dict[str, float]:
     """Greedy-free evaluation: sample held-out completions, score with gold and the proxy RM."""
     texts, ended, _ = sample_texts(
-        policy, tok, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-        max_prompt_tokens=cfg.data.max_prompt_tokens, temperature=cfg.rollout.temperature,
-        seed=cfg.seed + 12345, device=device,
+        policy,
+        tok,
+        prompts,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        temperature=cfg.rollout.temperature,
+        seed=cfg.seed + 12345,
+        device=device,
     )
     gold = np.asarray(gold_scorer(prompts, texts), dtype=float)
     proxy = score_texts(rm, tok, prompts, texts, device=device).numpy()
@@ -413,6 +475,3 @@ def setup_run_resumable(cfg: PPOConfig):
         keep.write_bytes(saved)
         return run
     return setup_run(cfg)
-
-
-

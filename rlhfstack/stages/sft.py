@@ -14,8 +14,8 @@ from rlhfstack.data.loading import load_sft
 from rlhfstack.models.core import (
     causal_lm_parts,
     load_causal_lm,
-    tokenizer_for,
     save_hf,
+    tokenizer_for,
     trunk_hidden,
 )
 from rlhfstack.runtime import plot_metrics, write_stage_done
@@ -35,7 +35,10 @@ def sft_loss(model, batch: dict[str, torch.Tensor], n_in_step: int) -> tuple[tor
     logits = head(h[:, :-1]).float()
     labels = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     n_tok = (labels != IGNORE_INDEX).sum()
     loss = nll / batch["step_tokens"][0]
@@ -46,14 +49,22 @@ def train(cfg: SFTConfig) -> Path:
     run = setup_run(cfg)
     tok = tokenizer_for(cfg.model)
     model = load_causal_lm(
-        cfg.model.path, dtype=cfg.model.dtype, lora=cfg.model.lora,
-        activation_checkpointing=cfg.model.activation_checkpointing, device=run.device,
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        lora=cfg.model.lora,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        device=run.device,
     )
     max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     train_ex, rep = load_sft(
-        cfg.data.train_path, adapter=cfg.data.adapter, template=cfg.data.template,
-        on_error=cfg.data.on_error, data_root=cfg.data_root, tokenizer=tok,
-        max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
+        cfg.data.train_path,
+        adapter=cfg.data.adapter,
+        template=cfg.data.template,
+        on_error=cfg.data.on_error,
+        data_root=cfg.data_root,
+        tokenizer=tok,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
     )
     log.info("SFT data: %s", rep.summary())
     if cfg.data.max_examples:
@@ -64,8 +75,13 @@ def train(cfg: SFTConfig) -> Path:
             it["labels"] = list(it["input_ids"])
     val_items = []
     if cfg.data.eval_path:
-        val_ex, _ = load_sft(cfg.data.eval_path, adapter=cfg.data.adapter, template=cfg.data.template,
-                             on_error=cfg.data.on_error, data_root=cfg.data_root)
+        val_ex, _ = load_sft(
+            cfg.data.eval_path,
+            adapter=cfg.data.adapter,
+            template=cfg.data.template,
+            on_error=cfg.data.on_error,
+            data_root=cfg.data_root,
+        )
         val_items = tokenize_sft(val_ex, tok, max_len)
 
     def collate(batch):
@@ -87,12 +103,20 @@ def train(cfg: SFTConfig) -> Path:
             tot += float(loss * b["step_tokens"][0])
             n += int(b["step_tokens"][0])
         model.train()
-        return {"val/nll_per_token": tot / max(1, n), "val/ppl": math.exp(min(20.0, tot / max(1, n)))}
+        return {
+            "val/nll_per_token": tot / max(1, n),
+            "val/ppl": math.exp(min(20.0, tot / max(1, n))),
+        }
 
     model.train()
     steps = train_loop(
-        run, params=[p for p in model.parameters() if p.requires_grad], items=items, collate=collate,
-        loss_fn=lambda mb, n: sft_loss(model, mb, n), max_steps=cfg.trainer.max_steps, eval_fn=evaluate,
+        run,
+        params=[p for p in model.parameters() if p.requires_grad],
+        items=items,
+        collate=collate,
+        loss_fn=lambda mb, n: sft_loss(model, mb, n),
+        max_steps=cfg.trainer.max_steps,
+        eval_fn=evaluate,
         tokens_fn=lambda b: int(b["attention_mask"].sum()),
         model=model,
     )

@@ -16,7 +16,10 @@ from pathlib import Path
 log = logging.getLogger("rlhfstack.demo")
 
 HUB_REPO = "karpathy/tinyllamas"
-HUB_FILES = {"stories260K.bin": "stories260K/stories260K.bin", "tok512.bin": "stories260K/tok512.bin"}
+HUB_FILES = {
+    "stories260K.bin": "stories260K/stories260K.bin",
+    "tok512.bin": "stories260K/tok512.bin",
+}
 
 
 def ensure_base_model(out_dir: str | os.PathLike, data_root: str | os.PathLike) -> Path:
@@ -78,7 +81,9 @@ def gold_scorer_for(task: str | None, artifacts_dir: str | os.PathLike, device: 
     if task != "stories":
         raise ValueError(f"gold_task: unknown task {task!r} (stories | null)")
     if not (Path(artifacts_dir) / "data" / "gold.json").exists():
-        log.warning("gold_task=stories but %s/data/gold.json is missing: no gold evaluation", artifacts_dir)
+        log.warning(
+            "gold_task=stories but %s/data/gold.json is missing: no gold evaluation", artifacts_dir
+        )
         return None
     gold = load_gold(artifacts_dir, device)
     return gold.score
