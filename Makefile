@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= $(shell [ -d "$(RLHF_DATA_ROOT)/models/stories260K" ] && echo 1 || echo 0)
 
-.PHONY: setup demo demo-smoke test test-slow test-ci-slow lint format clean
+.PHONY: setup demo demo-smoke test test-slow test-ci-slow lint format clean rm-hh rm-ultrafeedback bench
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -43,6 +43,27 @@ lint: setup
 format: setup
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
+
+# Reward models on real human preferences (all-MiniLM-L6-v2 encoder; ~20 min each on 2 cores).
+rm-hh: setup
+	$(PY) recipes/train_rm.py +experiment=rm_hh
+
+rm-ultrafeedback: setup
+	$(PY) recipes/train_rm.py +experiment=rm_ultrafeedback
+
+# Side-by-side benchmark against TRL (TRL lives in its own venvs so .venv is never touched).
+.venv-bench-trl/.installed: bench/requirements-trl.txt
+	python3 -m venv .venv-bench-trl
+	.venv-bench-trl/bin/pip install -q -r bench/requirements-trl.txt
+	touch $@
+
+.venv-bench-trl112/.installed: bench/requirements-trl112.txt
+	python3 -m venv .venv-bench-trl112
+	.venv-bench-trl112/bin/pip install -q -r bench/requirements-trl112.txt
+	touch $@
+
+bench: setup .venv-bench-trl/.installed .venv-bench-trl112/.installed
+	$(PY) bench/run.py
 
 clean:
 	rm -rf runs/demo runs/demo_smoke
