@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfstack.losses import logprobs_from_logits
+from rlhfstack.losses import last_token_index, logprobs_from_logits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -234,13 +234,6 @@ class ScalarHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h.to(self.linear.weight.dtype))
-
-
-def last_token_index(attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token per row (works for left and right padding)."""
-    T = attention_mask_BT.shape[1]
-    ar = torch.arange(T, device=attention_mask_BT.device).expand_as(attention_mask_BT)
-    return torch.where(attention_mask_BT.bool(), ar, torch.full_like(ar, -1)).max(-1).values
 
 
 class RewardModel(nn.Module):
