@@ -55,10 +55,11 @@ def test_common_keys_override_from_command_line():
 
 
 def test_resolved_yaml_has_no_interpolations():
-    text = resolved_yaml(to_object(load_config("ppo", ["+experiment=demo"])))
+    cfg = to_object(load_config("ppo", ["+experiment=demo", "kl.target=5.5"]))
+    text = resolved_yaml(cfg)
     assert "${" not in text
     back = OmegaConf.create(text)
-    assert back.kl.target == 6.0
+    assert back.kl.target == 5.5 and back.data.train_path == cfg.data.train_path
 
 
 def test_data_root_comes_from_environment(monkeypatch):
