@@ -301,8 +301,8 @@ class GoldJudge(PointwiseJudge):
 
 
 class RMJudge(PointwiseJudge):
-    """A trained reward model as a judge: each answer is scored as the RM was trained,
-    ``[BOS] prompt answer EOS`` (``rlhfstack.data.collate.tokenize_sft``), read at the last token.
+    """A trained reward model as a judge: each answer is scored as the RM was trained
+    (``rlhfstack.models.encoders.score_texts``: causal-LM or encoder backbones, single or ensemble).
 
     Args:
         rm: a :class:`rlhfstack.models.core.RewardModel` (eval mode).
@@ -333,28 +333,19 @@ class RMJudge(PointwiseJudge):
         self.device = device
 
     def score_uncached(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-        import torch
+        # one scoring path for causal-LM and encoder reward models (and ensembles)
+        from rlhfstack.models.encoders import score_texts
 
-        from rlhfstack.data.collate import collate_sft, tokenize_sft
-        from rlhfstack.data.schemas import SFTExample
-
-        items = tokenize_sft(
-            [SFTExample(prompt=p, completion=a) for p, a in zip(prompts, answers)],
+        out = score_texts(
+            self.rm,
             self.tokenizer,
-            self.max_len,
+            list(prompts),
+            list(answers),
+            max_len=self.max_len,
+            batch_size=self.batch_size,
+            device=self.device,
         )
-        # sort by length so that batches hold similar lengths (less padding)
-        order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
-        out_B = np.empty(len(items), dtype=np.float64)
-        with torch.no_grad():
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s : s + self.batch_size]
-                b = collate_sft([items[i] for i in idx], self.tokenizer.pad_token_id)
-                r_b = self.rm.score(
-                    b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
-                )
-                out_B[idx] = r_b["mean"].float().cpu().numpy()
-        return out_B
+        return np.asarray(out["mean"], dtype=np.float64)
 
     @classmethod
     def from_path(
