@@ -315,7 +315,7 @@ def test_sbatch_sft_two_workers(cluster, tmp_path):
     )
     info = cluster.wait_job(job, timeout=300)
     log = out.read_text(errors="replace") if out.exists() else "(no job output)"
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}\n{cluster.logs()}"
     host = socket.gethostname().split(".")[0]
     assert re.search(rf"rendezvous {re.escape(host)}:\d+", log), log
     assert "rank 1/2" in log and "dp_shard=2" in log, log  # both workers joined one process group
@@ -375,22 +375,21 @@ def test_usr1_checkpoints_and_requeues(cluster, tmp_path):
     # what --signal=B:USR1@120 does 120 s before the time limit
     cluster.run("scancel", "--batch", "--signal=USR1", job)
 
-    # SLURM holds a requeued batch job back for ~2 minutes (Reason=BeginTime): release it now
     def requeued() -> bool:
         info = cluster.job(job)
         return info.get("Restarts") == "1" and info.get("JobState") != "COMPLETING"
 
-    def released() -> bool:
-        if cluster.job(job).get("Reason") != "BeginTime":
-            return True
-        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-        return False
-
     _wait_for(requeued, 120, "the requeue")
-    _wait_for(released, 60, "the requeued job to be released", interval=1.0)
+    # SLURM holds a requeued batch job back for ~2 minutes (Reason=BeginTime) so that slurmd
+    # forgets the old allocation's revoked credential: a relaunch within the same second is
+    # refused ("Job credential revoked") and the job ends FAILED. Release it early, but a few
+    # seconds after the requeue (an earlier version of this test used StartTime=now and failed
+    # whenever the release landed in the requeue's second).
+    if cluster.job(job).get("Reason") == "BeginTime":
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now+5", check=False)
     info = cluster.wait_job(job, timeout=240)
     log = out.read_text(errors="replace") if out.exists() else ""
-    assert info["JobState"] == "COMPLETED", f"{info}\n{log}"
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log}\n{cluster.logs()}"
     assert info["Restarts"] == "1", f"{info}\n{log}"
     assert sorted(p.name for p in marks.iterdir()) == [
         "ready-0",
