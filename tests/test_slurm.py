@@ -315,7 +315,9 @@ def test_sbatch_sft_two_workers(cluster, tmp_path):
     )
     info = cluster.wait_job(job, timeout=300)
     log = out.read_text(errors="replace") if out.exists() else "(no job output)"
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}\n{cluster.logs()}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        f"{info}\n{log}\n{cluster.logs()}"
+    )
     host = socket.gethostname().split(".")[0]
     assert re.search(rf"rendezvous {re.escape(host)}:\d+", log), log
     assert "rank 1/2" in log and "dp_shard=2" in log, log  # both workers joined one process group
