@@ -1075,6 +1075,138 @@ def _micro_batches(batch: dict[str, Any], micro: int, n: int) -> Iterator[dict[s
         }
 
 
+# ----------------------------------------------------------------------------- checkpoints
+#
+# ``run_dir/ckpt-NNNNNN/``: model and optimizer through ``torch.distributed.checkpoint`` (each
+# rank writes its own shards of FSDP2 / TP parameters and optimizer state; in one process the
+# same format with one shard), plus ``extra.pt`` (rank 0's picklable state: scheduler, RNG,
+# data position, KL controller, step). Written into a hidden ``.ckpt-NNNNNN.partial`` sibling
+# and renamed by rank 0 once every rank has finished, so a ``ckpt-*`` directory is always whole.
+
+CKPT_EXTRA = "extra.pt"
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Any:
+    from pathlib import Path
+
+    return Path(run_dir) / f"ckpt-{step:06d}"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Any:
+    """The newest complete ``ckpt-*`` directory under ``run_dir``, or None."""
+    from pathlib import Path
+
+    done = [
+        p
+        for p in Path(run_dir).glob("ckpt-*")
+        if (p / CKPT_EXTRA).exists() and (p / ".metadata").exists()
+    ]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def _ckpt_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen weights (a LoRA base, a frozen trunk) are reloaded from the model path, not saved
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    keep: int = 2,
+) -> None:
+    """Write ``model``'s trainable parameters, ``optimizer`` and ``extra`` to ``path``.
+
+    Collective under a process group (every rank calls it with its own shards); ``extra`` is
+    taken from rank 0. Older ``ckpt-*`` siblings beyond the newest ``keep`` are removed.
+    """
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_ckpt_options())
+    dcp.save(
+        {"model": model_sd, "optim": optim_sd},
+        checkpoint_id=str(tmp),
+        no_dist=not _STATE.distributed,
+    )
+    if is_main():
+        torch.save(extra, tmp / CKPT_EXTRA)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in sorted(path.parent.glob("ckpt-*"), key=lambda p: p.name)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (each rank its own
+    shards, resharded if the layout changed); returns ``extra``."""
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    opts = _ckpt_options()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not _STATE.distributed)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=opts,
+    )
+    return torch.load(path / CKPT_EXTRA, weights_only=False)
+
+
+def read_checkpoint_tensors(path: str | os.PathLike, prefix: str = "model.") -> dict[str, Any]:
+    """The tensors of a ``save_checkpoint`` directory whose flattened key starts with ``prefix``
+    (``model.`` = the trained module's parameters), unsharded, in one process, keys without the
+    prefix. For tools (export, conversion) that read a checkpoint without its training setup."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    meta = reader.read_metadata().state_dict_metadata
+    want = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    if not want:
+        raise KeyError(f"{path}: no tensors under {prefix!r} (keys: {sorted(meta)[:5]}...)")
+    dcp.load(want, storage_reader=reader, no_dist=True)
+    return {k[len(prefix) :]: v for k, v in want.items()}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (a preemption signal seen by one rank)."""
+    if not _STATE.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    all_reduce_max(t)
+    return bool(t.item() > 0)
+
+
 # ----------------------------------------------------------------------------- local launcher
 
 

@@ -9,8 +9,10 @@ rank 0 writes (config, metrics, checkpoints); after the loop only rank 0 goes on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +22,57 @@ import torch
 from torch import nn
 
 from rlhfstack import engine
-from rlhfstack.runtime import CostMeter, RunLogger, save_resolved_config, seed_everything
+from rlhfstack.runtime import (
+    CostMeter,
+    RunLogger,
+    rng_state,
+    save_resolved_config,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger("rlhfstack")
 
 
 #: stages whose training loop is ``train_loop`` (the ones that can run distributed)
 DISTRIBUTED_STAGES = ("sft", "rm", "dpo")
+
+#: signals that mean "save a checkpoint and stop": SLURM's pre-timeout / preemption notice
+#: (``--signal=B:USR1@120``, forwarded to the workers by slurm/common.sh) and SIGTERM
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption checkpoint: the process exits with status 0 so that the job
+    can requeue, and the same command resumes from that checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(0)
+        self.step = step
+
+
+@contextlib.contextmanager
+def preemption_flag(enabled: bool = True) -> Iterator[dict[str, bool]]:
+    """``{"flag": bool}`` set to True when SIGTERM / SIGUSR1 arrives; handlers restored on exit.
+
+    The training loop polls it once per step (all ranks agree through ``engine.any_rank``), so a
+    signal never interrupts a step half-way. ``enabled=False`` leaves the default handlers (the
+    process dies), for loops that cannot checkpoint."""
+    box = {"flag": False}
+    if not enabled:
+        yield box
+        return
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        log.warning("signal %d: checkpoint at the end of this step, then exit", signum)
+        box["flag"] = True
+
+    old = {s: signal.signal(s, _on_signal) for s in PREEMPT_SIGNALS}
+    try:
+        yield box
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -91,8 +137,9 @@ def setup_run(cfg: Any) -> Run:
         config=asdict(cfg),
         enabled=state.is_main,
     )
-    # a fresh (non-resumed) run starts a fresh metrics file
-    if state.is_main and logger.path.exists():
+    # a fresh run starts a fresh metrics file; a resumed one (a complete ckpt-* in run_dir)
+    # keeps it, and the stage drops the rows after the checkpoint (RunLogger.truncate_after)
+    if state.is_main and logger.path.exists() and engine.latest_checkpoint(run_dir) is None:
         logger.path.unlink()
     return Run(cfg=cfg, run_dir=run_dir, logger=logger, cost=CostMeter(), device=device, dist=state)
 
@@ -188,13 +235,21 @@ def train_loop(
     Returns the number of optimizer steps taken.
 
     ``model``: the module ``loss_fn`` runs (``params`` are some of its parameters). Required
-    for distributed runs and for ``parallel.mixed_precision``; it is sharded / split in place
-    (``engine.DistributedModel``). Every rank draws the same global batch, collates it the same
-    way (so counts such as SFT's ``step_tokens`` are global) and takes its data-parallel slice;
-    ``n_in_step`` stays the global batch size, so gradients summed over ranks equal the
-    one-process gradients. After the last step the trained model is gathered back into
+    for distributed runs, for ``parallel.mixed_precision`` and for checkpoints; it is sharded /
+    split in place (``engine.DistributedModel``). Every rank draws the same global batch, collates
+    it the same way (so counts such as SFT's ``step_tokens`` are global) and takes its
+    data-parallel slice; ``n_in_step`` stays the global batch size, so gradients summed over ranks
+    equal the one-process gradients. After the last step the trained model is gathered back into
     ``model`` on rank 0, and the other ranks exit: only rank 0 returns from this function.
     Intermediate evaluations (``trainer.eval_every``) are skipped under pipeline parallelism.
+
+    Checkpoints and resume: every ``trainer.save_every`` steps, and when SIGTERM / SIGUSR1
+    arrives (then the process exits with status 0, ``Preempted``), ``run_dir/ckpt-NNNNNN/``
+    receives the trainable parameters and optimizer state (``torch.distributed.checkpoint``,
+    sharded as trained), the LR schedule, RNG states and the step. When ``run_dir`` holds one,
+    the same command resumes from the newest: the batch index stream is replayed to the step,
+    and ``metrics.jsonl`` rows after it are dropped, so a resumed run logs what an uninterrupted
+    one would.
     """
     cfg = run.cfg
     tcfg = cfg.trainer
@@ -202,6 +257,13 @@ def train_loop(
     mixed = getattr(getattr(cfg, "parallel", None), "mixed_precision", "none")
     bs = min(tcfg.batch_size, len(items))
     steps = max_steps if max_steps > 0 else max(1, epochs * (len(items) // bs))
+    # checkpoints are not built for pipeline parallelism (the stage's model is split over ranks)
+    can_ckpt = model is not None and state.pp == 1
+    if tcfg.save_every and not can_ckpt:
+        raise NotImplementedError(
+            "trainer.save_every: checkpoints need model= and parallel.pp=1 "
+            f"(got model={'set' if model is not None else 'None'}, pp={state.pp})"
+        )
     dm: engine.DistributedModel | None = None
     if state.distributed or mixed != "none":
         if model is None:
@@ -220,46 +282,79 @@ def train_loop(
     batches = epoch_batches(len(items), bs, gen)
     micro = max(1, min(tcfg.micro_batch_size, bs // state.dp))
     warned_eval = False
-    for step in range(1, steps + 1):
-        idx = next(batches)
-        batch = to_device(collate([items[i] for i in idx]), run.device)
-        opt.zero_grad(set_to_none=True)
-        agg: dict[str, float] = {}
-        if dm is None:
-            for mb in micro_batches(batch, micro):
-                loss, stats = loss_fn(mb, len(idx))
-                loss.backward()
-                n_mb = next(iter(mb.values())).shape[0]
-                agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
-                for k, v in stats.items():
-                    agg[k] = agg.get(k, 0.0) + float(v) * n_mb / len(idx)
-            agg["grad_norm"] = clip_grad(params, tcfg.grad_clip)
-        else:
-            local = engine.shard_batch(batch, state.dp_rank, state.dp)
-            loss_sum, stats = dm.forward_backward(local, loss_fn, len(idx), micro)
-            agg = {"loss": loss_sum, **stats}
-            agg["grad_norm"] = dm.clip_grad(tcfg.grad_clip)
-        if tokens_fn is not None:
-            run.cost.add_tokens(tokens_fn(batch))
-        opt.step()
-        sched.step()
-        agg["lr"] = sched.get_last_lr()[0]
-        if eval_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0 and step < steps:
+
+    start = 0
+    ckpt = engine.latest_checkpoint(run.run_dir) if can_ckpt else None
+    if ckpt is not None:
+        extra = engine.load_checkpoint(ckpt, model, opt)
+        sched.load_state_dict(extra["scheduler"])
+        set_rng_state(extra["rng"])
+        start = int(extra["step"])
+        for _ in range(start):  # the data position: replay the index stream (indices only)
+            next(batches)
+        run.logger.truncate_after(start)
+        log.info("resumed from %s at step %d", ckpt, start)
+
+    def save(step: int) -> None:
+        extra = {"step": step, "scheduler": sched.state_dict(), "rng": rng_state()}
+        engine.save_checkpoint(engine.checkpoint_path(run.run_dir, step), model, opt, extra)
+
+    with preemption_flag(can_ckpt) as preempt:
+        for step in range(start + 1, steps + 1):
+            idx = next(batches)
+            batch = to_device(collate([items[i] for i in idx]), run.device)
+            opt.zero_grad(set_to_none=True)
+            agg: dict[str, float] = {}
             if dm is None:
-                agg.update(eval_fn())
-            elif dm.can_evaluate:
-                agg.update(dm.call(eval_fn))
-            elif not warned_eval:
-                log.warning(
-                    "trainer.eval_every: skipped under pipeline parallelism (final evaluation still runs)"
-                )
-                warned_eval = True
-        if step == steps and dm is not None:
-            dm.finalize()  # rank 0 now holds the full, plain model; the other ranks exit here
-        if step == steps and eval_fn is not None:
-            agg.update(eval_fn() if dm is None else dm.call(eval_fn))
-        if step % tcfg.log_every == 0 or step == steps:
-            run.logger.log(step, agg)
-        if step % 20 == 0 or step == steps:
-            log.info("step %d/%d loss %.4f", step, steps, agg["loss"])
+                for mb in micro_batches(batch, micro):
+                    loss, stats = loss_fn(mb, len(idx))
+                    loss.backward()
+                    n_mb = next(iter(mb.values())).shape[0]
+                    agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
+                    for k, v in stats.items():
+                        agg[k] = agg.get(k, 0.0) + float(v) * n_mb / len(idx)
+                agg["grad_norm"] = clip_grad(params, tcfg.grad_clip)
+            else:
+                local = engine.shard_batch(batch, state.dp_rank, state.dp)
+                loss_sum, stats = dm.forward_backward(local, loss_fn, len(idx), micro)
+                agg = {"loss": loss_sum, **stats}
+                agg["grad_norm"] = dm.clip_grad(tcfg.grad_clip)
+            if tokens_fn is not None:
+                run.cost.add_tokens(tokens_fn(batch))
+            opt.step()
+            sched.step()
+            agg["lr"] = sched.get_last_lr()[0]
+            if (
+                eval_fn is not None
+                and tcfg.eval_every
+                and step % tcfg.eval_every == 0
+                and step < steps
+            ):
+                if dm is None:
+                    agg.update(eval_fn())
+                elif dm.can_evaluate:
+                    agg.update(dm.call(eval_fn))
+                elif not warned_eval:
+                    log.warning(
+                        "trainer.eval_every: skipped under pipeline parallelism "
+                        "(final evaluation still runs)"
+                    )
+                    warned_eval = True
+            if step == steps and dm is not None:
+                dm.finalize()  # rank 0 now holds the full, plain model; the other ranks exit here
+            if step == steps and eval_fn is not None:
+                agg.update(eval_fn() if dm is None else dm.call(eval_fn))
+            if step % tcfg.log_every == 0 or step == steps:
+                run.logger.log(step, agg)
+            if step % 20 == 0 or step == steps:
+                log.info("step %d/%d loss %.4f", step, steps, agg["loss"])
+            if step == steps:
+                break
+            if engine.any_rank(preempt["flag"]):
+                save(step)
+                log.warning("preempted: checkpoint at step %d saved; exiting for requeue", step)
+                run.logger.close()
+                raise Preempted(step)
+            if tcfg.save_every and step % tcfg.save_every == 0:
+                save(step)
     return steps

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,25 @@ def smoke(tmp_path_factory, data_root) -> Path:
     cfg = to_object(load_config("pipeline", ["+experiment=demo_smoke", f"artifacts_dir={art}"]))
     run_pipeline(cfg, command="pytest smoke")
     return art
+
+
+@pytest.fixture(scope="session")
+def arts(tmp_path_factory, stories_hf) -> Path:
+    """ARTS/base_model (stories260K) and ARTS/data/sft_{train,val}.jsonl (40 + 8 examples)."""
+    root = tmp_path_factory.mktemp("arts")
+    shutil.copytree(stories_hf, root / "base_model")
+    names, things = (
+        ["Tom", "Lily", "Ben", "Sue", "Max", "Mia"],
+        ["a red ball", "a big dog", "a small cat", "a cake"],
+    )
+    rows = [
+        {
+            "prompt": f"Once upon a time, {names[i % 6]} saw {things[i % 4]}.",
+            "completion": f" {names[i % 6]} was happy and played with {things[(i * 7) % 4]} all day.",
+        }
+        for i in range(48)
+    ]
+    (root / "data").mkdir()
+    for name, part in (("sft_train", rows[:40]), ("sft_val", rows[40:])):
+        (root / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root

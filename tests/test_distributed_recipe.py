@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,28 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def arts(tmp_path_factory, stories_hf) -> Path:
-    """ARTS/base_model (stories260K) and ARTS/data/sft_{train,val}.jsonl (40 + 8 examples)."""
-    root = tmp_path_factory.mktemp("arts")
-    shutil.copytree(stories_hf, root / "base_model")
-    names, things = (
-        ["Tom", "Lily", "Ben", "Sue", "Max", "Mia"],
-        ["a red ball", "a big dog", "a small cat", "a cake"],
-    )
-    rows = [
-        {
-            "prompt": f"Once upon a time, {names[i % 6]} saw {things[i % 4]}.",
-            "completion": f" {names[i % 6]} was happy and played with {things[(i * 7) % 4]} all day.",
-        }
-        for i in range(48)
-    ]
-    (root / "data").mkdir()
-    for name, part in (("sft_train", rows[:40]), ("sft_val", rows[40:])):
-        (root / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    return root
 
 
 def _env() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -151,21 +152,15 @@ def test_export_without_adapter_casts(base_dir, tmp_path):
 # ----------------------------------------------------------------------------- ckpt_to_hf
 
 
-def _write_ckpt(run_dir: Path, step: int, policy_sd: dict) -> Path:
-    """A checkpoint as rlhfstack.stages.ppo writes it (state.pt with policy, value, optimizer...)."""
-    import numpy as np
+def _write_ckpt(run_dir: Path, step: int, policy: torch.nn.Module) -> Path:
+    """A checkpoint as rlhfstack.stages.ppo writes it: {policy, value} through engine.save_checkpoint."""
+    from rlhfstack import engine
 
-    d = run_dir / f"ckpt-{step:06d}"
-    d.mkdir(parents=True)
-    state = {
-        "policy": policy_sd,
-        "value": {"linear.weight": torch.zeros(1, 32)},
-        "optimizer": {"state": {}, "param_groups": []},
-        "order_rng": np.random.default_rng(0).bit_generator.state,
-        "step": step,
-    }
-    torch.save(state, d / "state.pt")
-    return d
+    trained = torch.nn.ModuleDict({"policy": policy, "value": torch.nn.Linear(32, 1)})
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-3)
+    path = engine.checkpoint_path(run_dir, step)
+    engine.save_checkpoint(path, trained, opt, {"step": step, "order": [0, 1]})
+    return path
 
 
 def test_ckpt_to_hf_full_policy(base_dir, tmp_path):
@@ -177,8 +172,12 @@ def test_ckpt_to_hf_full_policy(base_dir, tmp_path):
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))  # "trained"
     run = tmp_path / "ppo"
-    _write_ckpt(run, 1, {k: torch.zeros_like(v) for k, v in policy.state_dict().items()})
-    _write_ckpt(run, 2, policy.state_dict())
+    zeroed = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in zeroed.parameters():
+            p.zero_()
+    _write_ckpt(run, 1, zeroed)
+    _write_ckpt(run, 2, policy)
     assert find_checkpoint(run).name == "ckpt-000002"  # run dir -> newest checkpoint
     tool = _tool("ckpt_to_hf")
     out = tmp_path / "hf"
@@ -198,7 +197,7 @@ def test_ckpt_to_hf_lora_policy(base_dir, tmp_path):
 
     peft_model = _lora_model(base_dir, seed=9, r=4, alpha=12.0)
     run = tmp_path / "ppo_lora"
-    ck = _write_ckpt(run, 3, peft_model.state_dict())
+    ck = _write_ckpt(run, 3, peft_model)  # frozen base weights are not saved: LoRA only
     with pytest.raises(ValueError, match="alpha"):  # no config.yaml beside it yet
         ckpt_to_hf(ck, base_dir, tmp_path / "x")
     (run / "config.yaml").write_text(
@@ -217,8 +216,8 @@ def test_ckpt_to_hf_lora_policy(base_dir, tmp_path):
 
 def test_ckpt_to_hf_rejects_mismatched_policy(base_dir, tmp_path):
     run = tmp_path / "bad"
-    ck = _write_ckpt(run, 1, {"model.embed_tokens.weight": torch.zeros(VOCAB, 32)})
-    with pytest.raises(RuntimeError, match="Missing key"):
+    ck = _write_ckpt(run, 1, torch.nn.Linear(VOCAB, 32))
+    with pytest.raises(KeyError, match="does not fit"):
         ckpt_to_hf(ck, base_dir, tmp_path / "o")
     with pytest.raises(FileNotFoundError):
         find_checkpoint(tmp_path / "nowhere")

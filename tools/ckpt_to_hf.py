@@ -1,4 +1,4 @@
-"""Extract the policy of a training checkpoint (``run_dir/ckpt-XXXXXX/state.pt``) into an HF directory.
+"""Extract the policy of a training checkpoint (``run_dir/ckpt-XXXXXX/``) into an HF directory.
 
 Example::
 

@@ -654,14 +654,16 @@ def megatron_to_hf(
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself when it holds ``state.pt``, else the newest ``ckpt-*`` under it (a run dir)."""
+    """``path`` itself when it is a complete checkpoint, else the newest ``ckpt-*`` under it."""
+    from rlhfstack.engine import CKPT_EXTRA, latest_checkpoint
+
     path = Path(path)
-    if (path / "state.pt").exists():
+    if (path / CKPT_EXTRA).exists() and (path / ".metadata").exists():
         return path
-    cks = sorted(p for p in path.glob("ckpt-*") if (p / "state.pt").exists())
-    if not cks:
-        raise FileNotFoundError(f"{path}: no state.pt and no ckpt-*/state.pt")
-    return cks[-1]
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: not a checkpoint and no complete ckpt-* under it")
+    return found
 
 
 def _lora_alpha_from_run(ckpt_dir: Path) -> float | None:
@@ -682,24 +684,23 @@ def ckpt_to_hf(
     lora_alpha: float | None = None,
     dtype: str | None = None,
 ) -> Path:
-    """Extract the policy of a training checkpoint (``ckpt-XXXXXX/state.pt``) into an HF directory.
+    """Extract the policy of a training checkpoint (``ckpt-XXXXXX/``) into an HF directory.
 
     ``base`` is the HF directory the run started from (config + tokenizer). A LoRA policy (peft
     state dict) is merged into the base weights (peft ``merge_and_unload``); its rank is read from
     the tensors and ``alpha`` from the run's ``config.yaml`` unless ``lora_alpha`` is given.
-    The policy is loaded with ``strict=True``: a checkpoint of another architecture fails loudly.
+    Every checkpoint tensor must match the base's architecture, or it fails loudly.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhfstack.engine import read_checkpoint_tensors
     from rlhfstack.models.core import DTYPES
     from rlhfstack.runtime import atomic_dir
 
     ckpt_dir = find_checkpoint(ckpt)
-    # The project's own file: it also holds numpy RNG state, which weights_only cannot read.
-    state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
-    if "policy" not in state:
-        raise KeyError(f"{ckpt_dir / 'state.pt'}: no 'policy' entry (keys: {sorted(state)})")
-    policy_sd: dict[str, Tensor] = state["policy"]
+    # the trained module is {"policy": ..., "value": ...}; frozen weights (a LoRA base) are not
+    # in the checkpoint and come from ``base``
+    policy_sd: dict[str, Tensor] = read_checkpoint_tensors(ckpt_dir, "model.policy.")
     sd_dtype = next(iter(policy_sd.values())).dtype
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     is_lora = any(".lora_A." in k for k in policy_sd)
@@ -718,7 +719,17 @@ def ckpt_to_hf(
             model,
             LoraConfig(r=r, lora_alpha=float(alpha), target_modules=targets, lora_dropout=0.0),
         )
-    model.load_state_dict({k: v.float() for k, v in policy_sd.items()}, strict=True)
+    missing, unexpected = model.load_state_dict(
+        {k: v.float() for k, v in policy_sd.items()}, strict=False
+    )
+    # strict where it matters: every checkpoint tensor must land; only frozen LoRA base
+    # weights may be absent from it
+    absent = [k for k in missing if not is_lora or ".lora_" in k]
+    if unexpected or absent:
+        raise KeyError(
+            f"{ckpt_dir}: checkpoint does not fit {base}: unexpected {unexpected[:5]}, "
+            f"missing {absent[:5]}"
+        )
     if is_lora:
         model = model.merge_and_unload()
     out_dtype = DTYPES[dtype] if dtype is not None else sd_dtype

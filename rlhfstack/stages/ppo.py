@@ -18,13 +18,13 @@ Diagnostics are logged beside the loss every iteration; ``first_minibatch_ratio`
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rlhfstack import engine
 from rlhfstack.config import PPOConfig
 from rlhfstack.data.loading import load_prompts
 from rlhfstack.losses import (
@@ -51,14 +51,20 @@ from rlhfstack.models.core import (
 )
 from rlhfstack.rollout.generate import generate, left_pad_prompts, sample_texts, score_texts
 from rlhfstack.runtime import (
-    atomic_dir,
     atomic_write_json,
     plot_metrics,
     rng_state,
     set_rng_state,
     write_stage_done,
 )
-from rlhfstack.training import build_optimizer, build_scheduler, clip_grad, setup_run
+from rlhfstack.training import (
+    Preempted,
+    build_optimizer,
+    build_scheduler,
+    clip_grad,
+    preemption_flag,
+    setup_run,
+)
 
 log = logging.getLogger("rlhfstack.ppo")
 
@@ -114,15 +120,11 @@ def _validate(cfg: PPOConfig) -> None:
         )
 
 
-class _Preempted(Exception):
-    pass
-
-
 def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     """Run PPO; returns ``run_dir``. ``gold_scorer(prompts, completions) -> np.ndarray`` (optional)
     scores held-out samples with a hidden gold reward every ``gold_eval_every`` iterations."""
     _validate(cfg)
-    run = setup_run_resumable(cfg)
+    run = setup_run(cfg)
     device = run.device
     tcfg, pcfg = cfg.trainer, cfg.ppo
     tok = tokenizer_for(cfg.model)
@@ -182,16 +184,11 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     cursor = 0
     start_step = 0
 
-    # ---- resume
-    ckpt = latest_checkpoint(run.run_dir)
+    # ---- checkpoints (engine.save_checkpoint: torch.distributed.checkpoint + extra.pt) and resume
+    trained = torch.nn.ModuleDict({"policy": policy, "value": value_head or critic})
+    ckpt = engine.latest_checkpoint(run.run_dir)
     if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", weights_only=False)
-        policy.load_state_dict(state["policy"])
-        if value_head is not None:
-            value_head.load_state_dict(state["value"])
-        if critic is not None:
-            critic.load_state_dict(state["value"])
-        opt.load_state_dict(state["optimizer"])
+        state = engine.load_checkpoint(ckpt, trained, opt)
         sched.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl_controller"])
         set_rng_state(state["rng"])
@@ -201,18 +198,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
         run.logger.truncate_after(start_step)
         log.info("resumed from %s at step %d", ckpt, start_step)
 
-    preempt = {"flag": False}
-
-    def _on_signal(signum, frame):  # SLURM preemption (SIGUSR1) and SIGTERM: save, then exit
-        preempt["flag"] = True
-
-    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-
     def save_checkpoint(step: int) -> None:
-        state = {
-            "policy": policy.state_dict(),
-            "value": (value_head or critic).state_dict(),
-            "optimizer": opt.state_dict(),
+        extra = {
             "scheduler": sched.state_dict(),
             "kl_controller": kl_ctl.state_dict(),
             "rng": rng_state(),
@@ -222,12 +209,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             "cursor": cursor,
             "step": step,
         }
-        with atomic_dir(run.run_dir / f"ckpt-{step:06d}") as tmp:
-            torch.save(state, tmp / "state.pt")
-        for old in sorted(run.run_dir.glob("ckpt-*"))[:-2]:  # keep the two newest
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
+        engine.save_checkpoint(engine.checkpoint_path(run.run_dir, step), trained, opt, extra)
 
     vllm_engine = None
     if cfg.rollout.backend == "vllm":
@@ -239,7 +221,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     mb_size = B // pcfg.num_minibatches
     micro = max(1, min(tcfg.micro_batch_size, mb_size))
     T = cfg.rollout.temperature
-    try:
+    with preemption_flag() as preempt:
         for step in range(start_step + 1, tcfg.max_steps + 1):
             # ---------------------------------------------------------------- 1. rollout
             if cursor + B > len(order):
@@ -411,19 +393,13 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 metrics["loss/value"],
                 first.get("first_minibatch_ratio", float("nan")),
             )
-            if preempt["flag"]:
+            if preempt["flag"] and step < tcfg.max_steps:
                 save_checkpoint(step)
-                raise _Preempted
+                log.warning("preempted: checkpoint at step %d saved; exiting for requeue", step)
+                run.logger.close()
+                raise Preempted(step)
             if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
                 save_checkpoint(step)
-    except _Preempted:
-        log.warning("preempted: checkpoint saved, exiting for requeue")
-        run.logger.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        return run.run_dir
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
 
     # ---- final artifacts
     policy.eval()
@@ -454,24 +430,3 @@ def _gold_eval(policy, tok, prompts, gold_scorer, rm, cfg: PPOConfig, device) ->
     gold = np.asarray(gold_scorer(prompts, texts), dtype=float)
     proxy = score_texts(rm, tok, prompts, texts, device=device).numpy()
     return {"eval/gold_reward": float(gold.mean()), "eval/proxy_reward": float(proxy.mean())}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete ``ckpt-*`` directory (written atomically), or None."""
-    cks = sorted(p for p in Path(run_dir).glob("ckpt-*") if (p / "state.pt").exists())
-    return cks[-1] if cks else None
-
-
-def setup_run_resumable(cfg: PPOConfig):
-    """Like ``setup_run`` but keeps ``metrics.jsonl`` when a checkpoint exists (resume)."""
-    run_dir = Path(cfg.run_dir)
-    if latest_checkpoint(run_dir) is not None and (run_dir / "metrics.jsonl").exists():
-        keep = run_dir / "metrics.jsonl"
-        saved = keep.read_bytes()
-        run = setup_run(cfg)
-        keep.write_bytes(saved)
-        return run
-    return setup_run(cfg)
