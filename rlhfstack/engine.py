@@ -1029,6 +1029,33 @@ class DistributedModel:
             return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         return clip_grad_norm(self.params, max_norm)
 
+    # -- rollouts
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict of ``model`` on every rank. Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.pipe is not None:
+            raise NotImplementedError("full_state_dict under pipeline parallelism")
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+
+    def replica(self) -> nn.Module:
+        """A plain, full, frozen copy of ``model`` on this rank's device. Collective.
+
+        Rollouts run on it: generation and no-grad scoring then need no collectives, so each
+        data-parallel rank can decode its own prompts for as many steps as its rows need (the
+        hybrid-engine design: train sharded, generate on gathered weights). Refresh it with
+        ``sync_replica`` after every update."""
+        holder = nn.Module()
+        restore_plain(holder, copy.deepcopy(self.shadow), self.full_state_dict(), self.state.device)
+        holder.requires_grad_(False)
+        return holder.eval()
+
+    def sync_replica(self, replica: nn.Module) -> None:
+        """Copy the current (trained) weights into ``replica``. Collective."""
+        with torch.no_grad():
+            replica.load_state_dict(self.full_state_dict(), strict=True)
+
     @property
     def can_evaluate(self) -> bool:
         """Whether the whole model can run mid-training (not while it is split into pipeline stages)."""
@@ -1117,11 +1144,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
     keep: int = 2,
+    rank_extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model``'s trainable parameters, ``optimizer`` and ``extra`` to ``path``.
 
     Collective under a process group (every rank calls it with its own shards); ``extra`` is
-    taken from rank 0. Older ``ckpt-*`` siblings beyond the newest ``keep`` are removed.
+    taken from rank 0, ``rank_extra`` (state that differs between ranks, such as a sampling
+    generator) from every rank, as ``rank-R.pt``. Older ``ckpt-*`` siblings beyond the newest
+    ``keep`` are removed.
     """
     import shutil
     from pathlib import Path
@@ -1141,6 +1171,9 @@ def save_checkpoint(
         checkpoint_id=str(tmp),
         no_dist=not _STATE.distributed,
     )
+    if rank_extra is not None:
+        torch.save(rank_extra, tmp / f"rank-{_STATE.rank}.pt")
+    barrier()
     if is_main():
         torch.save(extra, tmp / CKPT_EXTRA)
         old = path.with_name(f".{path.name}.old")
@@ -1157,7 +1190,8 @@ def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Load what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (each rank its own
-    shards, resharded if the layout changed); returns ``extra``."""
+    shards, resharded if the layout changed); returns ``extra``, with this rank's ``rank_extra``
+    under ``"rank_extra"`` (None when the checkpoint has none for this rank)."""
     from pathlib import Path
 
     import torch.distributed.checkpoint as dcp
@@ -1175,7 +1209,10 @@ def load_checkpoint(
         optim_state_dict=state["optim"],
         options=opts,
     )
-    return torch.load(path / CKPT_EXTRA, weights_only=False)
+    extra = torch.load(path / CKPT_EXTRA, weights_only=False)
+    mine = path / f"rank-{_STATE.rank}.pt"
+    extra["rank_extra"] = torch.load(mine, weights_only=False) if mine.exists() else None
+    return extra
 
 
 def read_checkpoint_tensors(path: str | os.PathLike, prefix: str = "model.") -> dict[str, Any]:

@@ -34,8 +34,9 @@ from rlhfstack.runtime import (
 log = logging.getLogger("rlhfstack")
 
 
-#: stages whose training loop is ``train_loop`` (the ones that can run distributed)
-DISTRIBUTED_STAGES = ("sft", "rm", "dpo")
+#: stages that can run distributed: SFT, RM and DPO through ``train_loop`` (FSDP2 / TP / PP),
+#: PPO through its own loop (FSDP2 data parallel, rollouts on a gathered replica)
+DISTRIBUTED_STAGES = ("sft", "rm", "dpo", "ppo")
 
 #: signals that mean "save a checkpoint and stop": SLURM's pre-timeout / preemption notice
 #: (``--signal=B:USR1@120``, forwarded to the workers by slurm/common.sh) and SIGTERM

@@ -120,6 +120,32 @@ def _validate(cfg: PPOConfig) -> None:
         )
 
 
+def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
+    if tp != 1 or pp != 1:
+        raise NotImplementedError(
+            f"PPO runs FSDP2 data parallel only (parallel.dp_shard); got tp={tp} pp={pp}: "
+            "tensor / pipeline parallel PPO is not built"
+        )
+    if cfg.rollout.backend != "native":
+        raise NotImplementedError("rollout.backend=vllm with several training processes")
+    if cfg.trainer.batch_size % (cfg.ppo.num_minibatches * dp):
+        raise ValueError(
+            f"trainer.batch_size ({cfg.trainer.batch_size}) must be divisible by "
+            f"ppo.num_minibatches * parallel.dp_shard ({cfg.ppo.num_minibatches} * {dp})"
+        )
+
+
+def _global_whiten(x: torch.Tensor, m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``masked_whiten`` with the mean and unbiased variance of the valid entries of *all*
+    data-parallel ranks (one all-reduce of three sums)."""
+    t = engine.sum_stats(
+        {"n": float(m.sum()), "s": float((x * m).sum()), "s2": float((x * x * m).sum())}
+    )
+    mean = t["s"] / t["n"]
+    var = (t["s2"] - t["n"] * mean * mean) / max(t["n"] - 1.0, 1.0)  # unbiased, as masked_var
+    return torch.where(m.bool(), (x - mean) / (var + eps) ** 0.5, torch.zeros_like(x))
+
+
 def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     """Run PPO; returns ``run_dir``. ``gold_scorer(prompts, completions) -> np.ndarray`` (optional)
     scores held-out samples with a hidden gold reward every ``gold_eval_every`` iterations."""
@@ -127,6 +153,10 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     run = setup_run(cfg)
     device = run.device
     tcfg, pcfg = cfg.trainer, cfg.ppo
+    ps = run.dist  # data-parallel ranks each roll out and train on B / dp prompts
+    dp, rank = ps.dp, ps.dp_rank
+    if ps.distributed:
+        _validate_distributed(cfg, dp, ps.tp, ps.pp)
     tok = tokenizer_for(cfg.model)
     policy = load_causal_lm(
         cfg.model.path,
@@ -147,10 +177,15 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     value_head: ValueHead | None = None
     if pcfg.value_model == "shared":
         value_head = ValueHead(d_model).to(device)
-        params = list(policy.parameters()) + list(value_head.parameters())
     else:
         critic = _Critic(rm).to(device)
-        params = list(policy.parameters()) + list(critic.parameters())
+    # what is trained (and checkpointed): {policy, value head or critic}
+    trained = torch.nn.ModuleDict({"policy": policy, "value": value_head or critic})
+    params = list(trained.parameters())
+    dm: engine.DistributedModel | None = None
+    if ps.distributed:  # FSDP2 over dp_shard; rollouts on a gathered replica (see below)
+        dm = engine.DistributedModel(trained, params, ps)
+        params = dm.params
     opt = build_optimizer(params, tcfg)
     total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
     sched = build_scheduler(opt, tcfg, total_updates)
@@ -178,21 +213,24 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
         "PPO: %d train prompts, %d held-out; %s", len(train_prompts), len(heldout), report.summary()
     )
 
-    gen_rng = torch.Generator().manual_seed(cfg.seed)
+    gen_rng = torch.Generator().manual_seed(cfg.seed + rank)  # each rank samples its own rows
     order_rng = np.random.default_rng(cfg.seed)
     order = order_rng.permutation(len(train_prompts)).tolist()
     cursor = 0
     start_step = 0
 
     # ---- checkpoints (engine.save_checkpoint: torch.distributed.checkpoint + extra.pt) and resume
-    trained = torch.nn.ModuleDict({"policy": policy, "value": value_head or critic})
     ckpt = engine.latest_checkpoint(run.run_dir)
     if ckpt is not None:
         state = engine.load_checkpoint(ckpt, trained, opt)
+        if state["rank_extra"] is None:
+            raise ValueError(
+                f"{ckpt}: no sampling state for rank {ps.rank} (written by fewer processes?)"
+            )
         sched.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl_controller"])
         set_rng_state(state["rng"])
-        gen_rng.set_state(state["gen_rng"])
+        gen_rng.set_state(state["rank_extra"]["gen_rng"])
         order_rng.bit_generator.state = state["order_rng"]
         order, cursor, start_step = state["order"], state["cursor"], state["step"]
         run.logger.truncate_after(start_step)
@@ -203,13 +241,37 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             "scheduler": sched.state_dict(),
             "kl_controller": kl_ctl.state_dict(),
             "rng": rng_state(),
-            "gen_rng": gen_rng.get_state(),
             "order_rng": order_rng.bit_generator.state,
             "order": order,
             "cursor": cursor,
             "step": step,
         }
-        engine.save_checkpoint(engine.checkpoint_path(run.run_dir, step), trained, opt, extra)
+        engine.save_checkpoint(
+            engine.checkpoint_path(run.run_dir, step),
+            trained,
+            opt,
+            extra,
+            rank_extra={"gen_rng": gen_rng.get_state()},
+        )
+
+    # Rollouts (generation and the no-grad scoring passes) run on ``rollout``: the trained
+    # modules themselves in one process; under FSDP2 a full replica on each rank, refreshed
+    # after every update, so that each rank decodes its own rows without collectives.
+    rollout = dm.replica() if dm is not None else trained
+    r_policy, r_value = rollout["policy"], rollout["value"]
+
+    def train_forward(ids_: torch.Tensor, mask_: torch.Tensor, start: int, entropy: bool):
+        o = response_logprobs(
+            policy, ids_, mask_, start, T, value_head=value_head, return_entropy=entropy
+        )
+        v = o["values"] if critic is None else _values(critic, ids_, mask_, start)
+        return o, v
+
+    B = tcfg.batch_size  # global; this rank rolls out and trains on Bl = B / dp of them
+    Bl = B // dp
+    mb_size = Bl // pcfg.num_minibatches
+    micro = max(1, min(tcfg.micro_batch_size, mb_size))
+    T = cfg.rollout.temperature
 
     vllm_engine = None
     if cfg.rollout.backend == "vllm":
@@ -217,10 +279,6 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
 
         vllm_engine = VLLMRollout(cfg.model.path, dtype="bfloat16", seed=cfg.seed)
 
-    B = tcfg.batch_size
-    mb_size = B // pcfg.num_minibatches
-    micro = max(1, min(tcfg.micro_batch_size, mb_size))
-    T = cfg.rollout.temperature
     with preemption_flag() as preempt:
         for step in range(start_step + 1, tcfg.max_steps + 1):
             # ---------------------------------------------------------------- 1. rollout
@@ -229,8 +287,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 cursor = 0
             batch_prompts = [train_prompts[i] for i in order[cursor : cursor + B]]
             cursor += B
+            batch_prompts = batch_prompts[rank * Bl : (rank + 1) * Bl]  # this rank's rows
             p_ids, p_mask = left_pad_prompts(tok, batch_prompts, cfg.data.max_prompt_tokens, device)
-            policy.eval()
+            r_policy.eval()
             if vllm_engine is not None:  # GPU-only path (not exercised in CI)
                 vllm_engine.sync_weights(policy)
                 gen = vllm_engine.generate(
@@ -244,7 +303,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 )
             else:
                 gen = generate(
-                    policy,
+                    r_policy,
                     p_ids,
                     p_mask,
                     max_new_tokens=cfg.rollout.max_new_tokens,
@@ -256,15 +315,18 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             ids, mask = gen.full()
             P = p_ids.shape[1]
             resp_mask = gen.response_mask_BR.float()
-            run.cost.add_tokens(int(mask.sum()))
+            run.cost.add_tokens(int(engine.sum_stats({"n": float(mask.sum())})["n"]))
             # ---------------------------------------------------------------- 2. score
             with torch.no_grad():
-                out = response_logprobs(policy, ids, mask, P, T, value_head=value_head)
+                shared = critic is None
+                out = response_logprobs(
+                    r_policy, ids, mask, P, T, value_head=r_value if shared else None
+                )
                 old_logprobs = out["logprobs"]
-                old_values = out["values"] if critic is None else _values(critic, ids, mask, P)
+                old_values = out["values"] if shared else _values(r_value, ids, mask, P)
                 if use_lora:
-                    with adapter_disabled(policy):
-                        ref_logprobs = response_logprobs(policy, ids, mask, P, T)["logprobs"]
+                    with adapter_disabled(r_policy):
+                        ref_logprobs = response_logprobs(r_policy, ids, mask, P, T)["logprobs"]
                 else:
                     ref_logprobs = response_logprobs(ref, ids, mask, P, T)["logprobs"]
                 rm_out = rm.score(ids, mask)
@@ -274,8 +336,13 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     scores = scores - pcfg.missing_eos_penalty * (~gen.ended_B).float()
                 if pcfg.reward_clip:
                     scores = scores.clamp(-pcfg.reward_clip, pcfg.reward_clip)
-                if pcfg.whiten_rewards:
-                    scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+                if pcfg.whiten_rewards:  # over the global batch (all ranks)
+                    t = engine.sum_stats(
+                        {"n": len(scores), "s": float(scores.sum()), "s2": float((scores**2).sum())}
+                    )
+                    mu = t["s"] / t["n"]
+                    sd = ((t["s2"] - t["n"] * mu * mu) / max(t["n"] - 1, 1)) ** 0.5
+                    scores = (scores - mu) / (sd + 1e-8)
                 # ------------------------------------------------------------ 3-4. shape, GAE
                 beta = kl_ctl.value
                 rewards, kl_BT = kl_shaped_rewards(
@@ -283,35 +350,31 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 )
                 advantages, returns = gae(rewards, old_values, resp_mask, pcfg.gamma, pcfg.lam)
                 if pcfg.whiten_advantages:
-                    advantages = masked_whiten(advantages, resp_mask)
+                    advantages = (
+                        _global_whiten(advantages, resp_mask)
+                        if dm is not None
+                        else masked_whiten(advantages, resp_mask)
+                    )
             seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * resp_mask).sum(-1)
             # ---------------------------------------------------------------- 5. update
             policy.train()
             stats: dict[str, list[float]] = {}
             first: dict[str, float] = {}
-            n_tokens_total = float(resp_mask.sum())
+            n_tokens_total = engine.sum_stats({"n": float(resp_mask.sum())})["n"]
             for epoch in range(pcfg.epochs):
-                perm = torch.randperm(B, generator=gen_rng)
+                perm = torch.randperm(Bl, generator=gen_rng)
                 for mb in range(pcfg.num_minibatches):
                     idx = perm[mb * mb_size : (mb + 1) * mb_size]
-                    mb_tokens = float(resp_mask[idx].sum()) or 1.0
+                    # losses are normalized by the minibatch's token count over all ranks, and
+                    # FSDP2 sums gradients: the update is the one-process update of the global
+                    # minibatch
+                    mb_tokens = engine.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
                     opt.zero_grad(set_to_none=True)
                     for j in range(0, mb_size, micro):
                         sub = idx[j : j + micro]
-                        o = response_logprobs(
-                            policy,
-                            ids[sub],
-                            mask[sub],
-                            P,
-                            T,
-                            value_head=value_head,
-                            return_entropy=pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0),
-                        )
-                        v = (
-                            o["values"]
-                            if critic is None
-                            else _values(critic, ids[sub], mask[sub], P)
-                        )
+                        want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
+                        args = (ids[sub], mask[sub], P, want_entropy)
+                        o, v = dm.call(train_forward, *args) if dm else train_forward(*args)
                         m = resp_mask[sub]
                         pg_loss, pg_stats = ppo_policy_loss(
                             o["logprobs"],
@@ -345,12 +408,16 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                             first["first_minibatch_ratio"] = float(pg_stats["ratio_mean"])
                             first["first_minibatch_approx_kl"] = float(pg_stats["approx_kl"])
                             first["entropy"] = float(masked_mean(o["entropy"].detach(), m))
-                    gnorm = clip_grad(params, tcfg.grad_clip)
+                    gnorm = (
+                        dm.clip_grad(tcfg.grad_clip) if dm else clip_grad(params, tcfg.grad_clip)
+                    )
                     stats.setdefault("grad_norm", []).append(gnorm)
                     opt.step()
                     sched.step()
+            if dm is not None:
+                dm.sync_replica(rollout)  # the next rollout samples from the updated policy
             # ---------------------------------------------------------------- 6. KL controller
-            mean_kl = float(seq_kl.mean())
+            mean_kl = engine.sum_stats({"kl": float(seq_kl.sum())})["kl"] / B
             kl_ctl.update(mean_kl, B)
             lengths = resp_mask.sum(-1)
             metrics = {
@@ -373,13 +440,16 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 "response/length": float(lengths.mean()),
                 "response/ended_frac": float(gen.ended_B.float().mean()),
                 "lr": sched.get_last_lr()[0],
-                "tokens": n_tokens_total,
             }
+            if dm is not None:  # per-rank means -> means over ranks (equal rows per rank)
+                metrics = {k: v / dp for k, v in engine.sum_stats(metrics).items()}
+                metrics["kl/seq_k1"] = mean_kl
+            metrics["tokens"] = n_tokens_total
             gold_now = bool(gold_scorer is not None and heldout and cfg.gold_eval_every) and (
                 step % cfg.gold_eval_every == 0 or step == tcfg.max_steps or step == 1
             )
-            if gold_now:
-                metrics.update(_gold_eval(policy, tok, heldout, gold_scorer, rm, cfg, device))
+            if gold_now and ps.is_main:  # on the (replica of the) updated policy, rank 0 only
+                metrics.update(_gold_eval(r_policy, tok, heldout, gold_scorer, rm, cfg, device))
             if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
             log.info(
@@ -393,7 +463,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 metrics["loss/value"],
                 first.get("first_minibatch_ratio", float("nan")),
             )
-            if preempt["flag"] and step < tcfg.max_steps:
+            if step < tcfg.max_steps and engine.any_rank(preempt["flag"]):
                 save_checkpoint(step)
                 log.warning("preempted: checkpoint at step %d saved; exiting for requeue", step)
                 run.logger.close()
@@ -402,6 +472,13 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 save_checkpoint(step)
 
     # ---- final artifacts
+    if dm is not None:  # rank 0 gets the full, plain modules back; the other ranks exit here
+        dm.finalize()
+        policy, value_head, critic = trained["policy"], None, None
+        if pcfg.value_model == "shared":
+            value_head = trained["value"]
+        else:
+            critic = trained["value"]
     policy.eval()
     save_hf(policy, tok, run.run_dir / "model")
     head = value_head if value_head is not None else critic
