@@ -1031,13 +1031,15 @@ class DistributedModel:
 
     # -- rollouts
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full (unsharded) state dict of ``model`` on every rank. Collective."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict of ``model`` on every rank (only the parameters that
+        require grad with ``trainable_only``). Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if self.pipe is not None:
             raise NotImplementedError("full_state_dict under pipeline parallelism")
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(self.model, options=opts)
 
     def replica(self) -> nn.Module:
         """A plain, full, frozen copy of ``model`` on this rank's device. Collective.
@@ -1052,9 +1054,13 @@ class DistributedModel:
         return holder.eval()
 
     def sync_replica(self, replica: nn.Module) -> None:
-        """Copy the current (trained) weights into ``replica``. Collective."""
+        """Copy the current trained weights into ``replica``. Collective. Only parameters that
+        require grad travel (frozen ones, such as a LoRA base, never change)."""
+        sd = self.full_state_dict(trainable_only=True)
         with torch.no_grad():
-            replica.load_state_dict(self.full_state_dict(), strict=True)
+            _, unexpected = replica.load_state_dict(sd, strict=False)
+        if unexpected or not sd:
+            raise RuntimeError(f"sync_replica: {len(sd)} tensors, unexpected {unexpected[:5]}")
 
     @property
     def can_evaluate(self) -> bool:

@@ -57,9 +57,17 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
 
 
-def test_ppo_fsdp2_two_ranks_invariants_and_checkpoint(smoke, tmp_path):
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [],  # full fine-tune, value head on the policy trunk
+        ["model.lora.enabled=true", "model.lora.r=4", "ppo.value_model=separate"],
+    ],
+    ids=["full-shared-value", "lora-separate-critic"],
+)
+def test_ppo_fsdp2_two_ranks_invariants_and_checkpoint(smoke, tmp_path, variant):
     run_dir = tmp_path / "dp2"
-    out = _torchrun(smoke, run_dir, "trainer.max_steps=3", "trainer.save_every=2")
+    out = _torchrun(smoke, run_dir, "trainer.max_steps=3", "trainer.save_every=2", *variant)
     assert "rank 1/2: dp_shard=2" in out
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]

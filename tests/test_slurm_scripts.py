@@ -163,8 +163,8 @@ def test_pipeline_skips_finished_stages(tmp_path):
     ]
     rm, ppo, dpo = lines
     assert "--nnodes=2 --nproc-per-node=8" in rm and "+experiment=qwen2_7b_rm" in rm
-    # PPO runs in one process on one node
-    assert ppo.startswith("srun --nodes=1 --ntasks=1 ") and "--nnodes=1 --nproc-per-node=1" in ppo
+    # PPO runs on one node, FSDP2 over its GPUs
+    assert ppo.startswith("srun --nodes=1 --ntasks=1 ") and "--nnodes=1 --nproc-per-node=8" in ppo
     assert "+experiment=qwen2_7b_ppo_lora" in ppo and f"artifacts_dir={art}" in ppo
     assert dpo.endswith("trainer.save_every=5")
     assert "sft: " in res.stdout and "skipped" in res.stdout
