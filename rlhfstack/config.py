@@ -462,6 +462,9 @@ class PipelineConfig:
     """Overrides passed to every stage."""
     skip_existing: bool = False
     """Skip a stage whose run_dir already holds a finished marker."""
+    jobs: int = 1
+    """Stages in flight at once. 1: one after another, in this process. N > 1: later stages whose
+    inputs are ready also start, in up to N-1 background processes (DPO beside RM -> PPO)."""
 
 
 # ----------------------------------------------------------------------------- win-rate / judges

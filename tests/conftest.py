@@ -57,7 +57,9 @@ def smoke(tmp_path_factory, data_root) -> Path:
     from rlhfstack.pipeline import run_pipeline
 
     art = tmp_path_factory.mktemp("smoke") / "demo_smoke"
-    cfg = to_object(load_config("pipeline", ["+experiment=demo_smoke", f"artifacts_dir={art}"]))
+    cfg = to_object(
+        load_config("pipeline", ["+experiment=demo_smoke", f"artifacts_dir={art}", "jobs=1"])
+    )
     run_pipeline(cfg, command="pytest smoke")
     return art
 
