@@ -46,6 +46,7 @@ def _tcfg(**kw) -> SimpleNamespace:
         micro_batch_size=C.BATCH,
         log_every=1,
         eval_every=0,
+        save_every=0,
     )
     base.update(kw)
     return SimpleNamespace(**base)

@@ -345,6 +345,10 @@ class PPOHyperparams:
     """Subtracted from the score of responses that never emit EOS (0 disables)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
+    kl_loss_coef: float = 0.0
+    """Coefficient of the exact per-token KL(pi || pi_ref) over the whole vocabulary, added to the
+    loss (besides the sampled-token KL penalty in the reward). 0 disables. Keeps the reference's
+    full log-softmax of each rollout batch in memory (B x R x V floats): for small vocabularies."""
     value_model: str = "shared"
     """shared (value head on the policy trunk) | separate (critic initialized from the reward model)."""
     reward_clip: float = 10.0

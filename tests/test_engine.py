@@ -117,8 +117,8 @@ def test_setup_run_refuses_unlaunched_parallel(tmp_path, monkeypatch):
     cfg = to_object(load_config("sft", [f"run_dir={tmp_path}/r", "parallel.dp_shard=2"]))
     with pytest.raises(ValueError, match="torchrun"):
         setup_run(cfg)
-    # stages without a distributed loop (PPO) refuse several processes...
-    cfg = to_object(load_config("ppo", [f"run_dir={tmp_path}/p", "parallel.dp_shard=2"]))
+    # stages without a distributed loop (demo data generation) refuse several processes...
+    cfg = to_object(load_config("demo_data", [f"run_dir={tmp_path}/p", "parallel.dp_shard=2"]))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(NotImplementedError, match="one process"):

@@ -122,3 +122,33 @@ def test_adaptive_kl_controller_rejects_bad_args():
         AdaptiveKLController(0.1, target=0.0, horizon=10)
     with pytest.raises(ValueError):
         AdaptiveKLController(0.1, target=1.0, horizon=0)
+
+
+def test_kl_full_from_logits_hand_computed():
+    from rlhfstack.losses import kl_full_from_logits
+
+    # policy logits [0, ln 3] -> p = [1/4, 3/4]; reference q = [1/2, 1/2]
+    # KL = 1/4 ln(1/4 / 1/2) + 3/4 ln(3/4 / 1/2) = 0.25 ln 0.5 + 0.75 ln 1.5 = 0.1308120
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    ref = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    got = kl_full_from_logits(logits, ref)
+    assert got.shape == (1, 1)
+    assert got.item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-6)
+    # temperature divides the policy logits: T=ln 3 turns [0, ln 3] into [0, 1]
+    z = torch.tensor([0.0, 1.0])
+    p = torch.softmax(z, -1)
+    want = float((p * (p.log() - ref[0, 0])).sum())
+    assert kl_full_from_logits(logits, ref, temperature=math.log(3.0)).item() == pytest.approx(
+        want, abs=1e-6
+    )
+
+
+def test_kl_full_is_zero_against_itself_and_nonnegative():
+    from rlhfstack.losses import kl_full_from_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7)
+    same = torch.log_softmax(logits / 0.7, -1)
+    assert torch.allclose(kl_full_from_logits(logits, same, 0.7), torch.zeros(2, 3), atol=1e-6)
+    other = torch.log_softmax(torch.randn(2, 3, 7), -1)
+    assert (kl_full_from_logits(logits, other) >= -1e-7).all()

@@ -108,3 +108,17 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(smoke, tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=120) == 0
     assert list(run_dir.glob("ckpt-*/extra.pt"))
+
+
+def test_full_kl_loss_term_is_zero_while_policy_equals_reference(smoke, tmp_path):
+    from rlhfstack.stages.ppo import train
+
+    cfg = _cfg(
+        smoke,
+        tmp_path / "klloss",
+        ["trainer.max_steps=2", "ppo.kl_loss_coef=0.1", "ppo.num_minibatches=1"],
+    )
+    rows = read_jsonl(train(cfg) / "metrics.jsonl")
+    # step 1's only minibatch sees the untouched policy (== the frozen SFT reference)
+    assert rows[0]["kl/full_in_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["kl/full_in_loss"] > 0.0  # after one update it has moved

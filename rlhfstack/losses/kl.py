@@ -25,6 +25,7 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "kl_estimate",
+    "kl_full_from_logits",
     "KL_ESTIMATORS",
     "AdaptiveKLController",
     "FixedKLController",
@@ -81,6 +82,29 @@ def kl_k3(
 
 
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_full_from_logits(
+    logits_BTV: torch.Tensor, ref_logprobs_BTV: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Exact per-position ``KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v)`` (nats).
+
+    Unlike k1-k3, which see only the sampled token, this sums over the whole vocabulary, so its
+    gradient moves every token's probability toward the reference (a guard against collapsing
+    onto a few high-reward tokens). Needs the reference's full log-softmax: ``B*T*V`` floats.
+
+    Args:
+        logits_BTV: (B, T, V) policy logits; ``pi = softmax(logits / temperature)``.
+        ref_logprobs_BTV: (B, T, V) ``log_softmax(ref_logits / temperature)``.
+        temperature: tau > 0 (the same in both).
+
+    Returns:
+        (B, T) float32 KL per position (>= 0; 0 where pi == pi_ref).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
+    return (logp_BTV.exp() * (logp_BTV - ref_logprobs_BTV.float())).sum(-1)
 
 
 def kl_estimate(

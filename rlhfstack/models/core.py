@@ -177,6 +177,8 @@ def response_logprobs(
     temperature: float = 1.0,
     value_head: nn.Module | None = None,
     return_entropy: bool = False,
+    ref_logprobs_BRV: torch.Tensor | None = None,
+    return_log_softmax: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-token log-probs of the response tokens ``input_ids[:, response_start:]``.
 
@@ -185,6 +187,10 @@ def response_logprobs(
     ``response_start + j``) is scored by the logits at ``response_start + j - 1``; the value of
     the state before token ``j`` is read at the same position. Only the response slice of the
     hidden states goes through the LM head (no ``[B, T, V]`` tensor over the prompt).
+
+    ``ref_logprobs_BRV`` (a reference's ``log_softmax`` over the vocabulary at the same
+    positions) adds ``kl_full``: the exact per-token KL to it. ``return_log_softmax`` adds
+    ``log_softmax`` ``[B, R, V]`` (to serve as such a reference).
     """
     trunk, lm_head = causal_lm_parts(model)
     hidden_BTD = trunk_hidden(trunk, input_ids_BT, attention_mask_BT)
@@ -196,6 +202,12 @@ def response_logprobs(
         from rlhfstack.losses import entropy_from_logits
 
         out["entropy"] = entropy_from_logits(logits_BRV, temperature)
+    if ref_logprobs_BRV is not None:
+        from rlhfstack.losses import kl_full_from_logits
+
+        out["kl_full"] = kl_full_from_logits(logits_BRV, ref_logprobs_BRV, temperature)
+    if return_log_softmax:
+        out["log_softmax"] = torch.log_softmax(logits_BRV / temperature, dim=-1)
     if value_head is not None:
         out["values"] = value_head(h_BRD).squeeze(-1).float()
     return out

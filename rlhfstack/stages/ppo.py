@@ -260,9 +260,16 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     rollout = dm.replica() if dm is not None else trained
     r_policy, r_value = rollout["policy"], rollout["value"]
 
-    def train_forward(ids_: torch.Tensor, mask_: torch.Tensor, start: int, entropy: bool):
+    def train_forward(ids_, mask_, start: int, entropy: bool, ref_lsm_BRV=None):
         o = response_logprobs(
-            policy, ids_, mask_, start, T, value_head=value_head, return_entropy=entropy
+            policy,
+            ids_,
+            mask_,
+            start,
+            T,
+            value_head=value_head,
+            return_entropy=entropy,
+            ref_logprobs_BRV=ref_lsm_BRV,
         )
         v = o["values"] if critic is None else _values(critic, ids_, mask_, start)
         return o, v
@@ -324,11 +331,16 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 )
                 old_logprobs = out["logprobs"]
                 old_values = out["values"] if shared else _values(r_value, ids, mask, P)
+                full_ref = pcfg.kl_loss_coef > 0  # the reference's whole distribution, too
                 if use_lora:
                     with adapter_disabled(r_policy):
-                        ref_logprobs = response_logprobs(r_policy, ids, mask, P, T)["logprobs"]
+                        ref_out = response_logprobs(
+                            r_policy, ids, mask, P, T, return_log_softmax=full_ref
+                        )
                 else:
-                    ref_logprobs = response_logprobs(ref, ids, mask, P, T)["logprobs"]
+                    ref_out = response_logprobs(ref, ids, mask, P, T, return_log_softmax=full_ref)
+                ref_logprobs = ref_out["logprobs"]
+                ref_logsoftmax_BRV = ref_out.get("log_softmax")
                 rm_out = rm.score(ids, mask)
                 raw_scores = rm_out["mean"]
                 scores = raw_scores.clone()
@@ -373,7 +385,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     for j in range(0, mb_size, micro):
                         sub = idx[j : j + micro]
                         want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
-                        args = (ids[sub], mask[sub], P, want_entropy)
+                        ref_lsm = None if ref_logsoftmax_BRV is None else ref_logsoftmax_BRV[sub]
+                        args = (ids[sub], mask[sub], P, want_entropy, ref_lsm)
                         o, v = dm.call(train_forward, *args) if dm else train_forward(*args)
                         m = resp_mask[sub]
                         pg_loss, pg_stats = ppo_policy_loss(
@@ -395,6 +408,12 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                         loss = pg_loss + pcfg.vf_coef * vf_loss
                         if pcfg.entropy_coef > 0:
                             loss = loss - pcfg.entropy_coef * (o["entropy"] * m).sum() / mb_tokens
+                        if pcfg.kl_loss_coef > 0:  # exact KL to the reference, every token
+                            kl_term = (o["kl_full"] * m).sum() / mb_tokens
+                            loss = loss + pcfg.kl_loss_coef * kl_term
+                            stats.setdefault("kl/full_in_loss", []).append(
+                                float(kl_term.detach()) / (float(m.sum()) / mb_tokens or 1.0)
+                            )
                         loss.backward()
                         w = float(m.sum()) / mb_tokens
                         for k, val in {
