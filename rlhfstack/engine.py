@@ -1137,6 +1137,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Any:
     return max(done, key=lambda p: p.name) if done else None
 
 
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save/load ("assuming the intent is to ... in a single
+    process"): that is the intent here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _ckpt_options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -1172,11 +1183,12 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_ckpt_options())
-    dcp.save(
-        {"model": model_sd, "optim": optim_sd},
-        checkpoint_id=str(tmp),
-        no_dist=not _STATE.distributed,
-    )
+    with _quiet_single_process():
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd},
+            checkpoint_id=str(tmp),
+            no_dist=not _STATE.distributed,
+        )
     if rank_extra is not None:
         torch.save(rank_extra, tmp / f"rank-{_STATE.rank}.pt")
     barrier()
@@ -1207,7 +1219,8 @@ def load_checkpoint(
     opts = _ckpt_options()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _STATE.distributed)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _STATE.distributed)
     set_state_dict(
         model,
         optimizer,
@@ -1237,7 +1250,8 @@ def read_checkpoint_tensors(path: str | os.PathLike, prefix: str = "model.") -> 
     }
     if not want:
         raise KeyError(f"{path}: no tensors under {prefix!r} (keys: {sorted(meta)[:5]}...)")
-    dcp.load(want, storage_reader=reader, no_dist=True)
+    with _quiet_single_process():
+        dcp.load(want, storage_reader=reader, no_dist=True)
     return {k[len(prefix) :]: v for k, v in want.items()}
 
 
