@@ -13,6 +13,13 @@ One iteration (Ziegler et al. 2019; Ouyang et al. 2022; the details of Huang et 
 
 Diagnostics are logged beside the loss every iteration; ``first_minibatch_ratio`` and
 ``first_minibatch_approx_kl`` must read 1 and 0 (the rollout and training passes agree).
+
+Under ``torchrun`` with ``parallel.dp_shard=N`` (FSDP2 data parallel): every rank draws the same
+global batch of prompts and keeps its ``B / N`` rows; it generates and scores them on a full
+replica of the policy (``DistributedModel.replica``, refreshed after every update, so that ranks
+decode without collectives), trains them under FSDP2 with losses divided by the minibatch's token
+count over all ranks (FSDP2 sums the gradients), and whitens advantages, updates the KL
+controller and averages diagnostics over all ranks.
 """
 
 from __future__ import annotations
