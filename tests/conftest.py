@@ -84,3 +84,16 @@ def arts(tmp_path_factory, stories_hf) -> Path:
     for name, part in (("sft_train", rows[:40]), ("sft_val", rows[40:])):
         (root / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return root
+
+
+@pytest.fixture
+def launch_env() -> dict[str, str]:
+    """Environment for a recipe started as a subprocess (alone or under torchrun): offline, one
+    thread, fixed hash seed, and none of this process's rank variables."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONHASHSEED="0"
+    )
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env

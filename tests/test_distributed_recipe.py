@@ -7,7 +7,6 @@ set and must log the same losses and save the same model; only rank 0 writes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONHASHSEED="0"
-    )
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -35,7 +24,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     ]
 
 
-def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path):
+def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path, launch_env):
     common = [
         "recipes/train_sft.py",
         "+experiment=demo",
@@ -51,7 +40,7 @@ def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path):
         subprocess.Popen(
             [sys.executable, *common, f"run_dir={one}"],
             cwd=REPO,
-            env=_env(),
+            env=launch_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -59,7 +48,7 @@ def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path):
         subprocess.Popen(
             [*torchrun, *common, f"run_dir={two}", "parallel.dp_shard=2"],
             cwd=REPO,
-            env=_env(),
+            env=launch_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

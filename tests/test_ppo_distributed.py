@@ -9,7 +9,6 @@ rollout's log-probs came from the weights being trained.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,10 +31,7 @@ SMALL = [
 ]
 
 
-def _torchrun(smoke: Path, run_dir: Path, *extra: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+def _torchrun(env: dict, smoke: Path, run_dir: Path, *extra: str) -> str:
     cmd = [
         sys.executable,
         "-m",
@@ -65,9 +61,11 @@ def _rows(run_dir: Path) -> list[dict]:
     ],
     ids=["full-shared-value", "lora-separate-critic"],
 )
-def test_ppo_fsdp2_two_ranks_invariants_and_checkpoint(smoke, tmp_path, variant):
+def test_ppo_fsdp2_two_ranks_invariants_and_checkpoint(smoke, tmp_path, variant, launch_env):
     run_dir = tmp_path / "dp2"
-    out = _torchrun(smoke, run_dir, "trainer.max_steps=3", "trainer.save_every=2", *variant)
+    out = _torchrun(
+        launch_env, smoke, run_dir, "trainer.max_steps=3", "trainer.save_every=2", *variant
+    )
     assert "rank 1/2: dp_shard=2" in out
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -86,14 +84,14 @@ def test_ppo_fsdp2_two_ranks_invariants_and_checkpoint(smoke, tmp_path, variant)
 
 
 @pytest.mark.slow
-def test_ppo_fsdp2_resume_matches_uninterrupted(smoke, tmp_path):
+def test_ppo_fsdp2_resume_matches_uninterrupted(smoke, tmp_path, launch_env):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    _torchrun(smoke, full, "trainer.max_steps=4", "trainer.save_every=2")
+    _torchrun(launch_env, smoke, full, "trainer.max_steps=4", "trainer.save_every=2")
     cut.mkdir()
     shutil.copytree(full / "ckpt-000002", cut / "ckpt-000002")
     rows = _rows(full)
     (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    out = _torchrun(smoke, cut, "trainer.max_steps=4", "trainer.save_every=2")
+    out = _torchrun(launch_env, smoke, cut, "trainer.max_steps=4", "trainer.save_every=2")
     assert "resumed from" in out
     a, b = _rows(full), _rows(cut)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

@@ -10,7 +10,6 @@ with the uninterrupted run's.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,17 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIMING = ("time", "wall_seconds")
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONHASHSEED="0"
-    )
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _sft(arts: Path, run_dir: Path, *extra: str, nproc: int = 1) -> subprocess.Popen:
+def _sft(env: dict, arts: Path, run_dir: Path, *extra: str, nproc: int = 1) -> subprocess.Popen:
     launcher = [sys.executable]
     if nproc > 1:
         launcher += [
@@ -56,7 +45,7 @@ def _sft(arts: Path, run_dir: Path, *extra: str, nproc: int = 1) -> subprocess.P
         *extra,
     ]
     return subprocess.Popen(
-        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -84,9 +73,9 @@ def _interrupted_copy(src: Path, dst: Path, step: int) -> None:
     (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_sft_checkpoint_layout_and_resume_matches_uninterrupted(arts, tmp_path):
+def test_sft_checkpoint_layout_and_resume_matches_uninterrupted(arts, tmp_path, launch_env):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    _ok(_sft(arts, full, "trainer.max_steps=6", "trainer.save_every=2"))
+    _ok(_sft(launch_env, arts, full, "trainer.max_steps=6", "trainer.save_every=2"))
     # every 2 steps, the final step excluded (the model is saved instead); the 2 newest are kept
     assert sorted(p.name for p in full.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000004"]
     ck = full / "ckpt-000002"
@@ -94,7 +83,7 @@ def test_sft_checkpoint_layout_and_resume_matches_uninterrupted(arts, tmp_path):
     assert not list(full.glob(".ckpt-*")), "a partial checkpoint was left behind"
 
     _interrupted_copy(full, cut, 2)
-    out = _ok(_sft(arts, cut, "trainer.max_steps=6", "trainer.save_every=2"))
+    out = _ok(_sft(launch_env, arts, cut, "trainer.max_steps=6", "trainer.save_every=2"))
     assert "resumed from" in out and "at step 2" in out, out[-2000:]
     a, b = _rows(full), _rows(cut)
     assert [r["step"] for r in b] == list(range(1, 7))
@@ -120,10 +109,10 @@ def test_save_every_without_a_model_is_rejected_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_zero_and_resumes(arts, tmp_path):
+def test_sigterm_checkpoints_exits_zero_and_resumes(arts, tmp_path, launch_env):
     run_dir = tmp_path / "term"
     args = ("trainer.max_steps=400", "trainer.log_every=1")
-    p = _sft(arts, run_dir, *args)
+    p = _sft(launch_env, arts, run_dir, *args)
     deadline = time.time() + 120
     while time.time() < deadline and not (
         (run_dir / "metrics.jsonl").exists() and len(_rows(run_dir)) >= 3
@@ -135,28 +124,28 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(arts, tmp_path):
     (ck,) = run_dir.glob("ckpt-*")
     stopped = int(ck.name.split("-")[1])
     assert stopped < 400 and not (run_dir / "done.json").exists()
-    out = _ok(_sft(arts, run_dir, *args), timeout=600)
+    out = _ok(_sft(launch_env, arts, run_dir, *args), timeout=600)
     assert f"at step {stopped}" in out
     assert [r["step"] for r in _rows(run_dir)] == list(range(1, 401))
     assert (run_dir / "done.json").exists()
 
 
 @pytest.mark.slow
-def test_fsdp2_checkpoint_resumes_on_two_ranks_and_reshards_to_one(arts, tmp_path):
+def test_fsdp2_checkpoint_resumes_on_two_ranks_and_reshards_to_one(arts, tmp_path, launch_env):
     full, cut2, cut1 = tmp_path / "full", tmp_path / "cut2", tmp_path / "cut1"
     common = ("trainer.max_steps=6", "trainer.save_every=2")
-    _ok(_sft(arts, full, *common, "parallel.dp_shard=2", nproc=2))
+    _ok(_sft(launch_env, arts, full, *common, "parallel.dp_shard=2", nproc=2))
     ck = full / "ckpt-000002"
     assert len(list(ck.glob("*.distcp"))) == 2  # one shard file per rank
     _interrupted_copy(full, cut2, 2)
     _interrupted_copy(full, cut1, 2)
-    out = _ok(_sft(arts, cut2, *common, "parallel.dp_shard=2", nproc=2))
+    out = _ok(_sft(launch_env, arts, cut2, *common, "parallel.dp_shard=2", nproc=2))
     assert "resumed from" in out, out[-2000:]
     a, b = _rows(full), _rows(cut2)
     assert [r["step"] for r in b] == list(range(1, 7))
     for k, v in _strip(a[-1]).items():
         assert b[-1][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     # the same sharded checkpoint, resumed in one process (DCP reshards on load)
-    _ok(_sft(arts, cut1, *common))
+    _ok(_sft(launch_env, arts, cut1, *common))
     c = _rows(cut1)
     assert c[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-4)
