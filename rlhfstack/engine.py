@@ -55,6 +55,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -1119,16 +1120,12 @@ def _micro_batches(batch: dict[str, Any], micro: int, n: int) -> Iterator[dict[s
 CKPT_EXTRA = "extra.pt"
 
 
-def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Any:
-    from pathlib import Path
-
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / f"ckpt-{step:06d}"
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Any:
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete ``ckpt-*`` directory under ``run_dir``, or None."""
-    from pathlib import Path
-
     done = [
         p
         for p in Path(run_dir).glob("ckpt-*")
@@ -1171,7 +1168,6 @@ def save_checkpoint(
     ``keep`` are removed.
     """
     import shutil
-    from pathlib import Path
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -1210,8 +1206,6 @@ def load_checkpoint(
     """Load what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (each rank its own
     shards, resharded if the layout changed); returns ``extra``, with this rank's ``rank_extra``
     under ``"rank_extra"`` (None when the checkpoint has none for this rank)."""
-    from pathlib import Path
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 from rlhfstack.config import PipelineConfig, load_config, to_object
 
 log = logging.getLogger("rlhfstack.pipeline")
-POLL_S = 0.5  # how often the concurrent scheduler looks at its stages
 
 STAGE_MODULES = {
     "data": "rlhfstack.stages.demo_data",
@@ -89,8 +87,8 @@ def run_pipeline(
     cfg: PipelineConfig, command: str = "", spawn: Callable[..., Any] | None = None
 ) -> Path:
     """Run ``cfg.stages``; returns ``artifacts_dir``. ``spawn(stage, scfg, command)`` starts a
-    stage in the background and returns a handle with ``is_alive()``, ``join()``, ``exitcode``
-    and ``terminate()`` (default: a spawned process; tests pass their own)."""
+    stage in the background and returns a handle with ``is_alive()``, ``join()`` (blocks until
+    it ends), ``exitcode`` and ``terminate()`` (default: a spawned process; tests pass their own)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     unknown = [s for s in cfg.stages if s not in STAGE_MODULES]
@@ -129,8 +127,6 @@ def _run_concurrently(
 
     def join(stage: str) -> None:
         handle, scfg = children.pop(stage)
-        while handle.is_alive():
-            time.sleep(POLL_S)
         handle.join()
         if handle.exitcode != 0:
             raise RuntimeError(f"stage {stage} failed (exit code {handle.exitcode}); see its log")

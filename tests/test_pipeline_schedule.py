@@ -37,8 +37,9 @@ class FakeStage:
         self.log.append(("end", self.stage))
         return False
 
-    def join(self):
-        pass
+    def join(self):  # like Process.join: returns once the stage has ended
+        while self.is_alive():
+            pass
 
     def terminate(self):
         self.terminated = True
@@ -46,7 +47,6 @@ class FakeStage:
 
 
 def _run(tmp_path, monkeypatch, outcomes=None, jobs=2, log=None):
-    monkeypatch.setattr(pipeline, "POLL_S", 0.0)
     log = [] if log is None else log
     outcomes = outcomes or {}
     live: list[FakeStage] = []

@@ -356,12 +356,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 if pcfg.reward_clip:
                     scores = scores.clamp(-pcfg.reward_clip, pcfg.reward_clip)
                 if pcfg.whiten_rewards:  # over the global batch (all ranks)
-                    t = engine.sum_stats(
-                        {"n": len(scores), "s": float(scores.sum()), "s2": float((scores**2).sum())}
-                    )
-                    mu = t["s"] / t["n"]
-                    sd = ((t["s2"] - t["n"] * mu * mu) / max(t["n"] - 1, 1)) ** 0.5
-                    scores = (scores - mu) / (sd + 1e-8)
+                    scores = _global_whiten(scores, torch.ones_like(scores))
                 # ------------------------------------------------------------ 3-4. shape, GAE
                 beta = kl_ctl.value
                 rewards, kl_BT = kl_shaped_rewards(
