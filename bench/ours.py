@@ -7,13 +7,14 @@ Each algorithm runs the library pieces in the same shape as its stage:
 * ``rm``   ``stages/reward_model.py``: ``RewardModel`` on the causal-LM trunk, chosen and
   rejected in one ``[2B, T]`` forward, Bradley-Terry loss, ``training.train_loop``.
 * ``dpo``  ``stages/dpo.py``: reference log-probs precomputed once (their cost is amortized
-  over the steps and included), policy chosen+rejected in one forward, ``train_loop``.
+  over the steps and included), each pair's prompt run once for chosen and rejected and the LM
+  head on response tokens only (``dpo.shared_prompt``), ``train_loop``.
 * ``ppo``  ``stages/ppo.py``: rollout with ``rollout.generate``, scoring (policy log-probs and
   values, reference log-probs, RM score), KL-shaped rewards, GAE, whitening, one PPO epoch of
   one minibatch (clipped policy + value loss). ``--value-model shared`` (the stage default: a
   value head on the policy trunk) or ``separate`` (a second model, as TRL).
-  ``--logprobs-from-rollout``: old log-probs (and shared-head values) come with the rollout
-  instead of a separate policy scoring pass (a recommended change to the stage).
+  Old log-probs (and shared-head values) come with the rollout, as in the stage
+  (``ppo.logprobs_from_rollout``); ``--no-logprobs-from-rollout`` adds the separate scoring pass.
 * ``grpo`` 2 prompts x 4 samples, group-normalized advantages, PPO clipped loss, no reference;
   old log-probs from the rollout.
 * ``gen``  ``rollout.generate`` alone (``--hf`` for HF ``generate`` at the same shape).
@@ -135,9 +136,10 @@ def bench_rm(model_dir: str, steps: int, shared_prompt: bool = False) -> list[fl
     return timer.times[1:]  # the first tick starts step 1
 
 
-def bench_dpo(model_dir: str, steps: int, mode: str = "stage") -> tuple[list[float], float]:
-    """``mode``: ``stage`` (``sequence_logprob_sums``), ``masked_head`` (LM head on response
-    tokens only) or ``shared_prompt`` (that, plus each pair's prompt run once)."""
+def bench_dpo(model_dir: str, steps: int, mode: str = "shared_prompt") -> tuple[list[float], float]:
+    """``mode``: ``shared_prompt`` (the stage default, ``dpo.shared_prompt``: each pair's prompt
+    run once, the LM head on response tokens only), ``masked_head`` (only the latter) or
+    ``plain`` (``sequence_logprob_sums`` over the ``[2B, T]`` batch)."""
     import torch
 
     from rlhfstack.data.collate import collate_preference
@@ -443,12 +445,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--value-model", default="shared", choices=["shared", "separate"])
-    ap.add_argument("--logprobs-from-rollout", action="store_true")
+    ap.add_argument(
+        "--logprobs-from-rollout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ppo: old log-probs from the rollout (the stage default); --no-...: a scoring pass",
+    )
     ap.add_argument(
         "--shared-prompt", action="store_true", help="rm/dpo/grpo: run each shared prompt once"
     )
     ap.add_argument(
         "--masked-head", action="store_true", help="dpo: LM head on response tokens only"
+    )
+    ap.add_argument(
+        "--plain", action="store_true", help="dpo: the plain [2B, T] pass (no shared prompt)"
     )
     ap.add_argument("--hf", action="store_true", help="gen: time HF generate instead")
     ap.add_argument("--out")
@@ -463,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
         times = bench_rm(a.model_dir, n, a.shared_prompt)
         extra.update(shared_prompt=a.shared_prompt)
     elif a.algo == "dpo":
-        mode = "shared_prompt" if a.shared_prompt else "masked_head" if a.masked_head else "stage"
+        mode = "plain" if a.plain else "masked_head" if a.masked_head else "shared_prompt"
         times, ref_s = bench_dpo(a.model_dir, n, mode)
         extra.update(mode=mode)
         # the reference pass ran once for the whole data set: charge each step its share

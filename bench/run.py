@@ -37,13 +37,13 @@ TRL_PY = {"ppo": C.REPO / ".venv-bench-trl112" / "bin" / "python"}
 TRL_PY_DEFAULT = C.REPO / ".venv-bench-trl" / "bin" / "python"
 ALGOS = ("rm", "dpo", "grpo", "ppo")
 
-#: ours with the changes recommended to the stages (same math; see rlhfstack/rollout/fast.py)
+#: ours with other choices of the same math (see rlhfstack/rollout/fast.py)
 VARIANTS = {
     "ppo": {
-        "logprobs_from_rollout": ["--logprobs-from-rollout"],
+        "separate_scoring_pass": ["--no-logprobs-from-rollout"],
         "separate_value_model": ["--value-model", "separate"],
     },
-    "dpo": {"response_only_head": ["--masked-head"], "shared_prompt": ["--shared-prompt"]},
+    "dpo": {"response_only_head": ["--masked-head"], "plain_pass": ["--plain"]},
     "rm": {"shared_prompt": ["--shared-prompt"]},
     "grpo": {"shared_prompt": ["--shared-prompt"]},
 }

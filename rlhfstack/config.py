@@ -283,6 +283,11 @@ class DPOHyperparams:
     """Reference model; None = the starting model (``model.path``), frozen."""
     epochs: int = 1
     """Passes over the preference pairs."""
+    shared_prompt: bool = True
+    """Run each pair's prompt once for chosen and rejected (its keys and values reused for both
+    responses) and the LM head on response tokens only: the same log-probs with fewer FLOPs
+    (``rollout/fast.py``). Single-process runs; distributed runs, and batches whose chosen and
+    rejected prompts differ after truncation, use the plain ``[2B, T]`` pass."""
 
 
 @dataclass
@@ -353,6 +358,10 @@ class PPOHyperparams:
     """shared (value head on the policy trunk) | separate (critic initialized from the reward model)."""
     reward_clip: float = 10.0
     """Clip scores to +-reward_clip; 0 disables."""
+    logprobs_from_rollout: bool = True
+    """Take the old log-probs (and the shared value head's values) from the rollout's KV-cache
+    forward passes instead of a second forward over the batch (same function, equal up to float
+    rounding; native HF rollouts only, others always score separately). false: the separate pass."""
 
 
 @dataclass

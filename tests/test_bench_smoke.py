@@ -39,7 +39,7 @@ def tiny_dir(bench_mod, tmp_path_factory):
         ["--algo", "grpo", "--shared-prompt"],
         ["--algo", "ppo", "--logprobs-from-rollout"],
         ["--algo", "gen"],
-        pytest.param(["--algo", "dpo", "--shared-prompt"], marks=pytest.mark.slow),
+        pytest.param(["--algo", "dpo"], marks=pytest.mark.slow),
         pytest.param(["--algo", "ppo", "--value-model", "separate"], marks=pytest.mark.slow),
     ],
     ids=lambda a: "-".join(x.lstrip("-") for x in a[1:]),

@@ -12,6 +12,9 @@ Same math as the plain loop (one forward per new token, ancestral sampling from
   attending to its own (PAD) tokens; its outputs are discarded, and rows never attend across
   the batch, so the tokens of the rows still running are unchanged. With unpadded prompts the
   mask is all ones and the attention kernel runs without one;
+* for Llama-family trunks each one-token step runs as plain tensor code (:class:`LeanDecoder`:
+  the same parameters and math without the HF module machinery; single-query attention as two
+  small matmuls instead of the fused CPU kernel); other trunks step through their HF modules;
 * tokens are drawn by inverse-CDF sampling (:func:`sample_categorical`; both loops use it);
 * optionally, the sampled tokens' log-probs (``log softmax(logits / T)``) and the hidden states
   that produced them come back with the tokens, so PPO/GRPO can skip the policy's scoring pass
@@ -27,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -97,6 +101,16 @@ def _cache_classes():
             self.values = self._v[:, :, :end]
             return self.keys, self.values
 
+        def append_one(self, k_BKD: torch.Tensor, v_BKD: torch.Tensor) -> None:
+            """Write one position's keys / values ``[B, KV, Dh]`` (the lean decode step)."""
+            if self._len >= self.capacity:
+                raise RuntimeError(f"PreallocatedCache: full ({self.capacity} positions)")
+            self._k[:, :, self._len] = k_BKD
+            self._v[:, :, self._len] = v_BKD
+            self._len += 1
+            self.keys = self._k[:, :, : self._len]
+            self.values = self._v[:, :, : self._len]
+
         def get_seq_length(self) -> int:
             return self._len if self.is_initialized else 0
 
@@ -160,12 +174,128 @@ def supports_fast_decode(model: nn.Module) -> bool:
     return parts is not None and _num_full_attention_layers(parts[0]) is not None
 
 
+#: model types whose decoder layers :class:`LeanDecoder` reproduces (pre-norm RMSNorm, rotary
+#: attention with grouped KV heads, SwiGLU MLP; optional q/k/v biases as in Qwen2)
+_LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class LeanDecoder:
+    """One-token decode steps of an HF Llama-family trunk as plain tensor code.
+
+    The same math as the HF layers, written without their per-module machinery: the same
+    parameters (read in place, nothing copied), the HF rotary module's own cos/sin (one table for
+    all positions, so every rope scaling without a length-dependent update is exact), RMSNorm in
+    float32 as in ``LlamaRMSNorm``, attention in float32 over the filled part of the
+    :class:`PreallocatedCache` buffers with a ``-inf`` bias on left padding. For a tiny model the
+    HF module calls cost more than the arithmetic; for a 35M one the single-query attention is
+    several times cheaper than the fused CPU attention kernel.
+
+    ``LeanDecoder.build(trunk)`` returns None where the trunk is anything else (LoRA-wrapped
+    projections, other norms or activations, dynamic rope); the caller then steps through the
+    HF modules.
+    """
+
+    def __init__(self, trunk: nn.Module) -> None:
+        cfg = trunk.config
+        self.trunk = trunk
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.layers = list(trunk.layers)
+        self.scaling = float(self.layers[0].self_attn.scaling)
+
+    @classmethod
+    def build(cls, trunk: nn.Module) -> LeanDecoder | None:
+        cfg = getattr(trunk, "config", None)
+        if cfg is None or getattr(cfg, "model_type", None) not in _LEAN_MODEL_TYPES:
+            return None
+        if getattr(cfg, "hidden_act", None) != "silu" or not hasattr(trunk, "rotary_emb"):
+            return None
+        rope = getattr(trunk.rotary_emb, "rope_type", "default")
+        if "dynamic" in str(rope) or rope == "longrope":  # inv_freq depends on the length
+            return None
+        if type(trunk.embed_tokens) is not nn.Embedding:
+            return None
+        for layer in getattr(trunk, "layers", []):
+            attn, mlp = layer.self_attn, layer.mlp
+            projs = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+            projs += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            if any(type(m) is not nn.Linear for m in projs):  # e.g. peft LoRA layers
+                return None
+            if hasattr(attn, "q_norm") or getattr(attn, "sliding_window", None):
+                return None
+            norms = (layer.input_layernorm, layer.post_attention_layernorm, trunk.norm)
+            if any(not type(n).__name__.endswith("RMSNorm") for n in norms):
+                return None
+        return cls(trunk)
+
+    @staticmethod
+    def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    def rope_tables(
+        self, n_positions: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin ``[n_positions, head_dim]`` from the model's rotary module."""
+        pos = torch.arange(n_positions, device=like.device).unsqueeze(0)
+        cos, sin = self.trunk.rotary_emb(like, pos)
+        return cos[0], sin[0]
+
+    def step(
+        self,
+        tok_B: torch.Tensor,
+        pos_B: torch.Tensor,
+        cache,
+        bias_BL: torch.Tensor,
+        cos_LD: torch.Tensor,
+        sin_LD: torch.Tensor,
+    ) -> torch.Tensor:
+        """Append one token per row at the cache's next slot; the final-norm hidden ``[B, D]``.
+
+        ``bias_BL``: 0 where a key position may be attended, ``-inf`` on padding, over the
+        positions filled after this step.
+        """
+        B = tok_B.shape[0]
+        H, KV, Dh = self.n_heads, self.n_kv, self.head_dim
+        G = H // KV
+        x = self.trunk.embed_tokens(tok_B)  # [B, D]
+        cos = cos_LD[pos_B].unsqueeze(1)  # [B, 1, Dh], broadcast over heads
+        sin = sin_LD[pos_B].unsqueeze(1)
+        half = Dh // 2
+        n = bias_BL.shape[1]
+        bias_B11L = bias_BL[:, None, None, :]
+        for layer, cl in zip(self.layers, cache.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = self._rms(x, layer.input_layernorm)
+            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, H, Dh)
+            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, KV, Dh)
+            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, KV, Dh)
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin  # rotate_half
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+            cl.append_one(k, v)
+            K, V = cl.keys, cl.values  # [B, KV, n, Dh]
+            qg = q.view(B, KV, G, Dh)
+            w = torch.matmul(qg, K.transpose(-1, -2)) * self.scaling + bias_B11L  # [B,KV,G,n]
+            w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            a = torch.matmul(w, V).reshape(B, H * Dh)
+            x = x + F.linear(a, attn.o_proj.weight, attn.o_proj.bias)
+            h = self._rms(x, layer.post_attention_layernorm)
+            g = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+            u = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+            x = x + F.linear(F.silu(g) * u, mlp.down_proj.weight, mlp.down_proj.bias)
+        assert K.shape[2] == n, (K.shape, n)
+        return self._rms(x, self.trunk.norm)
+
+
 @dataclass
 class FastDecodeResult:
     """Raw output of :func:`fast_decode` (before the response mask is built).
 
     tokens_BN: sampled tokens, PAD after a row has ended, ``N <= max_new_tokens``.
-    logprobs_BN / hidden_BND: per-token ``log softmax(logits / T)[token]`` and the trunk's
+    logprobs_BN / hidden_BND: per-token ``log softmax(logits / T)[token]`` (over the whole
+    vocabulary, suppressed ids included, as the training pass computes it) and the trunk's
     last hidden state that produced the token (None unless requested).
     """
 
@@ -191,11 +321,13 @@ def fast_decode(
     return_logprobs: bool = False,
     return_hidden: bool = False,
     prompt_group_size: int = 1,
+    lean_steps: bool = True,
 ) -> FastDecodeResult:
     """The decode loop (see the module docstring). ``model`` must pass :func:`supports_fast_decode`.
 
     ``prompt_group_size=G``: rows come in contiguous groups of ``G`` identical prompts (GRPO's
     samples per prompt); the prompt pass runs on one row per group and its cache is repeated.
+    ``lean_steps=False`` steps through the HF modules even where :class:`LeanDecoder` applies.
     """
     parts = _parts(model)
     assert parts is not None
@@ -228,11 +360,22 @@ def fast_decode(
         cache.batch_repeat_interleave(G)
         h = h.repeat_interleave(G, 0)
     next_pos_B1 = position_ids_BP[:, -1:] + 1
+    lean = LeanDecoder.build(trunk) if lean_steps else None
+    if lean is not None:
+        cos_LD, sin_LD = lean.rope_tables(int(next_pos_B1.max()) + max_new_tokens, h)
+        bias_BT = torch.zeros(attn_BT.shape, dtype=h.dtype, device=device)
+        bias_BT.masked_fill_(attn_BT == 0, float("-inf"))
     n = 0
     for t in range(max_new_tokens):
         if hidden is not None:
             hidden.append(h)
         logits_BV = lm_head(h).float()
+        if logprobs_BN is not None:
+            # log-probs of the unrestricted policy, log softmax(logits / T) over the whole
+            # vocabulary: the function the training pass evaluates (suppressed ids are only kept
+            # from being drawn), so PPO's first ratio is 1 up to float rounding
+            z_BV = logits_BV / temperature
+            lse_B = torch.logsumexp(z_BV, -1)
         if suppress_t is not None:
             logits_BV.index_fill_(1, suppress_t, float("-inf"))
         if greedy:
@@ -241,23 +384,23 @@ def fast_decode(
             probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
             tok_B = sample_categorical(probs_BV, generator)
         if logprobs_BN is not None:
-            z_BV = logits_BV / temperature
-            logprobs_BN[:, t] = z_BV.gather(1, tok_B.unsqueeze(1)).squeeze(1) - torch.logsumexp(
-                z_BV, -1
-            )
+            logprobs_BN[:, t] = z_BV.gather(1, tok_B.unsqueeze(1)).squeeze(1) - lse_B
         tok_B = torch.where(ended_B, pad_B, tok_B)
         tokens_BN[:, t] = tok_B
         n = t + 1
         ended_B = ended_B | torch.isin(tok_B, stops_S)
         if t + 1 == max_new_tokens or bool(ended_B.all()):
             break
-        h = trunk(
-            input_ids=tok_B.unsqueeze(1),
-            attention_mask=attn_BT[:, : P + t + 1],
-            position_ids=next_pos_B1,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
+        if lean is not None:
+            h = lean.step(tok_B, next_pos_B1[:, 0], cache, bias_BT[:, : P + t + 1], cos_LD, sin_LD)
+        else:
+            h = trunk(
+                input_ids=tok_B.unsqueeze(1),
+                attention_mask=attn_BT[:, : P + t + 1],
+                position_ids=next_pos_B1,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
         next_pos_B1 = next_pos_B1 + 1
     return FastDecodeResult(
         tokens_BN=tokens_BN[:, :n],

@@ -1,7 +1,8 @@
 """Direct Preference Optimization (Rafailov et al. 2023), IPO and conservative DPO.
 
 Reference log-probs are computed once, before training, in one no-grad pass over the data
-(the reference is frozen, so they never change).
+(the reference is frozen, so they never change). Each pair's prompt runs once for both responses
+and the LM head sees response tokens only (``dpo.shared_prompt``; same log-probs, fewer FLOPs).
 """
 
 from __future__ import annotations
@@ -16,14 +17,27 @@ from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.loading import load_preferences
 from rlhfstack.losses import dpo_loss
 from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
+from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
 from rlhfstack.runtime import plot_metrics, write_stage_done
 from rlhfstack.training import setup_run, train_loop
 
 log = logging.getLogger("rlhfstack.dpo")
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of chosen and rejected, in one ``[2B, T]`` forward."""
+def pair_logps(
+    model, batch: dict[str, torch.Tensor], pad_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of chosen and rejected ``[B]`` each.
+
+    With ``pad_id`` (``dpo.shared_prompt``): each pair's prompt runs once and the LM head sees
+    response tokens only (:func:`shared_prompt_pair_logprob_sums`); a batch whose chosen and
+    rejected prompts differ falls back to the plain pass. Without: one ``[2B, T]`` forward.
+    """
+    if pad_id is not None:
+        try:
+            return shared_prompt_pair_logprob_sums(model, batch, pad_id)
+        except ValueError:  # the prompts differ (truncated differently): the plain pass
+            pass
     B = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
@@ -57,6 +71,9 @@ def train(cfg: DPOConfig) -> Path:
     if cfg.data.max_examples:
         pairs = pairs[: cfg.data.max_examples]
     items = tokenize_preference(pairs, tok, max_len)
+    ps = run.dist
+    # one process only: the two trunk calls per step are not checked under FSDP2 / TP / PP
+    shared_pad = tok.pad_token_id if cfg.dpo.shared_prompt and not ps.distributed else None
 
     # reference log-probs, once
     ref = None
@@ -74,10 +91,10 @@ def train(cfg: DPOConfig) -> Path:
                 k: v.to(run.device) for k, v in collate_preference(chunk, tok.pad_token_id).items()
             }
             if ref is not None:
-                c, r = pair_logps(ref, b)
+                c, r = pair_logps(ref, b, shared_pad)
             else:  # LoRA: the reference is the policy with its adapter switched off
                 with policy.disable_adapter():
-                    c, r = pair_logps(policy, b)
+                    c, r = pair_logps(policy, b, shared_pad)
             for it, cc, rr in zip(chunk, c.tolist(), r.tolist()):
                 it["ref_chosen"], it["ref_rejected"] = cc, rr
     del ref
@@ -89,7 +106,7 @@ def train(cfg: DPOConfig) -> Path:
         return out
 
     def loss_fn(mb, n_in_step):
-        pc, pr = pair_logps(policy, mb)
+        pc, pr = pair_logps(policy, mb, shared_pad)
         losses, cr, rr = dpo_loss(
             pc,
             pr,

@@ -3,8 +3,9 @@
 One iteration (Ziegler et al. 2019; Ouyang et al. 2022; the details of Huang et al. 2024):
 
 1. rollout   sample responses for ``trainer.batch_size`` prompts with the current policy
-2. score     old log-probs and values (policy, no grad), reference log-probs, RM score of the
-             truncated response at its last real token; a fixed penalty when no EOS was emitted
+2. score     old log-probs and values (policy, no grad; taken from the rollout's own forward
+             passes by default), reference log-probs, RM score of the truncated response at its
+             last real token; a fixed penalty when no EOS was emitted
 3. shape     r_t = -beta * KL_t on every response token, + score on the last one
 4. GAE       advantages and returns (gamma, lambda); returns = A + V before whitening A
 5. update    ``ppo.epochs`` passes of ``ppo.num_minibatches`` minibatches: clipped policy loss +
@@ -287,6 +288,16 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     micro = max(1, min(tcfg.micro_batch_size, mb_size))
     T = cfg.rollout.temperature
 
+    # old log-probs (and the shared value head's values) come with the rollout (the KV-cache
+    # pass computes the same log softmax(logits / T) as the training pass, up to float
+    # rounding) instead of a second forward over the whole batch
+    from rlhfstack.rollout.fast import supports_fast_decode
+
+    from_rollout = (
+        pcfg.logprobs_from_rollout
+        and cfg.rollout.backend == "native"
+        and supports_fast_decode(r_policy)
+    )
     vllm_engine = None
     if cfg.rollout.backend == "vllm":
         from rlhfstack.rollout.vllm_backend import VLLMRollout
@@ -325,6 +336,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     pad_id=tok.pad_token_id,
                     temperature=T,
                     generator=gen_rng,
+                    return_logprobs=from_rollout,
+                    return_hidden=from_rollout and critic is None,
                 )
             ids, mask = gen.full()
             P = p_ids.shape[1]
@@ -333,11 +346,19 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             # ---------------------------------------------------------------- 2. score
             with torch.no_grad():
                 shared = critic is None
-                out = response_logprobs(
-                    r_policy, ids, mask, P, T, value_head=r_value if shared else None
-                )
-                old_logprobs = out["logprobs"]
-                old_values = out["values"] if shared else _values(r_value, ids, mask, P)
+                if gen.logprobs_BR is not None:  # old log-probs (and values) from the rollout
+                    old_logprobs = gen.logprobs_BR
+                    old_values = (
+                        r_value(gen.hidden_BRD).squeeze(-1).float()
+                        if shared
+                        else _values(r_value, ids, mask, P)
+                    )
+                else:  # a separate scoring pass (vLLM rollouts, non-HF models)
+                    out = response_logprobs(
+                        r_policy, ids, mask, P, T, value_head=r_value if shared else None
+                    )
+                    old_logprobs = out["logprobs"]
+                    old_values = out["values"] if shared else _values(r_value, ids, mask, P)
                 full_ref = pcfg.kl_loss_coef > 0  # the reference's whole distribution, too
                 if use_lora:
                     with adapter_disabled(r_policy):
