@@ -56,7 +56,7 @@ def _rows(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize(
     "variant",
     [
-        [],  # full fine-tune, value head on the policy trunk
+        ["ppo.value_model=shared"],  # full fine-tune, value head on the policy trunk
         ["model.lora.enabled=true", "model.lora.r=4", "ppo.value_model=separate"],
     ],
     ids=["full-shared-value", "lora-separate-critic"],

@@ -22,6 +22,7 @@ SMALL = [
     "ppo.epochs=1",
     "rollout.max_new_tokens=8",
     "gold_eval_every=0",
+    "ppo.value_model=shared",  # the demo's default is a separate critic (the smoke pipeline runs it)
 ]
 
 

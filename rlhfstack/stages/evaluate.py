@@ -61,12 +61,20 @@ def _seq_logprobs(
 
 
 def git_commit() -> str:
+    """Short HEAD hash, with " + uncommitted changes" when tracked files differ from it."""
     try:
-        return subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except Exception:
         return "unknown"
+    return f"{head} + uncommitted changes" if dirty else head
 
 
 def train(cfg: EvalConfig, command: str = "") -> Path:
