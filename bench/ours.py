@@ -4,8 +4,9 @@
 
 Each algorithm runs the library pieces in the same shape as its stage:
 
-* ``rm``   ``stages/reward_model.py``: ``RewardModel`` on the causal-LM trunk, chosen and
-  rejected in one ``[2B, T]`` forward, Bradley-Terry loss, ``training.train_loop``.
+* ``rm``   ``stages/reward_model.py``: ``RewardModel`` on the causal-LM trunk, each pair's
+  prompt run once for chosen and rejected (``rm.shared_prompt``; ``--plain``: one ``[2B, T]``
+  forward), Bradley-Terry loss, ``training.train_loop``.
 * ``dpo``  ``stages/dpo.py``: reference log-probs precomputed once (their cost is amortized
   over the steps and included), each pair's prompt run once for chosen and rejected and the LM
   head on response tokens only (``dpo.shared_prompt``), ``train_loop``.
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--masked-head", action="store_true", help="dpo: LM head on response tokens only"
     )
     ap.add_argument(
-        "--plain", action="store_true", help="dpo: the plain [2B, T] pass (no shared prompt)"
+        "--plain", action="store_true", help="rm/dpo: the plain [2B, T] pass (no shared prompt)"
     )
     ap.add_argument("--hf", action="store_true", help="gen: time HF generate instead")
     ap.add_argument("--out")
@@ -470,8 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
     n = a.warmup + a.steps
     extra: dict = {"side": "ours", "algo": a.algo, "threads": a.threads}
     if a.algo == "rm":
-        times = bench_rm(a.model_dir, n, a.shared_prompt)
-        extra.update(shared_prompt=a.shared_prompt)
+        times = bench_rm(a.model_dir, n, shared_prompt=not a.plain)  # the stage default
+        extra.update(shared_prompt=not a.plain)
     elif a.algo == "dpo":
         mode = "plain" if a.plain else "masked_head" if a.masked_head else "shared_prompt"
         times, ref_s = bench_dpo(a.model_dir, n, mode)

@@ -44,7 +44,7 @@ VARIANTS = {
         "separate_value_model": ["--value-model", "separate"],
     },
     "dpo": {"response_only_head": ["--masked-head"], "plain_pass": ["--plain"]},
-    "rm": {"shared_prompt": ["--shared-prompt"]},
+    "rm": {"plain_pass": ["--plain"]},
     "grpo": {"shared_prompt": ["--shared-prompt"]},
 }
 

@@ -255,6 +255,10 @@ class RMHyperparams:
     normalize_policy_path: str | None = None
     """Encoders: fit the normalization on samples of this causal LM (e.g. the SFT policy) instead of
     the training pairs' responses."""
+    shared_prompt: bool = True
+    """Causal-LM backbones: run each pair's prompt once for chosen and rejected (its keys and values
+    reused for both responses): the same scores with fewer FLOPs (``rollout/fast.py``). Single-process
+    runs; encoders, distributed runs and batches whose prompts differ use the ``[2B, T]`` pass."""
     probes: bool = True
     """Run the bias probes (length, flattery, refusals, sanity) and write MODEL_CARD.md beside the model."""
     probe_max_items: int = 100

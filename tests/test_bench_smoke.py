@@ -35,7 +35,7 @@ def tiny_dir(bench_mod, tmp_path_factory):
 @pytest.mark.parametrize(
     "args",
     [
-        ["--algo", "rm", "--shared-prompt"],
+        ["--algo", "rm"],
         ["--algo", "grpo", "--shared-prompt"],
         ["--algo", "ppo", "--logprobs-from-rollout"],
         ["--algo", "gen"],

@@ -69,6 +69,6 @@ def test_ppo_first_minibatch_ratio_is_one_and_kl_zero(smoke: Path):
     assert first["step"] == 1
     assert first["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert abs(first["first_minibatch_approx_kl"]) < 1e-6
-    assert first["kl/seq_k1"] == pytest.approx(
-        0.0, abs=1e-6
-    )  # policy == reference before any update
+    # policy == reference before any update; the old log-probs come from the rollout's KV-cache
+    # passes and the reference's from a full forward: equal up to float rounding (~1e-7 a token)
+    assert first["kl/seq_k1"] == pytest.approx(0.0, abs=1e-5)

@@ -320,3 +320,31 @@ def test_dpo_stage_loss_on_the_shared_prompt_path_equals_the_plain_path(stories_
     plain = pair_logps(model, bad, None)
     fallback = pair_logps(model, bad, pad)
     assert torch.equal(plain[0], fallback[0]) and torch.equal(plain[1], fallback[1])
+
+
+def test_rm_stage_loss_on_the_shared_prompt_path_equals_the_plain_path(stories_hf):
+    """``stages/reward_model.pair_scores`` with ``rm.shared_prompt`` (the default) gives the same
+    Bradley-Terry loss and gradients as the ``[2B, T]`` pass; differing prompts fall back."""
+    from rlhfstack.losses import bradley_terry_loss
+    from rlhfstack.models.core import RewardModel
+    from rlhfstack.stages.reward_model import pair_scores
+
+    torch.manual_seed(0)
+    model, tok = load_causal_lm(str(stories_hf)), load_tokenizer(str(stories_hf))
+    rm = RewardModel(model, k=2)
+    pad = tok.pad_token_id
+    b = _pref_batch(pad)
+    out = []
+    for pad_id in (None, pad):
+        rm.zero_grad()
+        c, r = pair_scores(rm, b, pad_id)
+        loss, _ = bradley_terry_loss(c.reshape(-1), r.reshape(-1))
+        loss.backward()
+        out.append((float(loss), torch.cat([p.grad.flatten() for p in rm.parameters()])))
+    assert out[0][0] == pytest.approx(out[1][0], abs=1e-6)
+    assert (out[0][1] - out[1][1]).norm() <= 1e-4 * out[0][1].norm()
+    bad = {k: v.clone() for k, v in b.items()}
+    bad["rejected_input_ids"][0, 1] += 1  # pair 0's prompts now differ
+    with torch.no_grad():
+        plain, fallback = pair_scores(rm, bad, None), pair_scores(rm, bad, pad)
+    assert torch.equal(plain[0], fallback[0]) and torch.equal(plain[1], fallback[1])

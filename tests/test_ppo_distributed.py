@@ -69,7 +69,8 @@ def test_ppo_fsdp2_two_ranks_invariants_and_checkpoint(smoke, tmp_path, variant,
     assert "rank 1/2: dp_shard=2" in out
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert rows[0]["kl/seq_k1"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
+    # policy == reference at step 1 (rollout-pass vs full-forward log-probs: float rounding)
+    assert rows[0]["kl/seq_k1"] == pytest.approx(0.0, abs=1e-5)
     for r in rows:  # rollout replica == trained weights at every iteration
         assert r["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-5), r["step"]
         assert r["first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-6), r["step"]

@@ -42,9 +42,9 @@ def test_lora_policy_uses_adapter_disabled_reference(smoke, tmp_path):
     )
     run_dir = train(cfg)
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert rows[0]["kl/seq_k1"] == pytest.approx(
-        0.0, abs=1e-6
-    )  # LoRA B=0 at init: policy == reference
+    # LoRA B=0 at init: policy == reference (the old log-probs come from the rollout's KV-cache
+    # passes, the reference's from a full forward: equal up to float rounding)
+    assert rows[0]["kl/seq_k1"] == pytest.approx(0.0, abs=1e-5)
     assert rows[0]["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert (run_dir / "model" / "config.json").exists()  # adapter merged into one HF dir
 

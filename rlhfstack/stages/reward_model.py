@@ -43,6 +43,7 @@ from rlhfstack.models.encoders import (
     score_texts,
     score_token_ids,
 )
+from rlhfstack.rollout.fast import shared_prompt_pair_scores
 from rlhfstack.runtime import atomic_dir, atomic_write_json, plot_metrics, write_stage_done
 from rlhfstack.training import setup_run, train_loop
 
@@ -104,9 +105,19 @@ def freeze_backbone_parts(rm: RewardModel, embeddings: bool, n_layers: int) -> N
 
 
 def pair_scores(
-    rm: RewardModel, batch: dict[str, torch.Tensor]
+    rm: RewardModel, batch: dict[str, torch.Tensor], pad_id: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw head outputs ``[B, k]`` for chosen and rejected, in one ``[2B, T]`` forward."""
+    """Raw head outputs ``[B, k]`` for chosen and rejected.
+
+    With ``pad_id`` (``rm.shared_prompt``, causal-LM backbones): each pair's prompt runs once
+    (:func:`shared_prompt_pair_scores`); a batch whose chosen and rejected prompts differ falls
+    back to the plain pass. Without: one ``[2B, T]`` forward.
+    """
+    if pad_id is not None and "chosen_loss_mask" in batch:
+        try:
+            return shared_prompt_pair_scores(rm, batch, pad_id)
+        except ValueError:  # the prompts differ (truncated differently): the plain pass
+            pass
     B = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
@@ -193,8 +204,14 @@ def train(cfg: RMConfig) -> Path:
     def collate(batch):  # longest first, so micro-batches hold similar lengths
         return collate_preference(sorted(batch, key=_pair_len, reverse=True), pad_id)
 
+    # one process only: the two trunk calls per step are not checked under FSDP2 / TP / PP
+    shared_pad = (
+        pad_id if cfg.rm.shared_prompt and not encoder and not run.dist.distributed else None
+    )
+
     def loss_fn(mb, n_in_step):
-        c, r = pair_scores(rm, trim_padding(mb))  # [b, k] each: every head gets its own BT loss
+        # [b, k] each: every head gets its own BT loss
+        c, r = pair_scores(rm, trim_padding(mb), shared_pad)
         loss, stats = bradley_terry_loss(c.reshape(-1), r.reshape(-1))
         return loss * c.shape[0] / n_in_step, {k: float(v) for k, v in stats.items()}
 
