@@ -348,3 +348,56 @@ def test_rm_stage_loss_on_the_shared_prompt_path_equals_the_plain_path(stories_h
     with torch.no_grad():
         plain, fallback = pair_scores(rm, bad, None), pair_scores(rm, bad, pad)
     assert torch.equal(plain[0], fallback[0]) and torch.equal(plain[1], fallback[1])
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias"])
+def test_lean_decode_steps_match_the_hf_module_steps(arch):
+    """``LeanDecoder`` on grouped KV heads (Llama) and q/k/v biases (Qwen2): the same tokens,
+    log-probs and hidden states as stepping through the HF modules (left-padded batch)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from rlhfstack.models.core import position_ids_from_mask
+    from rlhfstack.rollout.fast import LeanDecoder, fast_decode
+
+    kw = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    if arch == "llama-gqa":
+        model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**kw, use_sliding_window=False)).eval()
+    assert LeanDecoder.build(model.model) is not None
+    ids = torch.randint(3, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    ids[0, :2] = 0
+    outs = [
+        fast_decode(
+            model,
+            ids,
+            mask,
+            position_ids_from_mask(mask),
+            max_new_tokens=12,
+            pad_id=0,
+            temperature=1.0,
+            greedy=False,
+            generator=torch.Generator().manual_seed(2),
+            suppress=[0],
+            stops_S=torch.tensor([2]),
+            return_logprobs=True,
+            return_hidden=True,
+            lean_steps=lean,
+        )
+        for lean in (False, True)
+    ]
+    hf, lean = outs
+    assert torch.equal(hf.tokens_BN, lean.tokens_BN)
+    assert torch.allclose(hf.logprobs_BN, lean.logprobs_BN, atol=1e-5)
+    assert torch.allclose(hf.hidden_BND, lean.hidden_BND, atol=1e-5)

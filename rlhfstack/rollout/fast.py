@@ -264,7 +264,6 @@ class LeanDecoder:
         cos = cos_LD[pos_B].unsqueeze(1)  # [B, 1, Dh], broadcast over heads
         sin = sin_LD[pos_B].unsqueeze(1)
         half = Dh // 2
-        n = bias_BL.shape[1]
         bias_B11L = bias_BL[:, None, None, :]
         for layer, cl in zip(self.layers, cache.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -285,7 +284,6 @@ class LeanDecoder:
             g = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
             u = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
             x = x + F.linear(F.silu(g) * u, mlp.down_proj.weight, mlp.down_proj.bias)
-        assert K.shape[2] == n, (K.shape, n)
         return self._rms(x, self.trunk.norm)
 
 

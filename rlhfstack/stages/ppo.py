@@ -57,6 +57,7 @@ from rlhfstack.models.core import (
     save_hf,
     tokenizer_for,
 )
+from rlhfstack.rollout.fast import supports_fast_decode
 from rlhfstack.rollout.generate import generate, left_pad_prompts, sample_texts, score_texts
 from rlhfstack.runtime import (
     atomic_write_json,
@@ -291,8 +292,6 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     # old log-probs (and the shared value head's values) come with the rollout (the KV-cache
     # pass computes the same log softmax(logits / T) as the training pass, up to float
     # rounding) instead of a second forward over the whole batch
-    from rlhfstack.rollout.fast import supports_fast_decode
-
     from_rollout = (
         pcfg.logprobs_from_rollout
         and cfg.rollout.backend == "native"
