@@ -131,3 +131,45 @@ def test_entropy_from_logits_hand_computed_and_matches_categorical():
     assert torch.allclose(
         entropy_from_logits(z, temperature=1.3, max_chunk_numel=26), ref, atol=1e-12
     )
+
+
+def _entropy_plain(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """The formula through plain autograd (keeps p alive): the reference for the custom backward."""
+    z = z / tau
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    p = torch.exp(z - lse)
+    return lse.squeeze(-1) - torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype)).sum(-1)
+
+
+def test_entropy_gradient_matches_plain_autograd_chunked_and_masked():
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 11, dtype=torch.float64)
+    z[0, 1, 3:] = -math.inf  # masked vocabulary entries: gradient 0 there, no NaN anywhere
+    w = torch.randn(3, 4, dtype=torch.float64)  # upstream gradient
+    z_ref = z.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad((_entropy_plain(z_ref, 0.7) * w).sum(), z_ref)
+    # plain autograd gives NaN on the masked row (0 * -inf in the backward of p * z); its
+    # reference is the same row without the masked entries
+    z_row = z[0, 1, :3].clone().requires_grad_(True)
+    (g_row,) = torch.autograd.grad(_entropy_plain(z_row, 0.7) * w[0, 1], z_row)
+    assert torch.isnan(g_ref[0, 1]).all()
+    g_ref[0, 1] = 0.0
+    g_ref[0, 1, :3] = g_row
+    for chunk in (11, 22, 5 * 11, 2**26):
+        z_new = z.clone().requires_grad_(True)
+        out = entropy_from_logits(z_new, temperature=0.7, max_chunk_numel=chunk)
+        (g_new,) = torch.autograd.grad((out * w).sum(), z_new)
+        assert torch.allclose(out, _entropy_plain(z, 0.7), atol=1e-12)
+        assert torch.allclose(g_new, g_ref, atol=1e-12)
+        assert torch.all(g_new[0, 1, 3:] == 0)
+    # gradcheck of the custom backward (float64, temperature != 1)
+    zc = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: entropy_from_logits(t, 1.3, 10), (zc,))
+    # bf16 logits: float32 entropy, gradient in bf16 close to the float32 one
+    zb = torch.randn(2, 3, 7).to(torch.bfloat16).requires_grad_(True)
+    eb = entropy_from_logits(zb)
+    assert eb.dtype == torch.float32
+    (gb,) = torch.autograd.grad(eb.sum(), zb)
+    zf = zb.detach().float().requires_grad_(True)
+    (gf,) = torch.autograd.grad(_entropy_plain(zf, 1.0).sum(), zf)
+    assert gb.dtype == torch.bfloat16 and torch.allclose(gb.float(), gf, atol=1e-2)

@@ -189,16 +189,81 @@ def logprobs_from_logits(
     return logp.reshape(labels_BT.shape)
 
 
+# Transient chunk of the entropy's forward and backward passes: 2**22 floats = 16 MiB, so the
+# [rows, V] temporaries (z - lse, exp, p * z) never reach the size of the whole logits tensor.
+_ENTROPY_CHUNK_NUMEL = 2**22
+
+
+def _entropy_rows(
+    flat_logits: torch.Tensor, temperature: float, out_dtype: torch.dtype, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H [N], lse [N])`` of ``softmax(z / tau)`` row by row, ``rows`` rows at a time."""
+    ents, lses = [], []
+    for start in range(0, flat_logits.shape[0], rows):
+        z = flat_logits[start : start + rows].to(out_dtype)
+        if temperature != 1.0:
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=-1)
+        p = torch.exp(z - lse.unsqueeze(-1))  # softmax(z)
+        pz = torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype))  # 0 * -inf := 0
+        ents.append(lse - pz.sum(-1))  # H = logsumexp(z) - sum_v p_v z_v
+        lses.append(lse)
+    if not ents:
+        empty = flat_logits.new_zeros(0, dtype=out_dtype)
+        return empty, empty
+    return torch.cat(ents), torch.cat(lses)
+
+
+class _Entropy(torch.autograd.Function):
+    """Entropy whose backward recomputes ``p`` from the logits instead of keeping it.
+
+    Saved for backward: the logits (the caller's tensor, so no copy: the log-prob gather keeps
+    them alive anyway) and two ``[N]`` vectors. Autograd through the plain formula would keep
+    ``p`` and a mask, each as large as the logits. Gradient (per row, ``z`` already divided by
+    tau): ``dH/dz_v = -p_v (log p_v + H) = -p_v (z_v - lse + H)``; ``d/dlogits = (dH/dz) / tau``.
+    """
+
+    @staticmethod
+    def forward(ctx, flat_logits, temperature, out_dtype, rows):  # type: ignore[override]
+        ent, lse = _entropy_rows(flat_logits, temperature, out_dtype, rows)
+        ctx.save_for_backward(flat_logits, ent, lse)
+        ctx.temperature, ctx.out_dtype, ctx.rows = temperature, out_dtype, rows
+        return ent
+
+    @staticmethod
+    def backward(ctx, grad_N):  # type: ignore[override]
+        flat_logits, ent, lse = ctx.saved_tensors
+        tau, rows = ctx.temperature, ctx.rows
+        grad = torch.empty_like(flat_logits)
+        for start in range(0, flat_logits.shape[0], rows):
+            sl = slice(start, start + rows)
+            z = flat_logits[sl].to(ctx.out_dtype)
+            if tau != 1.0:
+                z = z / tau
+            logp = z - lse[sl].unsqueeze(-1)  # log p_v
+            p = torch.exp(logp)
+            # -p (log p + H), with 0 where p == 0 (log p = -inf there)
+            g = torch.where(
+                p > 0, -p * (logp + ent[sl].unsqueeze(-1)), torch.zeros((), dtype=z.dtype)
+            )
+            g = g * grad_N[sl].unsqueeze(-1)
+            if tau != 1.0:
+                g = g / tau
+            grad[sl] = g.to(grad.dtype)
+        return grad, None, None, None
+
+
 def entropy_from_logits(
     logits_BTV: torch.Tensor,
     temperature: float = 1.0,
-    max_chunk_numel: int = _DEFAULT_MAX_CHUNK_NUMEL,
+    max_chunk_numel: int = _ENTROPY_CHUNK_NUMEL,
 ) -> torch.Tensor:
     """Entropy of the categorical ``softmax(z / tau)`` at each position (nats).
 
     ``H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v`` with ``p = softmax(z)``,
     computed in float32 chunks of at most ``max_chunk_numel`` logits. ``-inf`` logits (masked
-    vocabulary entries) contribute 0.
+    vocabulary entries) contribute 0. Differentiable; the backward pass recomputes ``p`` chunk by
+    chunk (:class:`_Entropy`), so the graph keeps no ``[B, T, V]`` tensor of its own.
 
     Args:
         logits_BTV: (B, T, V) (any leading dims).
@@ -213,15 +278,9 @@ def entropy_from_logits(
     vocab = logits_BTV.shape[-1]
     flat_logits = logits_BTV.reshape(-1, vocab)
     out_dtype = torch.float64 if logits_BTV.dtype == torch.float64 else torch.float32
-    step = _rows_per_chunk(vocab, max_chunk_numel)
-    pieces = []
-    for start in range(0, flat_logits.shape[0], step):
-        z = flat_logits[start : start + step].to(out_dtype)
-        if temperature != 1.0:
-            z = z / temperature
-        lse = torch.logsumexp(z, dim=-1)
-        p = torch.exp(z - lse.unsqueeze(-1))  # softmax(z)
-        pz = torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype))  # 0 * -inf := 0
-        pieces.append(lse - pz.sum(-1))  # H = logsumexp(z) - sum_v p_v z_v
-    ent = torch.cat(pieces) if pieces else flat_logits.new_zeros(0, dtype=out_dtype)
+    rows = _rows_per_chunk(vocab, max_chunk_numel)
+    if torch.is_grad_enabled() and flat_logits.requires_grad:
+        ent = _Entropy.apply(flat_logits, float(temperature), out_dtype, rows)
+    else:
+        ent, _ = _entropy_rows(flat_logits, temperature, out_dtype, rows)
     return ent.reshape(logits_BTV.shape[:-1])
