@@ -233,6 +233,7 @@ def bench_ppo(model_dir: str, steps: int, value_model: str, from_rollout: bool) 
         trunk_hidden,
     )
     from rlhfstack.rollout.generate import generate
+    from rlhfstack.runtime import release_free_heap
     from rlhfstack.training import build_optimizer, clip_grad
 
     tcfg = _tcfg()
@@ -305,6 +306,7 @@ def bench_ppo(model_dir: str, steps: int, value_model: str, from_rollout: bool) 
             )
             advantages, returns = gae(rewards, old_values, resp_mask, 1.0, 0.95)
             advantages = masked_whiten(advantages, resp_mask)
+        release_free_heap()  # as the PPO stage does before its update
         policy.train()
         n_tok = float(resp_mask.sum()) or 1.0
         opt.zero_grad(set_to_none=True)

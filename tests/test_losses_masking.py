@@ -173,3 +173,25 @@ def test_entropy_gradient_matches_plain_autograd_chunked_and_masked():
     zf = zb.detach().float().requires_grad_(True)
     (gf,) = torch.autograd.grad(_entropy_plain(zf, 1.0).sum(), zf)
     assert gb.dtype == torch.bfloat16 and torch.allclose(gb.float(), gf, atol=1e-2)
+
+
+def test_logprobs_gradient_custom_backward_matches_log_softmax_and_gradcheck():
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 4))
+    labels[1, 2] = -100  # ignored: log-prob 0, no gradient
+    w = torch.randn(3, 4, dtype=torch.float64)
+    z_ref = z.clone().requires_grad_(True)
+    lsm = torch.log_softmax(z_ref / 0.7, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    ref = torch.where(labels == -100, torch.zeros(()), lsm.squeeze(-1))
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), z_ref)
+    for chunk in (11, 33, 2**22):  # 1 row, 3 rows, everything per chunk
+        z_new = z.clone().requires_grad_(True)
+        out = logprobs_from_logits(z_new, labels, temperature=0.7, max_chunk_numel=chunk)
+        (g_new,) = torch.autograd.grad((out * w).sum(), z_new)
+        assert torch.allclose(out, ref, atol=1e-12)
+        assert torch.allclose(g_new, g_ref, atol=1e-12)
+        assert torch.all(g_new[1, 2] == 0)
+    zc = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    lab = torch.randint(0, 5, (2, 3))
+    assert torch.autograd.gradcheck(lambda t: logprobs_from_logits(t, lab, 1.3, None, 10), (zc,))

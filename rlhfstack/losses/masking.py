@@ -23,8 +23,9 @@ __all__ = [
 ]
 
 # Upper bound on the number of logits (rows * V) upcast to float32 at once in the chunked
-# log-prob / entropy helpers: 2**26 floats = 256 MiB.
-_DEFAULT_MAX_CHUNK_NUMEL = 2**26
+# log-prob / entropy helpers, forward and backward: 2**22 floats = 16 MiB, so the [rows, V]
+# temporaries (z - lse, exp, p * z, the gradient chunk) stay far below the size of the logits.
+_DEFAULT_MAX_CHUNK_NUMEL = 2**22
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +144,8 @@ def logprobs_from_logits(
     Computed as ``z[label] / tau - logsumexp(z / tau)`` without materialising the full
     log-softmax; rows (flattened B*T tokens) are processed in chunks of at most
     ``max_chunk_numel`` logits, each upcast to float32, which bounds peak memory for large V
-    (e.g. during rollout scoring under ``torch.no_grad``).
+    (e.g. during rollout scoring under ``torch.no_grad``). Differentiable; the backward pass
+    (:class:`_LogProb`) also works chunk by chunk and keeps only the logits and ``lse [N]``.
 
     The ``temperature`` must match the one used for sampling, otherwise the behaviour-policy
     log-probs of PPO's importance ratio are wrong.
@@ -174,24 +176,73 @@ def logprobs_from_logits(
         ignored = flat_labels == ignore_index
         flat_labels = flat_labels.masked_fill(ignored, 0)
     out_dtype = torch.float64 if logits_BTV.dtype == torch.float64 else torch.float32
-    step = _rows_per_chunk(vocab, max_chunk_numel)
-    pieces = []
-    for start in range(0, flat_logits.shape[0], step):
-        z = flat_logits[start : start + step].to(out_dtype)
-        if temperature != 1.0:
-            z = z / temperature  # z / tau (never in place: logits may be reused)
-        lab = flat_labels[start : start + step].unsqueeze(-1)
-        picked = torch.gather(z, -1, lab).squeeze(-1)
-        pieces.append(picked - torch.logsumexp(z, dim=-1))  # log p(y) = z_y - logsumexp(z)
-    logp = torch.cat(pieces) if pieces else flat_logits.new_zeros(0, dtype=out_dtype)
+    rows = _rows_per_chunk(vocab, max_chunk_numel)
+    if torch.is_grad_enabled() and flat_logits.requires_grad:
+        logp = _LogProb.apply(flat_logits, flat_labels, float(temperature), out_dtype, rows)
+    else:
+        logp, _ = _logprob_rows(flat_logits, flat_labels, temperature, out_dtype, rows)
     if ignored is not None:
         logp = logp.masked_fill(ignored, 0.0)
     return logp.reshape(labels_BT.shape)
 
 
-# Transient chunk of the entropy's forward and backward passes: 2**22 floats = 16 MiB, so the
-# [rows, V] temporaries (z - lse, exp, p * z) never reach the size of the whole logits tensor.
-_ENTROPY_CHUNK_NUMEL = 2**22
+def _logprob_rows(
+    flat_logits: torch.Tensor,
+    flat_labels: torch.Tensor,
+    temperature: float,
+    out_dtype: torch.dtype,
+    rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(label) [N], lse [N])`` of ``softmax(z / tau)``, ``rows`` rows at a time."""
+    pieces, lses = [], []
+    for start in range(0, flat_logits.shape[0], rows):
+        z = flat_logits[start : start + rows].to(out_dtype)
+        if temperature != 1.0:
+            z = z / temperature  # z / tau (never in place: logits may be reused)
+        lab = flat_labels[start : start + rows].unsqueeze(-1)
+        lse = torch.logsumexp(z, dim=-1)
+        pieces.append(torch.gather(z, -1, lab).squeeze(-1) - lse)  # log p(y) = z_y - lse(z)
+        lses.append(lse)
+    if not pieces:
+        empty = flat_logits.new_zeros(0, dtype=out_dtype)
+        return empty, empty
+    return torch.cat(pieces), torch.cat(lses)
+
+
+class _LogProb(torch.autograd.Function):
+    """``log softmax(z / tau)[label]`` whose backward works chunk by chunk.
+
+    Saved for backward: the logits (the caller's tensor, no copy), the labels and ``lse [N]``.
+    Gradient per row (``z`` divided by tau): ``d log p_y / dz_v = 1[v = y] - p_v``, divided by
+    tau for the logits. Plain autograd through ``logsumexp`` builds ``exp(z - lse)`` and its
+    product with the upstream gradient over the whole ``[N, V]`` at once; here only a chunk of
+    ``rows`` rows exists at a time besides the gradient itself.
+    """
+
+    @staticmethod
+    def forward(ctx, flat_logits, flat_labels, temperature, out_dtype, rows):  # type: ignore[override]
+        logp, lse = _logprob_rows(flat_logits, flat_labels, temperature, out_dtype, rows)
+        ctx.save_for_backward(flat_logits, flat_labels, lse)
+        ctx.temperature, ctx.out_dtype, ctx.rows = temperature, out_dtype, rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_N):  # type: ignore[override]
+        flat_logits, flat_labels, lse = ctx.saved_tensors
+        tau, rows = ctx.temperature, ctx.rows
+        grad = torch.empty_like(flat_logits)
+        for start in range(0, flat_logits.shape[0], rows):
+            sl = slice(start, start + rows)
+            z = flat_logits[sl].to(ctx.out_dtype)
+            if tau != 1.0:
+                z = z / tau
+            g_r1 = grad_N[sl].unsqueeze(-1).to(ctx.out_dtype)
+            g = torch.exp(z - lse[sl].unsqueeze(-1)).mul_(-g_r1)  # -g p_v
+            g.scatter_add_(-1, flat_labels[sl].unsqueeze(-1), g_r1)  # + g 1[v = y]
+            if tau != 1.0:
+                g = g / tau
+            grad[sl] = g.to(grad.dtype)
+        return grad, None, None, None, None
 
 
 def _entropy_rows(
@@ -256,7 +307,7 @@ class _Entropy(torch.autograd.Function):
 def entropy_from_logits(
     logits_BTV: torch.Tensor,
     temperature: float = 1.0,
-    max_chunk_numel: int = _ENTROPY_CHUNK_NUMEL,
+    max_chunk_numel: int = _DEFAULT_MAX_CHUNK_NUMEL,
 ) -> torch.Tensor:
     """Entropy of the categorical ``softmax(z / tau)`` at each position (nats).
 

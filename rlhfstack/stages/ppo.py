@@ -62,6 +62,7 @@ from rlhfstack.rollout.generate import generate, left_pad_prompts, sample_texts,
 from rlhfstack.runtime import (
     atomic_write_json,
     plot_metrics,
+    release_free_heap,
     rng_state,
     set_rng_state,
     write_stage_done,
@@ -391,6 +392,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     )
             seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * resp_mask).sum(-1)
             # ---------------------------------------------------------------- 5. update
+            release_free_heap()  # the rollout's freed tensors: no resident holes (runtime.py)
             policy.train()
             stats: dict[str, list[float]] = {}
             first: dict[str, float] = {}
