@@ -211,7 +211,9 @@ def bench_dpo(model_dir: str, steps: int, mode: str = "shared_prompt") -> tuple[
     return timer.times[1:], ref_s
 
 
-def bench_ppo(model_dir: str, steps: int, value_model: str, from_rollout: bool) -> list[float]:
+def bench_ppo(
+    model_dir: str, steps: int, value_model: str, from_rollout: bool, compile_steps: bool = False
+) -> list[float]:
     import copy
 
     import torch
@@ -284,6 +286,7 @@ def bench_ppo(model_dir: str, steps: int, value_model: str, from_rollout: bool) 
             generator=gen_rng,
             return_logprobs=from_rollout,
             return_hidden=from_rollout and value_head is not None,
+            compile_steps=compile_steps,
         )
         ids, mask = gen.full()
         resp_mask = gen.response_mask_BR.float()
@@ -394,7 +397,9 @@ def bench_grpo(model_dir: str, steps: int, shared_prompt: bool = False) -> list[
     return timer.times
 
 
-def bench_gen(model_dir: str, steps: int, hf: bool) -> tuple[list[float], int]:
+def bench_gen(
+    model_dir: str, steps: int, hf: bool, compile_steps: bool = False
+) -> tuple[list[float], int]:
     import torch
 
     from rlhfstack.models.core import load_causal_lm
@@ -433,6 +438,7 @@ def bench_gen(model_dir: str, steps: int, hf: bool) -> tuple[list[float], int]:
                 generator=g,
                 stop_ids=(),
                 suppress_ids=(C.PAD_ID, C.EOS_ID),
+                compile_steps=compile_steps,
             )
             n = gen.response_ids_BR.shape[1]
         times.append(time.perf_counter() - t0)
@@ -464,6 +470,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--plain", action="store_true", help="rm/dpo: the plain [2B, T] pass (no shared prompt)"
     )
     ap.add_argument("--hf", action="store_true", help="gen: time HF generate instead")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="gen/ppo: torch.compile the decode step (rollout.compile=true)",
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     C.set_threads(a.threads)
@@ -485,14 +496,19 @@ def main(argv: list[str] | None = None) -> dict:
         )
         times = [t + ref_s / n for t in times]
     elif a.algo == "ppo":
-        times = bench_ppo(a.model_dir, n, a.value_model, a.logprobs_from_rollout)
-        extra.update(value_model=a.value_model, logprobs_from_rollout=a.logprobs_from_rollout)
+        times = bench_ppo(a.model_dir, n, a.value_model, a.logprobs_from_rollout, a.compile)
+        extra.update(
+            value_model=a.value_model,
+            logprobs_from_rollout=a.logprobs_from_rollout,
+            compile=a.compile,
+        )
     elif a.algo == "grpo":
         times = bench_grpo(a.model_dir, n, a.shared_prompt)
         extra.update(shared_prompt=a.shared_prompt)
     else:
-        times, n_tok = bench_gen(a.model_dir, n, a.hf)
-        res = C.summarize(times, a.warmup, {**extra, "impl": "hf" if a.hf else "ours"})
+        times, n_tok = bench_gen(a.model_dir, n, a.hf, a.compile)
+        impl = "hf" if a.hf else "ours-compiled" if a.compile else "ours"
+        res = C.summarize(times, a.warmup, {**extra, "impl": impl})
         res["tok_s"] = n_tok / res["s_per_step"]
         C.emit(res, a.out)
         return res

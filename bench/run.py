@@ -42,6 +42,7 @@ VARIANTS = {
     "ppo": {
         "separate_scoring_pass": ["--no-logprobs-from-rollout"],
         "separate_value_model": ["--value-model", "separate"],
+        "compiled_rollout": ["--compile"],
     },
     "dpo": {"response_only_head": ["--masked-head"], "plain_pass": ["--plain"]},
     "rm": {"plain_pass": ["--plain"]},
@@ -129,6 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-trl", action="store_true", help="ours only (no TRL venvs needed)")
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument(
+        "--compiled-rollout",
+        action="store_true",
+        help="also time ours with rollout.compile=true (generation: ours_compiled_tok_s)",
+    )
+    ap.add_argument(
         "--trl-no-gc",
         action="store_true",
         help="also time TRL with its default gradient checkpointing turned off",
@@ -211,6 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
             "prompt_tokens": C.PROMPT_LEN,
             "new_tokens": C.COMPLETION_LEN,
         }
+        if a.compiled_rollout:  # rollout.compile=true (torch.compile of the decode step)
+            gen_c = child("ours", "gen", size, ["--compile"], "-compiled")
+            result["generation"][size].update(
+                ours_compiled_tok_s=round(gen_c["tok_s"], 1) if "tok_s" in gen_c else None,
+                compiled_speedup=_ratio(gen_c.get("tok_s"), gen_h.get("tok_s")),
+            )
         if not a.no_variants:
             for algo in algos:
                 trl_res = result[algo][size]

@@ -314,6 +314,11 @@ class RolloutConfig:
     """Must stay 1.0 for the same reason."""
     backend: str = "native"
     """native (the project's batched KV-cache engine) | vllm (GPU only; weights synced each iteration)."""
+    compile: bool = False
+    """native backend, Llama-family policies without LoRA: ``torch.compile`` the one-token decode
+    step with static shapes (cache length rounded up to a multiple of 64). Measured on 35.7M
+    parameters and 2 CPU cores: rollouts 9-15% faster (README "Performance"); the first rollout
+    of each (batch, length) shape compiles (about 20 s there), so it is off by default."""
 
 
 @dataclass

@@ -401,3 +401,65 @@ def test_lean_decode_steps_match_the_hf_module_steps(arch):
     assert torch.equal(hf.tokens_BN, lean.tokens_BN)
     assert torch.allclose(hf.logprobs_BN, lean.logprobs_BN, atol=1e-5)
     assert torch.allclose(hf.hidden_BND, lean.hidden_BND, atol=1e-5)
+
+
+def test_compiled_static_decode_steps_match_the_lean_steps_and_follow_weight_updates():
+    """``compile_steps``: the compiled static-shape step draws the same tokens (log-probs and
+    hidden states within 1e-5) as the eager lean step, on left-padded prompts of two lengths
+    (one graph: the cache length is bucketed), and after an in-place weight update, as an
+    optimizer step makes it (the graph reads the live parameters, not a frozen copy)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhfstack.models.core import position_ids_from_mask
+    from rlhfstack.rollout.fast import fast_decode
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+
+    def decode(ids, mask, compiled):
+        return fast_decode(
+            model,
+            ids,
+            mask,
+            position_ids_from_mask(mask),
+            max_new_tokens=10,
+            pad_id=0,
+            temperature=1.0,
+            greedy=False,
+            generator=torch.Generator().manual_seed(2),
+            suppress=[0],
+            stops_S=torch.tensor([-1]),
+            return_logprobs=True,
+            return_hidden=True,
+            compile_steps=compiled,
+        )
+
+    def check(ids, mask):
+        eager, comp = decode(ids, mask, False), decode(ids, mask, True)
+        assert torch.equal(eager.tokens_BN, comp.tokens_BN)
+        assert torch.allclose(eager.logprobs_BN, comp.logprobs_BN, atol=1e-5)
+        assert torch.allclose(eager.hidden_BND, comp.hidden_BND, atol=1e-5)
+        return comp
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    ids[0, :2] = 0
+    before = check(ids, mask)
+    ids2 = torch.randint(3, 97, (3, 9), generator=g)  # another prompt length, same bucket
+    check(ids2, torch.ones_like(ids2))
+    with torch.no_grad():  # an optimizer step: parameters change in place
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    after = check(ids, mask)
+    assert not torch.allclose(before.logprobs_BN, after.logprobs_BN, atol=1e-3)

@@ -27,6 +27,7 @@ plain loop in ``generate.py``.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -286,6 +287,73 @@ class LeanDecoder:
             x = x + F.linear(F.silu(g) * u, mlp.down_proj.weight, mlp.down_proj.bias)
         return self._rms(x, self.trunk.norm)
 
+    def step_static(
+        self,
+        tok_B: torch.Tensor,
+        pos_B: torch.Tensor,
+        slot_1: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        bias_BC: torch.Tensor,
+        cos_LD: torch.Tensor,
+        sin_LD: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`step` with every shape fixed for the whole rollout, for ``torch.compile``.
+
+        ``keys`` / ``values``: each layer's whole cache buffer ``[B, KV, C, Dh]``; the new
+        token's keys / values go to position ``slot_1`` (a 1-element tensor, so the slot is data,
+        not a shape); attention runs over all ``C`` positions with ``bias_BC`` = ``-inf`` on
+        padding and on the positions not filled yet (their weights are exactly 0, so the result
+        is :meth:`step`'s up to float rounding).
+        """
+        B = tok_B.shape[0]
+        H, KV, Dh = self.n_heads, self.n_kv, self.head_dim
+        G = H // KV
+        x = self.trunk.embed_tokens(tok_B)
+        cos = cos_LD[pos_B].unsqueeze(1)
+        sin = sin_LD[pos_B].unsqueeze(1)
+        half = Dh // 2
+        bias_B11C = bias_BC[:, None, None, :]
+        for layer, K, V in zip(self.layers, keys, values):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = self._rms(x, layer.input_layernorm)
+            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, H, Dh)
+            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, KV, Dh)
+            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, KV, Dh)
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+            K.index_copy_(2, slot_1, k.unsqueeze(2))
+            V.index_copy_(2, slot_1, v.unsqueeze(2))
+            qg = q.view(B, KV, G, Dh)
+            w = torch.matmul(qg, K.transpose(-1, -2)) * self.scaling + bias_B11C  # [B,KV,G,C]
+            w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            a = torch.matmul(w, V).reshape(B, H * Dh)
+            x = x + F.linear(a, attn.o_proj.weight, attn.o_proj.bias)
+            h = self._rms(x, layer.post_attention_layernorm)
+            g = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+            u = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+            x = x + F.linear(F.silu(g) * u, mlp.down_proj.weight, mlp.down_proj.bias)
+        return self._rms(x, self.trunk.norm)
+
+
+#: one LeanDecoder and one compiled static step per trunk, so that a compiled graph (guarded on
+#: the decoder and its parameters, which the optimizer updates in place) is reused by every
+#: rollout of a run instead of recompiled
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STATIC_BUCKET = 64
+
+
+def compiled_static_step(trunk: nn.Module):
+    """``torch.compile``-d :meth:`LeanDecoder.step_static` of ``trunk`` (None if not lean)."""
+    hit = _COMPILED_STEPS.get(trunk)
+    if hit is None:
+        lean = LeanDecoder.build(trunk)
+        if lean is None:
+            return None
+        hit = (lean, torch.compile(lean.step_static, dynamic=False))
+        _COMPILED_STEPS[trunk] = hit
+    return hit[1]
+
 
 @dataclass
 class FastDecodeResult:
@@ -320,12 +388,16 @@ def fast_decode(
     return_hidden: bool = False,
     prompt_group_size: int = 1,
     lean_steps: bool = True,
+    compile_steps: bool = False,
 ) -> FastDecodeResult:
     """The decode loop (see the module docstring). ``model`` must pass :func:`supports_fast_decode`.
 
     ``prompt_group_size=G``: rows come in contiguous groups of ``G`` identical prompts (GRPO's
     samples per prompt); the prompt pass runs on one row per group and its cache is repeated.
     ``lean_steps=False`` steps through the HF modules even where :class:`LeanDecoder` applies.
+    ``compile_steps=True`` (lean trunks only) runs :meth:`LeanDecoder.step_static` compiled by
+    ``torch.compile``: every shape is fixed for the rollout, so one graph per (batch, length)
+    serves every step and every later rollout of that shape; the first costs the compilation.
     """
     parts = _parts(model)
     assert parts is not None
@@ -333,7 +405,14 @@ def fast_decode(
     n_layers = _num_full_attention_layers(trunk)
     B, P = prompt_ids_BP.shape
     device = prompt_ids_BP.device
-    cache = PreallocatedCache(n_layers, P + max_new_tokens)
+    lean = LeanDecoder.build(trunk) if lean_steps else None
+    static_step = compiled_static_step(trunk) if lean is not None and compile_steps else None
+    # compiled steps: the cache length rounded up to a multiple of 64, so that prompts of
+    # different lengths share a graph (the extra positions stay masked)
+    C = P + max_new_tokens
+    if static_step is not None:
+        C = -(-C // _STATIC_BUCKET) * _STATIC_BUCKET
+    cache = PreallocatedCache(n_layers, C)
     attn_BT = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)
     attn_BT[:, :P] = prompt_mask_BP
     tokens_BN = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -358,11 +437,19 @@ def fast_decode(
         cache.batch_repeat_interleave(G)
         h = h.repeat_interleave(G, 0)
     next_pos_B1 = position_ids_BP[:, -1:] + 1
-    lean = LeanDecoder.build(trunk) if lean_steps else None
     if lean is not None:
         cos_LD, sin_LD = lean.rope_tables(int(next_pos_B1.max()) + max_new_tokens, h)
         bias_BT = torch.zeros(attn_BT.shape, dtype=h.dtype, device=device)
         bias_BT.masked_fill_(attn_BT == 0, float("-inf"))
+    if static_step is not None:
+        # the whole buffers; positions not written yet are masked until their step fills them
+        keys = [cl._k for cl in cache.layers]
+        values = [cl._v for cl in cache.layers]
+        for buf in keys + values:  # never-written memory may hold NaN: 0 * NaN is NaN
+            buf[:, :, P:].zero_()
+        bias_BC = torch.full((B, C), float("-inf"), dtype=h.dtype, device=device)
+        bias_BC[:, :P] = bias_BT[:, :P]
+        cos_CD, sin_CD = lean.rope_tables(C, h)  # positions < P + max_new_tokens <= C
     n = 0
     for t in range(max_new_tokens):
         if hidden is not None:
@@ -389,7 +476,11 @@ def fast_decode(
         ended_B = ended_B | torch.isin(tok_B, stops_S)
         if t + 1 == max_new_tokens or bool(ended_B.all()):
             break
-        if lean is not None:
+        if static_step is not None:
+            bias_BC[:, P + t] = 0.0  # the slot this step fills
+            slot_1 = torch.tensor([P + t], device=device)
+            h = static_step(tok_B, next_pos_B1[:, 0], slot_1, keys, values, bias_BC, cos_CD, sin_CD)
+        elif lean is not None:
             h = lean.step(tok_B, next_pos_B1[:, 0], cache, bias_BT[:, : P + t + 1], cos_LD, sin_LD)
         else:
             h = trunk(

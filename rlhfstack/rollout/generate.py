@@ -67,6 +67,7 @@ def generate(
     return_hidden: bool = False,
     fast: bool = True,
     prompt_group_size: int = 1,
+    compile_steps: bool = False,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt; stops early once every row has ended.
 
@@ -79,7 +80,8 @@ def generate(
     ``return_logprobs`` / ``return_hidden`` fill :attr:`Generation.logprobs_BR` /
     :attr:`Generation.hidden_BRD` (fast path only). ``prompt_group_size=G`` says the rows come
     in contiguous groups of ``G`` identical prompts (several samples per prompt, as in GRPO): the
-    fast path then runs each prompt's pass once.
+    fast path then runs each prompt's pass once. ``compile_steps`` compiles the one-token step
+    of Llama-family trunks with static shapes (:func:`rlhfstack.rollout.fast.fast_decode`).
     """
     from rlhfstack.rollout.fast import fast_decode, supports_fast_decode
 
@@ -128,6 +130,7 @@ def generate(
                 return_logprobs=return_logprobs,
                 return_hidden=return_hidden,
                 prompt_group_size=G,
+                compile_steps=compile_steps,
             )
             response_ids_BR, logprobs_BR, hidden_BRD = (
                 res.tokens_BN,

@@ -338,6 +338,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     generator=gen_rng,
                     return_logprobs=from_rollout,
                     return_hidden=from_rollout and critic is None,
+                    compile_steps=cfg.rollout.compile,
                 )
             ids, mask = gen.full()
             P = p_ids.shape[1]
