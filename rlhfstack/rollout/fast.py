@@ -258,34 +258,13 @@ class LeanDecoder:
         ``bias_BL``: 0 where a key position may be attended, ``-inf`` on padding, over the
         positions filled after this step.
         """
-        B = tok_B.shape[0]
-        H, KV, Dh = self.n_heads, self.n_kv, self.head_dim
-        G = H // KV
-        x = self.trunk.embed_tokens(tok_B)  # [B, D]
-        cos = cos_LD[pos_B].unsqueeze(1)  # [B, 1, Dh], broadcast over heads
-        sin = sin_LD[pos_B].unsqueeze(1)
-        half = Dh // 2
-        bias_B11L = bias_BL[:, None, None, :]
-        for layer, cl in zip(self.layers, cache.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = self._rms(x, layer.input_layernorm)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, H, Dh)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, KV, Dh)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, KV, Dh)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin  # rotate_half
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor):
+            cl = cache.layers[i]
             cl.append_one(k, v)
-            K, V = cl.keys, cl.values  # [B, KV, n, Dh]
-            qg = q.view(B, KV, G, Dh)
-            w = torch.matmul(qg, K.transpose(-1, -2)) * self.scaling + bias_B11L  # [B,KV,G,n]
-            w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-            a = torch.matmul(w, V).reshape(B, H * Dh)
-            x = x + F.linear(a, attn.o_proj.weight, attn.o_proj.bias)
-            h = self._rms(x, layer.post_attention_layernorm)
-            g = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            u = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-            x = x + F.linear(F.silu(g) * u, mlp.down_proj.weight, mlp.down_proj.bias)
-        return self._rms(x, self.trunk.norm)
+            return cl.keys, cl.values  # [B, KV, n, Dh]: the filled part
+
+        return self._layers(tok_B, pos_B, bias_BL, cos_LD, sin_LD, write)
 
     def step_static(
         self,
@@ -306,26 +285,36 @@ class LeanDecoder:
         padding and on the positions not filled yet (their weights are exactly 0, so the result
         is :meth:`step`'s up to float rounding).
         """
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor):
+            keys[i].index_copy_(2, slot_1, k.unsqueeze(2))
+            values[i].index_copy_(2, slot_1, v.unsqueeze(2))
+            return keys[i], values[i]  # [B, KV, C, Dh]: the whole buffer
+
+        return self._layers(tok_B, pos_B, bias_BC, cos_LD, sin_LD, write)
+
+    def _layers(self, tok_B, pos_B, bias_BL, cos_LD, sin_LD, write) -> torch.Tensor:
+        """The decoder layers for one token per row; ``write(i, k, v)`` stores layer ``i``'s new
+        keys / values ``[B, KV, Dh]`` and returns the keys / values to attend over."""
         B = tok_B.shape[0]
         H, KV, Dh = self.n_heads, self.n_kv, self.head_dim
         G = H // KV
-        x = self.trunk.embed_tokens(tok_B)
-        cos = cos_LD[pos_B].unsqueeze(1)
+        x = self.trunk.embed_tokens(tok_B)  # [B, D]
+        cos = cos_LD[pos_B].unsqueeze(1)  # [B, 1, Dh], broadcast over heads
         sin = sin_LD[pos_B].unsqueeze(1)
         half = Dh // 2
-        bias_B11C = bias_BC[:, None, None, :]
-        for layer, K, V in zip(self.layers, keys, values):
+        bias_B11L = bias_BL[:, None, None, :]
+        for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._rms(x, layer.input_layernorm)
             q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, H, Dh)
             k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, KV, Dh)
             v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, KV, Dh)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin  # rotate_half
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
-            K.index_copy_(2, slot_1, k.unsqueeze(2))
-            V.index_copy_(2, slot_1, v.unsqueeze(2))
+            K, V = write(i, k, v)
             qg = q.view(B, KV, G, Dh)
-            w = torch.matmul(qg, K.transpose(-1, -2)) * self.scaling + bias_B11C  # [B,KV,G,C]
+            w = torch.matmul(qg, K.transpose(-1, -2)) * self.scaling + bias_B11L  # [B,KV,G,L]
             w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
             a = torch.matmul(w, V).reshape(B, H * Dh)
             x = x + F.linear(a, attn.o_proj.weight, attn.o_proj.bias)
