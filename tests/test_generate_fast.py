@@ -17,6 +17,17 @@ PROMPTS = [
 ]
 
 
+#: a tiny grouped-KV decoder (random weights) for the lean / compiled decode-step tests
+_TINY_LLAMA = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 @pytest.fixture(scope="module")
 def model_tok(stories_hf):
     return load_causal_lm(str(stories_hf), trainable=False), load_tokenizer(str(stories_hf))
@@ -359,15 +370,7 @@ def test_lean_decode_steps_match_the_hf_module_steps(arch):
     from rlhfstack.models.core import position_ids_from_mask
     from rlhfstack.rollout.fast import LeanDecoder, fast_decode
 
-    kw = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    kw = dict(_TINY_LLAMA, max_position_embeddings=64)
     torch.manual_seed(0)
     if arch == "llama-gqa":
         model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
@@ -414,15 +417,7 @@ def test_compiled_static_decode_steps_match_the_lean_steps_and_follow_weight_upd
     from rlhfstack.rollout.fast import fast_decode
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    cfg = LlamaConfig(**_TINY_LLAMA, max_position_embeddings=128)
     model = LlamaForCausalLM(cfg).eval()
 
     def decode(ids, mask, compiled):

@@ -11,6 +11,8 @@ Shape legend: B = batch, T = tokens, V = vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 __all__ = [
@@ -132,6 +134,18 @@ def _rows_per_chunk(vocab: int, max_chunk_numel: int) -> int:
     return max(1, max_chunk_numel // max(vocab, 1))
 
 
+def _scaled_chunks(
+    flat_logits: torch.Tensor, rows: int, temperature: float, dtype: torch.dtype
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows slice, z / tau in dtype)`` for consecutive chunks of ``rows`` rows of ``[N, V]``."""
+    for start in range(0, flat_logits.shape[0], rows):
+        sl = slice(start, start + rows)
+        z = flat_logits[sl].to(dtype)
+        if temperature != 1.0:
+            z = z / temperature  # never in place: the logits may be reused
+        yield sl, z
+
+
 def logprobs_from_logits(
     logits_BTV: torch.Tensor,
     labels_BT: torch.Tensor,
@@ -195,11 +209,8 @@ def _logprob_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(label) [N], lse [N])`` of ``softmax(z / tau)``, ``rows`` rows at a time."""
     pieces, lses = [], []
-    for start in range(0, flat_logits.shape[0], rows):
-        z = flat_logits[start : start + rows].to(out_dtype)
-        if temperature != 1.0:
-            z = z / temperature  # z / tau (never in place: logits may be reused)
-        lab = flat_labels[start : start + rows].unsqueeze(-1)
+    for sl, z in _scaled_chunks(flat_logits, rows, temperature, out_dtype):
+        lab = flat_labels[sl].unsqueeze(-1)
         lse = torch.logsumexp(z, dim=-1)
         pieces.append(torch.gather(z, -1, lab).squeeze(-1) - lse)  # log p(y) = z_y - lse(z)
         lses.append(lse)
@@ -231,11 +242,7 @@ class _LogProb(torch.autograd.Function):
         flat_logits, flat_labels, lse = ctx.saved_tensors
         tau, rows = ctx.temperature, ctx.rows
         grad = torch.empty_like(flat_logits)
-        for start in range(0, flat_logits.shape[0], rows):
-            sl = slice(start, start + rows)
-            z = flat_logits[sl].to(ctx.out_dtype)
-            if tau != 1.0:
-                z = z / tau
+        for sl, z in _scaled_chunks(flat_logits, rows, tau, ctx.out_dtype):
             g_r1 = grad_N[sl].unsqueeze(-1).to(ctx.out_dtype)
             g = torch.exp(z - lse[sl].unsqueeze(-1)).mul_(-g_r1)  # -g p_v
             g.scatter_add_(-1, flat_labels[sl].unsqueeze(-1), g_r1)  # + g 1[v = y]
@@ -250,10 +257,7 @@ def _entropy_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H [N], lse [N])`` of ``softmax(z / tau)`` row by row, ``rows`` rows at a time."""
     ents, lses = [], []
-    for start in range(0, flat_logits.shape[0], rows):
-        z = flat_logits[start : start + rows].to(out_dtype)
-        if temperature != 1.0:
-            z = z / temperature
+    for _, z in _scaled_chunks(flat_logits, rows, temperature, out_dtype):
         lse = torch.logsumexp(z, dim=-1)
         p = torch.exp(z - lse.unsqueeze(-1))  # softmax(z)
         pz = torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype))  # 0 * -inf := 0
@@ -286,11 +290,7 @@ class _Entropy(torch.autograd.Function):
         flat_logits, ent, lse = ctx.saved_tensors
         tau, rows = ctx.temperature, ctx.rows
         grad = torch.empty_like(flat_logits)
-        for start in range(0, flat_logits.shape[0], rows):
-            sl = slice(start, start + rows)
-            z = flat_logits[sl].to(ctx.out_dtype)
-            if tau != 1.0:
-                z = z / tau
+        for sl, z in _scaled_chunks(flat_logits, rows, tau, ctx.out_dtype):
             logp = z - lse[sl].unsqueeze(-1)  # log p_v
             p = torch.exp(logp)
             # -p (log p + H), with 0 where p == 0 (log p = -inf there)

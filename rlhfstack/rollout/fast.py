@@ -27,8 +27,8 @@ plain loop in ``generate.py``.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -327,8 +327,9 @@ class LeanDecoder:
 
 #: one LeanDecoder and one compiled static step per trunk, so that a compiled graph (guarded on
 #: the decoder and its parameters, which the optimizer updates in place) is reused by every
-#: rollout of a run instead of recompiled
-_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: rollout of a run instead of recompiled. An entry keeps its trunk alive for the life of the
+#: process (a run compiles one policy).
+_COMPILED_STEPS: dict[nn.Module, tuple[LeanDecoder, Any]] = {}
 _STATIC_BUCKET = 64
 
 
