@@ -257,8 +257,9 @@ class RMHyperparams:
     the training pairs' responses."""
     shared_prompt: bool = True
     """Causal-LM backbones: run each pair's prompt once for chosen and rejected (its keys and values
-    reused for both responses): the same scores with fewer FLOPs (``rollout/fast.py``). Single-process
-    runs; encoders, distributed runs and batches whose prompts differ use the ``[2B, T]`` pass."""
+    reused for both responses): the same scores with fewer FLOPs (``rollout/fast.py``). Encoders,
+    batches whose prompts differ (one process) and runs where any pair's prompts differ or with
+    tensor / pipeline parallelism (several processes) use the ``[2B, T]`` pass."""
     probes: bool = True
     """Run the bias probes (length, flattery, refusals, sanity) and write MODEL_CARD.md beside the model."""
     probe_max_items: int = 100
@@ -290,8 +291,9 @@ class DPOHyperparams:
     shared_prompt: bool = True
     """Run each pair's prompt once for chosen and rejected (its keys and values reused for both
     responses) and the LM head on response tokens only: the same log-probs with fewer FLOPs
-    (``rollout/fast.py``). Single-process runs; distributed runs, and batches whose chosen and
-    rejected prompts differ after truncation, use the plain ``[2B, T]`` pass."""
+    (``rollout/fast.py``). Batches whose chosen and rejected prompts differ after truncation (one
+    process), and runs where any pair's do or with tensor / pipeline parallelism (several
+    processes), use the plain ``[2B, T]`` pass."""
 
 
 @dataclass

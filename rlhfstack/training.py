@@ -181,6 +181,34 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def shared_prompt_pad(
+    enabled: bool, pad_id: int, items: Iterable[dict[str, list[int]]], state: engine.ParallelState
+) -> int | None:
+    """The ``pad_id`` that turns on a stage's shared-prompt pair pass, or None for the plain one.
+
+    In one process the pass falls back to the plain one batch by batch (where a pair's prompts
+    differ). Under several processes every rank must run the same number of trunk calls (the
+    shared pass makes two per micro-batch, each an FSDP2 all-gather), so the choice is made once
+    for the whole data set: on only if no pair of ``items`` would fall back (``items`` must be the
+    same on every rank), and only under FSDP2 data parallelism (tensor / pipeline parallel runs
+    use the plain pass).
+    """
+    from rlhfstack.data.collate import pairs_share_prompts
+
+    if not enabled:
+        return None
+    if not state.distributed:
+        return pad_id
+    if state.tp > 1 or state.pp > 1:
+        log.info("shared-prompt pass off: tensor / pipeline parallel runs use the plain pass")
+        return None
+    if not pairs_share_prompts(items):
+        log.info("shared-prompt pass off: some pairs' chosen and rejected prompts differ")
+        return None
+    log.info("shared-prompt pass on under FSDP2: every pair's chosen and rejected share a prompt")
+    return pad_id
+
+
 def micro_batches(batch: dict[str, torch.Tensor], micro: int) -> Iterator[dict[str, torch.Tensor]]:
     """Split a dict of equally-sized tensors along dim 0."""
     n = next(iter(batch.values())).shape[0]

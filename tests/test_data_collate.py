@@ -22,6 +22,7 @@ from rlhfstack.data import (
     filter_by_length,
     load_preferences,
     load_sft,
+    pairs_share_prompts,
     tokenize_preference,
     tokenize_sft,
 )
@@ -149,6 +150,30 @@ def test_preference_batch(tok):
             assert not mask[:n_prompt].any() and mask[n_prompt:n].all() and not mask[n:].any()
             assert ids[n - 1] == tok.eos_token_id and (ids[n:] == tok.pad_token_id).all()
             assert tok.decode(ids[n_prompt : n - 1]) == " " + getattr(ex, name)
+
+
+def test_pairs_share_prompts_and_the_shared_prompt_switch(tok):
+    from rlhfstack.engine import ParallelState
+    from rlhfstack.training import shared_prompt_pad
+
+    pairs = [PreferenceExample("\n\nHuman: Q\n\nAssistant:", "A long and detailed answer.", "No.")]
+    items = tokenize_preference(pairs, tok, max_len=64)
+    assert pairs_share_prompts(items)
+    # a prompt that differs in one token, and one cut to a different length
+    changed = dict(
+        items[0],
+        rejected_input_ids=[items[0]["rejected_input_ids"][0] + 1]
+        + items[0]["rejected_input_ids"][1:],
+    )
+    shorter = dict(items[0], rejected_loss_mask=[1] + items[0]["rejected_loss_mask"][1:])
+    assert not pairs_share_prompts([*items, changed])
+    assert not pairs_share_prompts([shorter])
+    one, two = ParallelState(), ParallelState(rank=0, world_size=2, dp=2)
+    assert shared_prompt_pad(True, 7, [changed], one) == 7  # one process: batch-wise fallback
+    assert shared_prompt_pad(True, 7, items, two) == 7
+    assert shared_prompt_pad(True, 7, [*items, changed], two) is None  # ranks must agree
+    assert shared_prompt_pad(True, 7, items, ParallelState(world_size=2, tp=2)) is None
+    assert shared_prompt_pad(False, 7, items, one) is None
 
 
 def test_prompts_left_padded(tok):

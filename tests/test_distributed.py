@@ -196,6 +196,47 @@ def part_dpo_fsdp() -> dict:
     return {"loss_rel": _max_rel(got["losses"], ref["losses"])}
 
 
+def _shared_prompt_batch() -> dict[str, torch.Tensor]:
+    """``make_batch("dpo")`` with the rejected rows given the chosen rows' 3-token prompts."""
+    b = make_batch("dpo")
+    b["rejected_input_ids"][:, :3] = b["chosen_input_ids"][:, :3]
+    return b
+
+
+def part_dpo_fsdp_shared_prompt() -> dict:
+    """The stage's shared-prompt DPO pass (prompt run once, then the responses through its KV
+    cache: two trunk calls per micro-batch) under FSDP2 against the plain pass in one process."""
+    from rlhfstack.losses import dpo_loss
+    from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
+
+    def shared_loss(model):
+        def fn(mb, n):
+            c, r = shared_prompt_pair_logprob_sums(model, mb, 0)
+            losses, cr, rr = dpo_loss(c, r, mb["ref_chosen"], mb["ref_rejected"], beta=0.1)
+            return losses.sum() / n, {"reward_margin": float((cr - rr).mean())}
+
+        return fn
+
+    def run(model, state, loss_fn):
+        dm = engine.DistributedModel(model, list(model.parameters()), state)
+        opt = torch.optim.AdamW(dm.params, lr=1e-2)
+        batch, losses = _shared_prompt_batch(), []
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            local = engine.shard_batch(batch, state.dp_rank, state.dp)
+            losses.append(dm.forward_backward(local, loss_fn, B, 2)[0])
+            dm.clip_grad(1.0)
+            opt.step()
+        return losses
+
+    ref_model = build("dpo")
+    ref = run(ref_model, engine.ParallelState(), make_loss("dpo", ref_model))
+    st = engine.init_distributed(_par(dp=2))
+    model = build("dpo")
+    got = run(model, st, shared_loss(model))
+    return {"loss_rel": _max_rel(got, ref), "losses": got, "ref_losses": ref}
+
+
 def part_tp() -> dict:
     """tp=2: logits equal tp=1; three training steps equal one process."""
     ids, att = _rows(4, 10, 7)
@@ -279,6 +320,7 @@ PARTS = {
     "fsdp": part_fsdp,
     "fsdp_ac_bf16": part_fsdp_ac_bf16,
     "dpo_fsdp": part_dpo_fsdp,
+    "dpo_fsdp_shared_prompt": part_dpo_fsdp_shared_prompt,
     "tp": part_tp,
     "pp": part_pp,
     "finalize": part_finalize,  # last: it ends the process group
@@ -388,6 +430,12 @@ def test_fsdp2_activation_checkpointing_and_bf16(results):
 
 def test_fsdp2_dpo_loss_matches(results):
     assert _part(results, "dpo_fsdp")["loss_rel"] < 1e-4
+
+
+def test_fsdp2_shared_prompt_dpo_matches_plain_one_process(results):
+    r = _part(results, "dpo_fsdp_shared_prompt")
+    assert r["losses"][0] != r["losses"][-1]  # it trained
+    assert r["loss_rel"] < 1e-5
 
 
 def test_tensor_parallel_logits_and_training_match(results):

@@ -1,7 +1,8 @@
-"""The SFT recipe end to end: one process vs ``torchrun --nproc_per_node=2 ... parallel.dp_shard=2``.
+"""Recipes end to end: one process vs ``torchrun --nproc_per_node=2 ... parallel.dp_shard=2``.
 
-Both runs start from stories260K (converted by the session fixture) on a tiny embedded SFT
-set and must log the same losses and save the same model; only rank 0 writes.
+Both runs start from stories260K (converted by the session fixture) on tiny embedded data and
+must log the same losses; SFT also saves the same model, and only rank 0 writes. DPO and the
+causal-LM RM run their shared-prompt pair pass (two trunk calls per micro-batch) under FSDP2.
 """
 
 from __future__ import annotations
@@ -24,6 +25,36 @@ def _metrics(run_dir: Path) -> list[dict]:
     ]
 
 
+def _one_and_two(common: list[str], tmp_path: Path, env: dict) -> tuple[Path, Path, str]:
+    """Run ``common`` in one process and under torchrun with 2 ranks, side by side; returns the
+    two run directories and the 2-rank run's output."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *common, f"run_dir={one}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+        subprocess.Popen(
+            [*torchrun, *common, f"run_dir={two}", "parallel.dp_shard=2"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ),
+    ]
+    out = ""
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-4000:]
+    return one, two, out
+
+
 def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path, launch_env):
     common = [
         "recipes/train_sft.py",
@@ -34,29 +65,7 @@ def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path, launch_env)
         "logging.plots=false",
         "cluster.num_threads=1",
     ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *common, f"run_dir={one}"],
-            cwd=REPO,
-            env=launch_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        ),
-        subprocess.Popen(
-            [*torchrun, *common, f"run_dir={two}", "parallel.dp_shard=2"],
-            cwd=REPO,
-            env=launch_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        ),
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-4000:]
+    one, two, _ = _one_and_two(common, tmp_path, launch_env)
     m1, m2 = _metrics(one), _metrics(two)
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, 7))
     for a, b in zip(m1, m2):
@@ -75,3 +84,44 @@ def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path, launch_env)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
     assert (two / "done.json").exists() and (two / "config.yaml").exists()
     assert "dp_shard: 2" in (two / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_shared_prompt_pair_pass_torchrun_dp2_matches_one_process(
+    stage, arts, tmp_path, launch_env
+):
+    rows = [
+        {
+            "prompt": f"Once upon a time, {n} saw a {t}.",
+            "chosen": f" {n} was happy and played with the {t}.",
+            "rejected": f" {n} was sad. The {t} ran away and {n} cried all day long.",
+        }
+        for n in ("Tom", "Lily", "Ben", "Sue")
+        for t in ("ball", "dog", "cat", "cake", "bird")
+    ]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [
+        f"recipes/train_{stage}.py",
+        "+experiment=demo",
+        f"model.path={arts}/base_model",
+        f"data.train_path={prefs}",
+        f"data.eval_path={prefs}",
+        "trainer.max_steps=4",
+        "trainer.batch_size=8",
+        "trainer.micro_batch_size=2",
+        f"artifacts_dir={arts}",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+        "cluster.num_threads=1",
+    ]
+    if stage == "rm":
+        common += ["rm.probes=false", "rm.extra_eval.gold=''"]
+    one, two, out = _one_and_two(common, tmp_path, launch_env)
+    assert "shared-prompt pass on under FSDP2" in out
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3, 4]
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert m1[-1]["loss"] != m1[0]["loss"]

@@ -32,6 +32,7 @@ from .collate import (
     encode_responses,
     filter_by_length,
     pad_sequences,
+    pairs_share_prompts,
     tokenize_preference,
     tokenize_sft,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "adds_bos",
     "check_tokenizer",
     "collate_preference",
+    "pairs_share_prompts",
     "collate_prompts",
     "collate_sft",
     "default_data_root",

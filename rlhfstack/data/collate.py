@@ -19,7 +19,7 @@ Shape suffixes: B = batch, T = padded sequence length.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ __all__ = [
     "collate_sft",
     "tokenize_preference",
     "collate_preference",
+    "pairs_share_prompts",
     "collate_prompts",
     "pad_sequences",
 ]
@@ -302,6 +303,21 @@ def tokenize_preference(
             max_len,
         )
     return out
+
+
+def pairs_share_prompts(items: Iterable[Mapping[str, Sequence[int]]]) -> bool:
+    """True if every tokenized pair's chosen and rejected rows begin with the same prompt (their
+    leading ``loss_mask == 0`` tokens): the condition under which the shared-prompt passes
+    (``rlhfstack.rollout.fast.split_pairs``) never fall back to the plain pass."""
+    for it in items:
+        prompts = []
+        for name in ("chosen", "rejected"):
+            lm = it[f"{name}_loss_mask"]
+            n = next((i for i, m in enumerate(lm) if m), len(lm))
+            prompts.append(list(it[f"{name}_input_ids"][:n]))
+        if prompts[0] != prompts[1]:
+            return False
+    return True
 
 
 def collate_preference(

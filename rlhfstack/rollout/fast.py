@@ -682,10 +682,15 @@ def shared_prompt_pair_scores(
     """``pair_scores`` of a causal-LM ``RewardModel`` (raw head outputs ``[B, k]`` of chosen and
     rejected at their last real token) with each pair's prompt run once."""
     s = split_pairs(batch, pad_id)
-    _, h_NSD = shared_prefix_hidden(
+    h_last_ND, h_NSD = shared_prefix_hidden(
         rm.trunk(), s["prefix_ids"], s["prefix_mask"], s["suffix_ids"], s["suffix_mask"]
     )
     last_N = s["suffix_mask"].sum(1) - 1
     h_ND = h_NSD[torch.arange(h_NSD.shape[0], device=h_NSD.device), last_N]
     scores = rm.head(h_ND).float()
+    # The prefix pass reaches the scores only through its keys and values; its output is kept in
+    # the graph (times 0: no value or gradient changes) because FSDP2 re-gathers a sharded
+    # block's parameters for the backward from a hook on that block's forward output, and the
+    # last block's prefix output would otherwise never receive a gradient.
+    scores = scores + 0.0 * h_last_ND.sum()
     return scores[0::2], scores[1::2]

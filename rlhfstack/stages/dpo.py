@@ -19,7 +19,7 @@ from rlhfstack.losses import dpo_loss
 from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
 from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
 from rlhfstack.runtime import plot_metrics, write_stage_done
-from rlhfstack.training import setup_run, train_loop
+from rlhfstack.training import setup_run, shared_prompt_pad, train_loop
 
 log = logging.getLogger("rlhfstack.dpo")
 
@@ -72,8 +72,7 @@ def train(cfg: DPOConfig) -> Path:
         pairs = pairs[: cfg.data.max_examples]
     items = tokenize_preference(pairs, tok, max_len)
     ps = run.dist
-    # one process only: the two trunk calls per step are not checked under FSDP2 / TP / PP
-    shared_pad = tok.pad_token_id if cfg.dpo.shared_prompt and not ps.distributed else None
+    shared_pad = shared_prompt_pad(cfg.dpo.shared_prompt, tok.pad_token_id, items, ps)
 
     # reference log-probs, once
     ref = None

@@ -45,7 +45,7 @@ from rlhfstack.models.encoders import (
 )
 from rlhfstack.rollout.fast import shared_prompt_pair_scores
 from rlhfstack.runtime import atomic_dir, atomic_write_json, plot_metrics, write_stage_done
-from rlhfstack.training import setup_run, train_loop
+from rlhfstack.training import setup_run, shared_prompt_pad, train_loop
 
 log = logging.getLogger("rlhfstack.rm")
 
@@ -204,10 +204,7 @@ def train(cfg: RMConfig) -> Path:
     def collate(batch):  # longest first, so micro-batches hold similar lengths
         return collate_preference(sorted(batch, key=_pair_len, reverse=True), pad_id)
 
-    # one process only: the two trunk calls per step are not checked under FSDP2 / TP / PP
-    shared_pad = (
-        pad_id if cfg.rm.shared_prompt and not encoder and not run.dist.distributed else None
-    )
+    shared_pad = shared_prompt_pad(cfg.rm.shared_prompt and not encoder, pad_id, items, run.dist)
 
     def loss_fn(mb, n_in_step):
         # [b, k] each: every head gets its own BT loss
