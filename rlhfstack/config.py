@@ -321,6 +321,10 @@ class RolloutConfig:
     step with static shapes (cache length rounded up to a multiple of 64). Measured on 35.7M
     parameters and 2 CPU cores: rollouts 9-15% faster (README "Performance"); the first rollout
     of each (batch, length) shape compiles (about 20 s there), so it is off by default."""
+    samples_per_prompt: int = 1
+    """G responses sampled per prompt (contiguous groups; each prompt's pass runs once):
+    ``trainer.batch_size`` counts responses, so a step draws ``batch_size / G`` prompts. The
+    critic-free estimators (``ppo.advantage_estimator=grpo | rloo``) need G >= 2."""
 
 
 @dataclass
@@ -339,6 +343,14 @@ class KLConfig:
 
 @dataclass
 class PPOHyperparams:
+    advantage_estimator: str = "gae"
+    """gae (a value model and GAE, Schulman et al. 2016: PPO as in Ziegler et al. 2019 / Ouyang et
+    al. 2022) | grpo (no value model; the group-normalized sequence reward of the G samples of a
+    prompt, Shao et al. 2024) | rloo (no value model; the sequence reward minus the mean of the
+    other G-1 samples, Ahmadian et al. 2024). For grpo / rloo the sequence reward is the RM score
+    minus beta x the summed per-token KL (``kl.*``), every response token gets its sequence's
+    advantage, and the clipped policy loss is PPO's. GRPO as in DeepSeekMath (KL in the loss, not
+    the reward): ``kl.controller=fixed kl.init_coef=0 ppo.kl_loss_coef=...``."""
     epochs: int = 4
     """PPO epochs over each rollout batch (Ziegler et al. 2019: 4)."""
     num_minibatches: int = 4
@@ -354,7 +366,8 @@ class PPOHyperparams:
     lam: float = 0.95
     """GAE lambda (Ziegler et al. 2019: 0.95)."""
     whiten_advantages: bool = True
-    """Whiten advantages over valid tokens of the batch."""
+    """Whiten advantages over valid tokens of the batch (gae and rloo; grpo's are normalized
+    within each group already)."""
     whiten_rewards: bool = False
     """Whiten scores over the batch before shaping."""
     missing_eos_penalty: float = 1.0
@@ -366,7 +379,8 @@ class PPOHyperparams:
     loss (besides the sampled-token KL penalty in the reward). 0 disables. Keeps the reference's
     full log-softmax of each rollout batch in memory (B x R x V floats): for small vocabularies."""
     value_model: str = "shared"
-    """shared (value head on the policy trunk) | separate (critic initialized from the reward model)."""
+    """shared (value head on the policy trunk) | separate (critic initialized from the reward model).
+    Unused by the critic-free estimators (grpo, rloo)."""
     reward_clip: float = 10.0
     """Clip scores to +-reward_clip; 0 disables."""
     logprobs_from_rollout: bool = True

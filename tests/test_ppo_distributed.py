@@ -58,8 +58,10 @@ def _rows(run_dir: Path) -> list[dict]:
     [
         ["ppo.value_model=shared"],  # full fine-tune, value head on the policy trunk
         ["model.lora.enabled=true", "model.lora.r=4", "ppo.value_model=separate"],
+        # critic-free: one group of 4 samples of a prompt per rank, no value model
+        ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4"],
     ],
-    ids=["full-shared-value", "lora-separate-critic"],
+    ids=["full-shared-value", "lora-separate-critic", "grpo-no-critic"],
 )
 def test_ppo_fsdp2_two_ranks_invariants_and_checkpoint(smoke, tmp_path, variant, launch_env):
     run_dir = tmp_path / "dp2"

@@ -56,6 +56,48 @@ def test_bad_sampling_config_is_rejected(smoke, tmp_path):
         train(_cfg(smoke, tmp_path / "x", ["rollout.top_k=50"]))
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_estimators_train_the_policy_alone(smoke, tmp_path, estimator):
+    from rlhfstack.stages.ppo import train
+
+    # 8 responses = 2 prompts x 4 samples; generate() refuses rows that are not groups of 4
+    # identical prompts, so the groups the advantages are computed over are the sampled ones
+    cfg = _cfg(
+        smoke,
+        tmp_path / estimator,
+        [
+            "trainer.max_steps=2",
+            f"ppo.advantage_estimator={estimator}",
+            "rollout.samples_per_prompt=4",
+        ],
+    )
+    run_dir = train(cfg)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert r["first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-6)
+        assert r["advantages/abs_mean"] > 0
+        assert "loss/value" not in r and "values/explained_variance" not in r
+    assert not (run_dir / "value_head.pt").exists()  # no value model was trained
+    assert (run_dir / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["ppo.advantage_estimator=a2c"], "advantage_estimator"),
+        (["ppo.advantage_estimator=grpo"], "samples_per_prompt must be >= 2"),
+        (["rollout.samples_per_prompt=3"], "divide trainer.batch_size"),
+    ],
+)
+def test_bad_estimator_config_is_rejected(smoke, tmp_path, extra, match):
+    from rlhfstack.stages.ppo import train
+
+    with pytest.raises(ValueError, match=match):
+        train(_cfg(smoke, tmp_path / "x", extra))
+
+
 def _run(smoke: Path, run_dir: Path, steps: int, save_every: int) -> subprocess.Popen:
     cmd = [
         sys.executable,

@@ -12,6 +12,12 @@ One iteration (Ziegler et al. 2019; Ouyang et al. 2022; the details of Huang et 
              vf_coef * clipped value loss - entropy_coef * entropy
 6. KL        the adaptive controller moves beta toward the target KL
 
+Critic-free variants (``ppo.advantage_estimator``): ``grpo`` (Shao et al. 2024) and ``rloo``
+(Ahmadian et al. 2024) sample ``rollout.samples_per_prompt`` = G responses per prompt, train no
+value model, and replace step 4 by one advantage per response from its group: the sequence reward
+(score - beta * summed KL) normalized within the group (grpo) or minus the mean of the other G-1
+(rloo), on every token of the response. Steps 1-3, 5 (without the value loss) and 6 are PPO's.
+
 Diagnostics are logged beside the loss every iteration; ``first_minibatch_ratio`` and
 ``first_minibatch_approx_kl`` must read 1 and 0 (the rollout and training passes agree).
 
@@ -40,8 +46,10 @@ from rlhfstack.losses import (
     FixedKLController,
     explained_variance,
     gae,
+    group_normalized_advantages,
     kl_estimate,
     kl_shaped_rewards,
+    leave_one_out_advantages,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
@@ -128,6 +136,24 @@ def _validate(cfg: PPOConfig) -> None:
         raise ValueError(
             f"ppo.value_model: unknown value {cfg.ppo.value_model!r} (shared | separate)"
         )
+    est, G = cfg.ppo.advantage_estimator, cfg.rollout.samples_per_prompt
+    if est not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"ppo.advantage_estimator: unknown estimator {est!r} ({' | '.join(ADVANTAGE_ESTIMATORS)})"
+        )
+    if G < 1 or cfg.trainer.batch_size % G:
+        raise ValueError(
+            f"rollout.samples_per_prompt ({G}) must be >= 1 and divide trainer.batch_size "
+            f"({cfg.trainer.batch_size}), which counts responses"
+        )
+    if est != "gae" and G < 2:
+        raise ValueError(
+            f"ppo.advantage_estimator={est} compares the samples of a prompt: "
+            f"rollout.samples_per_prompt must be >= 2 (got {G})"
+        )
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
 
 
 def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
@@ -142,6 +168,13 @@ def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
         raise ValueError(
             f"trainer.batch_size ({cfg.trainer.batch_size}) must be divisible by "
             f"ppo.num_minibatches * parallel.dp_shard ({cfg.ppo.num_minibatches} * {dp})"
+        )
+    G = cfg.rollout.samples_per_prompt
+    if cfg.trainer.batch_size % (G * dp):
+        raise ValueError(
+            f"trainer.batch_size ({cfg.trainer.batch_size}) must be divisible by "
+            f"rollout.samples_per_prompt * parallel.dp_shard ({G} * {dp}): each rank samples "
+            "whole groups"
         )
 
 
@@ -163,6 +196,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     run = setup_run(cfg)
     device = run.device
     tcfg, pcfg = cfg.trainer, cfg.ppo
+    estimator, G = pcfg.advantage_estimator, cfg.rollout.samples_per_prompt
+    critic_free = estimator != "gae"  # grpo / rloo: advantages from the group, no value model
     ps = run.dist  # data-parallel ranks each roll out and train on B / dp prompts
     dp, rank = ps.dp, ps.dp_rank
     if ps.distributed:
@@ -185,12 +220,14 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     d_model = causal_lm_parts(policy)[0].config.hidden_size
     critic: _Critic | None = None
     value_head: ValueHead | None = None
-    if pcfg.value_model == "shared":
+    if not critic_free and pcfg.value_model == "shared":
         value_head = ValueHead(d_model).to(device)
-    else:
+    elif not critic_free:
         critic = _Critic(rm).to(device)
-    # what is trained (and checkpointed): {policy, value head or critic}
-    trained = torch.nn.ModuleDict({"policy": policy, "value": value_head or critic})
+    # what is trained (and checkpointed): {policy, value head or critic (gae only)}
+    trained = torch.nn.ModuleDict({"policy": policy})
+    if not critic_free:
+        trained["value"] = value_head or critic
     params = list(trained.parameters())
     dm: engine.DistributedModel | None = None
     if ps.distributed:  # FSDP2 over dp_shard; rollouts on a gathered replica (see below)
@@ -268,7 +305,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     # modules themselves in one process; under FSDP2 a full replica on each rank, refreshed
     # after every update, so that each rank decodes its own rows without collectives.
     rollout = dm.replica() if dm is not None else trained
-    r_policy, r_value = rollout["policy"], rollout["value"]
+    r_policy = rollout["policy"]
+    r_value = rollout["value"] if "value" in rollout else None
 
     def train_forward(ids_, mask_, start: int, entropy: bool, ref_lsm_BRV=None):
         o = response_logprobs(
@@ -281,11 +319,14 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             return_entropy=entropy,
             ref_logprobs_BRV=ref_lsm_BRV,
         )
+        if critic_free:
+            return o, None
         v = o["values"] if critic is None else _values(critic, ids_, mask_, start)
         return o, v
 
-    B = tcfg.batch_size  # global; this rank rolls out and trains on Bl = B / dp of them
+    B = tcfg.batch_size  # global responses; this rank rolls out and trains on Bl = B / dp of them
     Bl = B // dp
+    NP = B // G  # prompts per step (G responses each)
     mb_size = Bl // pcfg.num_minibatches
     micro = max(1, min(tcfg.micro_batch_size, mb_size))
     T = cfg.rollout.temperature
@@ -307,11 +348,14 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     with preemption_flag() as preempt:
         for step in range(start_step + 1, tcfg.max_steps + 1):
             # ---------------------------------------------------------------- 1. rollout
-            if cursor + B > len(order):
+            if cursor + NP > len(order):
                 order = order_rng.permutation(len(train_prompts)).tolist()
                 cursor = 0
-            batch_prompts = [train_prompts[i] for i in order[cursor : cursor + B]]
-            cursor += B
+            # each prompt G times in a row (its group); a rank's rows hold whole groups
+            batch_prompts = [
+                train_prompts[i] for i in order[cursor : cursor + NP] for _ in range(G)
+            ]
+            cursor += NP
             batch_prompts = batch_prompts[rank * Bl : (rank + 1) * Bl]  # this rank's rows
             p_ids, p_mask = left_pad_prompts(tok, batch_prompts, cfg.data.max_prompt_tokens, device)
             r_policy.eval()
@@ -337,8 +381,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     temperature=T,
                     generator=gen_rng,
                     return_logprobs=from_rollout,
-                    return_hidden=from_rollout and critic is None,
+                    return_hidden=from_rollout and value_head is not None,
                     compile_steps=cfg.rollout.compile,
+                    prompt_group_size=G,
                 )
             ids, mask = gen.full()
             P = p_ids.shape[1]
@@ -346,20 +391,23 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             run.cost.add_tokens(int(engine.sum_stats({"n": float(mask.sum())})["n"]))
             # ---------------------------------------------------------------- 2. score
             with torch.no_grad():
-                shared = critic is None
+                shared = value_head is not None
+                old_values = None  # critic-free estimators
                 if gen.logprobs_BR is not None:  # old log-probs (and values) from the rollout
                     old_logprobs = gen.logprobs_BR
-                    old_values = (
-                        r_value(gen.hidden_BRD).squeeze(-1).float()
-                        if shared
-                        else _values(r_value, ids, mask, P)
-                    )
+                    if shared:
+                        old_values = r_value(gen.hidden_BRD).squeeze(-1).float()
+                    elif critic is not None:
+                        old_values = _values(r_value, ids, mask, P)
                 else:  # a separate scoring pass (vLLM rollouts, non-HF models)
                     out = response_logprobs(
                         r_policy, ids, mask, P, T, value_head=r_value if shared else None
                     )
                     old_logprobs = out["logprobs"]
-                    old_values = out["values"] if shared else _values(r_value, ids, mask, P)
+                    if shared:
+                        old_values = out["values"]
+                    elif critic is not None:
+                        old_values = _values(r_value, ids, mask, P)
                 full_ref = pcfg.kl_loss_coef > 0  # the reference's whole distribution, too
                 if use_lora:
                     with adapter_disabled(r_policy):
@@ -384,8 +432,18 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 rewards, kl_BT = kl_shaped_rewards(
                     scores, old_logprobs, ref_logprobs, resp_mask, beta, estimator=cfg.kl.estimator
                 )
-                advantages, returns = gae(rewards, old_values, resp_mask, pcfg.gamma, pcfg.lam)
-                if pcfg.whiten_advantages:
+                if critic_free:
+                    # one advantage per response from its group: r = score - beta * sum_t KL_t
+                    seq_reward_B = (rewards * resp_mask).sum(-1)
+                    adv_B = (
+                        group_normalized_advantages(seq_reward_B, G)
+                        if estimator == "grpo"
+                        else leave_one_out_advantages(seq_reward_B, G)
+                    )
+                    advantages, returns = adv_B.unsqueeze(1) * resp_mask, None
+                else:
+                    advantages, returns = gae(rewards, old_values, resp_mask, pcfg.gamma, pcfg.lam)
+                if pcfg.whiten_advantages and estimator != "grpo":
                     advantages = (
                         _global_whiten(advantages, resp_mask)
                         if dm is not None
@@ -422,15 +480,19 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                             pcfg.clip_eps,
                             normalizer=mb_tokens,
                         )
-                        vf_loss, vf_stats = ppo_value_loss(
-                            v,
-                            old_values[sub],
-                            returns[sub],
-                            m,
-                            pcfg.value_clip,
-                            normalizer=mb_tokens,
-                        )
-                        loss = pg_loss + pcfg.vf_coef * vf_loss
+                        loss = pg_loss
+                        if v is not None:
+                            vf_loss, vf_stats = ppo_value_loss(
+                                v,
+                                old_values[sub],
+                                returns[sub],
+                                m,
+                                pcfg.value_clip,
+                                normalizer=mb_tokens,
+                            )
+                            loss = loss + pcfg.vf_coef * vf_loss
+                        else:
+                            vf_loss, vf_stats = None, {}
                         if pcfg.entropy_coef > 0:
                             loss = loss - pcfg.entropy_coef * (o["entropy"] * m).sum() / mb_tokens
                         if pcfg.kl_loss_coef > 0:  # exact KL to the reference, every token
@@ -443,7 +505,11 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                         w = float(m.sum()) / mb_tokens
                         for k, val in {
                             "loss/policy": float(pg_loss.detach()) / w if w else 0.0,
-                            "loss/value": float(vf_loss.detach()) / w if w else 0.0,
+                            **(
+                                {"loss/value": float(vf_loss.detach()) / w if w else 0.0}
+                                if vf_loss is not None
+                                else {}
+                            ),
                             **{f"ppo/{k2}": float(v2) for k2, v2 in pg_stats.items()},
                             **{f"ppo/{k2}": float(v2) for k2, v2 in vf_stats.items()},
                         }.items():
@@ -464,9 +530,21 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             mean_kl = engine.sum_stats({"kl": float(seq_kl.sum())})["kl"] / B
             kl_ctl.update(mean_kl, B)
             lengths = resp_mask.sum(-1)
+            if critic_free:  # no value model: no value loss and no value diagnostics
+                value_metrics = {
+                    "advantages/abs_mean": float(masked_mean(advantages.abs(), resp_mask))
+                }
+            else:
+                value_metrics = {
+                    "returns/mean": float(masked_mean(returns, resp_mask)),
+                    "values/mean": float(masked_mean(old_values, resp_mask)),
+                    "values/explained_variance": float(
+                        explained_variance(old_values, returns, resp_mask)
+                    ),
+                }
+            vf_mean = float(np.mean(stats["loss/value"])) if "loss/value" in stats else 0.0
             metrics = {
-                "loss": float(np.mean(stats["loss/policy"]))
-                + pcfg.vf_coef * float(np.mean(stats["loss/value"])),
+                "loss": float(np.mean(stats["loss/policy"])) + pcfg.vf_coef * vf_mean,
                 **{k: float(np.mean(v)) for k, v in stats.items()},
                 **first,
                 "reward/rm_score": float(raw_scores.mean()),
@@ -476,11 +554,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 "kl/seq_k1": mean_kl,
                 "kl/token_estimator_mean": float(masked_mean(kl_BT, resp_mask)),
                 "kl/beta": beta,
-                "returns/mean": float(masked_mean(returns, resp_mask)),
-                "values/mean": float(masked_mean(old_values, resp_mask)),
-                "values/explained_variance": float(
-                    explained_variance(old_values, returns, resp_mask)
-                ),
+                **value_metrics,
                 "response/length": float(lengths.mean()),
                 "response/ended_frac": float(gen.ended_B.float().mean()),
                 "lr": sched.get_last_lr()[0],
@@ -504,7 +578,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 beta,
                 metrics["response/length"],
                 metrics["loss/policy"],
-                metrics["loss/value"],
+                vf_mean,
                 first.get("first_minibatch_ratio", float("nan")),
             )
             if step < tcfg.max_steps and engine.any_rank(preempt["flag"]):
@@ -519,14 +593,15 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     if dm is not None:  # rank 0 gets the full, plain modules back; the other ranks exit here
         dm.finalize()
         policy, value_head, critic = trained["policy"], None, None
-        if pcfg.value_model == "shared":
+        if "value" in trained and pcfg.value_model == "shared":
             value_head = trained["value"]
-        else:
+        elif "value" in trained:
             critic = trained["value"]
     policy.eval()
     save_hf(policy, tok, run.run_dir / "model")
     head = value_head if value_head is not None else critic
-    torch.save(head.state_dict(), run.run_dir / "value_head.pt")
+    if head is not None:  # gae only
+        torch.save(head.state_dict(), run.run_dir / "value_head.pt")
     run.logger.close()
     if cfg.logging.plots:
         plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
