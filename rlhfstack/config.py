@@ -383,6 +383,10 @@ class PPOHyperparams:
     Unused by the critic-free estimators (grpo, rloo)."""
     reward_clip: float = 10.0
     """Clip scores to +-reward_clip; 0 disables."""
+    reward_uncertainty_coef: float = 0.0
+    """Uncertainty-penalized reward (Coste et al. 2023): score = mean - coef x std over the reward
+    model's heads (``rm.ensemble_size``) or the members of an ensemble directory (``ensemble.json``,
+    ``RewardEnsemble``). 0 disables; > 0 needs at least two heads in all."""
     logprobs_from_rollout: bool = True
     """Take the old log-probs (and the shared value head's values) from the rollout's KV-cache
     forward passes instead of a second forward over the batch (same function, equal up to float

@@ -83,6 +83,41 @@ def test_critic_free_estimators_train_the_policy_alone(smoke, tmp_path, estimato
     assert (run_dir / "model" / "config.json").exists()
 
 
+def test_uncertainty_penalized_reward_from_an_ensemble(smoke, tmp_path):
+    import torch
+
+    from rlhfstack.models.core import RewardEnsemble, RewardModel
+    from rlhfstack.stages.ppo import train
+
+    # a two-member ensemble: the smoke RM and a copy with a perturbed head
+    other = RewardModel.load(smoke / "rm" / "model")
+    with torch.no_grad():
+        other.head.linear.weight.add_(0.5 * torch.randn_like(other.head.linear.weight))
+    other.save(tmp_path / "member2")
+    RewardEnsemble.write_spec(tmp_path / "ens", [smoke / "rm" / "model", tmp_path / "member2"])
+    coef = 0.7
+    no_shaping = ["ppo.missing_eos_penalty=0", "ppo.reward_clip=0", "trainer.max_steps=1"]
+    no_shaping.append("ppo.value_model=separate")  # the critic starts from the first member
+    cfg = _cfg(
+        smoke,
+        tmp_path / "run",
+        [
+            f"reward_model_path={tmp_path / 'ens'}",
+            f"ppo.reward_uncertainty_coef={coef}",
+            *no_shaping,
+        ],
+    )
+    (row,) = read_jsonl(train(cfg) / "metrics.jsonl")
+    assert row["reward/rm_score_std"] > 0
+    # per response: score = mean - coef * std; the batch means obey the same identity
+    assert row["reward/shaped_score"] == pytest.approx(
+        row["reward/rm_score"] - coef * row["reward/rm_score_std"], rel=1e-5, abs=1e-6
+    )
+    # one head: there is no spread to penalize
+    with pytest.raises(ValueError, match="ensemble_size"):
+        train(_cfg(smoke, tmp_path / "x", ["ppo.reward_uncertainty_coef=1.0"]))
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [

@@ -56,11 +56,13 @@ from rlhfstack.losses import (
     ppo_value_loss,
 )
 from rlhfstack.models.core import (
+    RewardEnsemble,
     RewardModel,
     ValueHead,
     adapter_disabled,
     causal_lm_parts,
     load_causal_lm,
+    load_reward_model,
     response_logprobs,
     save_hf,
     tokenizer_for,
@@ -108,6 +110,10 @@ def _values(critic: _Critic, ids: torch.Tensor, mask: torch.Tensor, start: int) 
     trunk, _ = causal_lm_parts(critic.lm)
     h = trunk_hidden(trunk, ids, mask)[:, start - 1 : -1]
     return critic.head(h).squeeze(-1).float()
+
+
+def _reward_members(rm: RewardModel | RewardEnsemble) -> list[RewardModel]:
+    return list(rm.members) if isinstance(rm, RewardEnsemble) else [rm]
 
 
 def _kl_controller(cfg: PPOConfig):
@@ -216,14 +222,22 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
         ref = load_causal_lm(
             cfg.ref_path or cfg.model.path, dtype=cfg.model.dtype, trainable=False, device=device
         )
-    rm = RewardModel.load(cfg.reward_model_path, dtype=cfg.model.dtype, device=device)
+    # one reward model or an ensemble directory (ensemble.json): mean and std over every head
+    rm = load_reward_model(cfg.reward_model_path, dtype=cfg.model.dtype, device=device)
+    n_heads = sum(m.head.linear.out_features for m in _reward_members(rm))
+    if pcfg.reward_uncertainty_coef > 0 and n_heads < 2:
+        raise ValueError(
+            f"ppo.reward_uncertainty_coef={pcfg.reward_uncertainty_coef} penalizes the std over "
+            f"reward heads, but {cfg.reward_model_path} has {n_heads}: train it with "
+            "rm.ensemble_size >= 2 or point reward_model_path at an ensemble directory"
+        )
     d_model = causal_lm_parts(policy)[0].config.hidden_size
     critic: _Critic | None = None
     value_head: ValueHead | None = None
     if not critic_free and pcfg.value_model == "shared":
         value_head = ValueHead(d_model).to(device)
     elif not critic_free:
-        critic = _Critic(rm).to(device)
+        critic = _Critic(_reward_members(rm)[0]).to(device)
     # what is trained (and checkpointed): {policy, value head or critic (gae only)}
     trained = torch.nn.ModuleDict({"policy": policy})
     if not critic_free:
@@ -421,6 +435,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 rm_out = rm.score(ids, mask)
                 raw_scores = rm_out["mean"]
                 scores = raw_scores.clone()
+                if pcfg.reward_uncertainty_coef:  # mean - coef * std over heads / members
+                    scores = scores - pcfg.reward_uncertainty_coef * rm_out["std"]
                 if pcfg.missing_eos_penalty:
                     scores = scores - pcfg.missing_eos_penalty * (~gen.ended_B).float()
                 if pcfg.reward_clip:
