@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from rlhfstack import engine
+from rlhfstack.data.collate import pairs_share_prompts
 from rlhfstack.runtime import (
     CostMeter,
     RunLogger,
@@ -193,8 +194,6 @@ def shared_prompt_pad(
     same on every rank), and only under FSDP2 data parallelism (tensor / pipeline parallel runs
     use the plain pass).
     """
-    from rlhfstack.data.collate import pairs_share_prompts
-
     if not enabled:
         return None
     if not state.distributed:
