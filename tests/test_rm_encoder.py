@@ -15,6 +15,7 @@ from rlhfstack.models.encoders import (
     encode_encoder_pairs,
     load_encoder,
     resolve_model_path,
+    resolve_pkgparts,
     score_texts,
 )
 
@@ -78,6 +79,69 @@ def test_resolve_minilm_package_if_installed():
     assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
     tok = load_tokenizer(str(d))  # BERT: PAD=[PAD], no EOS -> accepted
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+
+
+def _split_zip(model_dir: Path, out: Path, n_parts: int) -> list[Path]:
+    """Zip ``model_dir`` (as ``<name>/...``) and cut the archive into ``n_parts`` byte ranges."""
+    import shutil
+
+    archive = Path(shutil.make_archive(str(out / "model"), "zip", model_dir.parent, model_dir.name))
+    data = archive.read_bytes()
+    step = -(-len(data) // n_parts)
+    parts = []
+    for i in range(n_parts):
+        part = out / f"model.zip.{i + 1:03d}"
+        part.write_bytes(data[i * step : (i + 1) * step])
+        parts.append(part)
+    return parts
+
+
+def test_pkgparts_joins_unpacks_once_and_checks_sha(tmp_path, bert_dir, monkeypatch):
+    import hashlib
+
+    import rlhfstack.models.encoders as enc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    parts = _split_zip(bert_dir, src, 3)
+    calls = []
+    monkeypatch.setattr(enc, "_archive_parts", lambda prefix: calls.append(prefix) or parts)
+    weights = next(p.name for p in bert_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    sha = hashlib.sha256((bert_dir / weights).read_bytes()).hexdigest()
+
+    # A wrong checksum: error naming the file, and nothing left in the cache.
+    monkeypatch.setitem(enc.KNOWN_SHA256, "tiny-bert-part", (weights, "0" * 64))
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=f"{weights} has sha256 {sha}"):
+        resolve_pkgparts("pkgparts:tiny-bert-part", cache)
+    assert list(cache.iterdir()) == []
+
+    monkeypatch.setitem(enc.KNOWN_SHA256, "tiny-bert-part", (weights, sha))
+    d = Path(resolve_pkgparts("pkgparts:tiny-bert-part", cache))
+    assert d == cache / "tiny-bert-part" / bert_dir.name
+    assert (d / weights).read_bytes() == (bert_dir / weights).read_bytes()
+    assert [p.name for p in cache.iterdir()] == ["tiny-bert-part"]  # no .partial left
+    # Second call: served from the cache, the parts are not read again.
+    n_calls = len(calls)
+    monkeypatch.setenv("RLHFSTACK_MODEL_CACHE", str(cache))
+    assert resolve_model_path("pkgparts:tiny-bert-part") == str(d)
+    assert len(calls) == n_calls
+    load_encoder("pkgparts:tiny-bert-part")  # the unpacked directory loads as an encoder
+
+
+def test_pkgparts_missing_parts_and_truncated_archive(tmp_path, bert_dir, monkeypatch):
+    import rlhfstack.models.encoders as enc
+
+    with pytest.raises(FileNotFoundError, match="no distribution surely-not-installed-xyz-001"):
+        resolve_pkgparts("pkgparts:surely-not-installed-xyz", tmp_path / "c0")
+    src = tmp_path / "src"
+    src.mkdir()
+    parts = _split_zip(bert_dir, src, 3)
+    monkeypatch.setattr(enc, "_archive_parts", lambda prefix: parts[:2])  # last part missing
+    cache = tmp_path / "c1"
+    with pytest.raises(ValueError, match="2 joined parts are not a zip archive"):
+        resolve_pkgparts("pkgparts:tiny-bert-part", cache)
+    assert list(cache.iterdir()) == []
 
 
 def test_bert_tokenizer_passes_pad_check(bert_dir):
