@@ -281,9 +281,15 @@ class DPOHyperparams:
     beta: float = 0.1
     """KL strength beta (Rafailov et al. 2023 use 0.1 for most experiments)."""
     loss_type: str = "sigmoid"
-    """sigmoid (DPO) | ipo (Azar et al. 2023)."""
+    """sigmoid (DPO) | ipo (Azar et al. 2023) | kto (Ethayarajh et al. 2024: each pair is split
+    into a desirable and an undesirable example; ``beta`` is KTO's beta, 0.1 in the paper)."""
     label_smoothing: float = 0.0
     """Conservative DPO: assumed label-flip rate (Mitchell 2023); 0 = plain DPO."""
+    kto_desirable_weight: float = 1.0
+    """KTO lambda_D. The paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]; pairs give
+    n_D = n_U, so 1.0 / 1.0 is inside that range."""
+    kto_undesirable_weight: float = 1.0
+    """KTO lambda_U."""
     ref_path: str | None = None
     """Reference model; None = the starting model (``model.path``), frozen."""
     epochs: int = 1

@@ -2,7 +2,8 @@
 
 Both runs start from stories260K (converted by the session fixture) on tiny embedded data and
 must log the same losses; SFT also saves the same model, and only rank 0 writes. DPO and the
-causal-LM RM run their shared-prompt pair pass (two trunk calls per micro-batch) under FSDP2.
+causal-LM RM run their shared-prompt pair pass (two trunk calls per micro-batch) under FSDP2;
+KTO adds a no-grad pass over its mismatched pairs.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path, launch_env)
     assert "dp_shard: 2" in (two / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("stage", ["dpo", "rm"])
+@pytest.mark.parametrize("stage", ["dpo", "rm", "kto"])
 def test_shared_prompt_pair_pass_torchrun_dp2_matches_one_process(
     stage, arts, tmp_path, launch_env
 ):
@@ -102,7 +103,7 @@ def test_shared_prompt_pair_pass_torchrun_dp2_matches_one_process(
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = [
-        f"recipes/train_{stage}.py",
+        f"recipes/train_{'dpo' if stage == 'kto' else stage}.py",
         "+experiment=demo",
         f"model.path={arts}/base_model",
         f"data.train_path={prefs}",
@@ -117,6 +118,8 @@ def test_shared_prompt_pair_pass_torchrun_dp2_matches_one_process(
     ]
     if stage == "rm":
         common += ["rm.probes=false", "rm.extra_eval.gold=''"]
+    if stage == "kto":  # also the mismatched pairs' no-grad pass, on every rank
+        common += ["dpo.loss_type=kto"]
     one, two, out = _one_and_two(common, tmp_path, launch_env)
     assert "shared-prompt pass on under FSDP2" in out
     m1, m2 = _metrics(one), _metrics(two)
@@ -125,3 +128,6 @@ def test_shared_prompt_pair_pass_torchrun_dp2_matches_one_process(
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert m1[-1]["loss"] != m1[0]["loss"]
+    if stage == "kto":
+        for a, b in zip(m1, m2):
+            assert b["kto_kl_ref_raw"] == pytest.approx(a["kto_kl_ref_raw"], rel=1e-4, abs=1e-6)

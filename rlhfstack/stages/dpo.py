@@ -1,8 +1,16 @@
-"""Direct Preference Optimization (Rafailov et al. 2023), IPO and conservative DPO.
+"""Direct Preference Optimization (Rafailov et al. 2023), IPO, conservative DPO and KTO.
 
 Reference log-probs are computed once, before training, in one no-grad pass over the data
 (the reference is frozen, so they never change). Each pair's prompt runs once for both responses
 and the LM head sees response tokens only (``dpo.shared_prompt``; same log-probs, fewer FLOPs).
+
+KTO (``dpo.loss_type=kto``, Ethayarajh et al. 2024) reads each pair as two unpaired examples:
+``(x, y_chosen)`` desirable and ``(x, y_rejected)`` undesirable. Its reference point
+``z0 = KL(pi || pi_ref)`` is estimated, as in the paper, from mismatched pairs: pair ``i``'s prompt
+with both responses of pair ``sigma(i)``, ``sigma`` a fixed seeded derangement of the data set.
+Because the mismatched sequences are fixed, their reference log-probs are also computed once; the
+policy scores them in a no-grad pass each micro-batch (no gradient flows through ``z0``), and
+``z0 = mean(log pi - log pi_ref)`` over them, clamped at 0 (per micro-batch and rank).
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import torch
 from rlhfstack.config import DPOConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.loading import load_preferences
-from rlhfstack.losses import dpo_loss
+from rlhfstack.data.schemas import PreferenceExample
+from rlhfstack.losses import DPO_LOSS_TYPES, dpo_loss, kto_loss
 from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
 from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
 from rlhfstack.runtime import plot_metrics, write_stage_done
@@ -46,7 +55,75 @@ def pair_logps(
     return lp[:B], lp[B:]
 
 
+KL_PREFIX = "kl_"
+"""Batch keys of KTO's mismatched pairs (``kl_chosen_input_ids``, ...)."""
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """``sigma`` with ``sigma[i] != i`` for every i: a seeded permutation's cycle shifted by one."""
+    if n < 2:
+        raise ValueError(
+            f"KTO needs at least 2 preference pairs for its KL reference point, got {n}"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    sigma = [0] * n
+    for k in range(n):
+        sigma[perm[k]] = perm[(k + 1) % n]
+    return sigma
+
+
+def mismatched_pairs(pairs: list[PreferenceExample], sigma: list[int]) -> list[PreferenceExample]:
+    """Pair ``i``'s prompt with the chosen and rejected responses of pair ``sigma[i]``."""
+    return [
+        PreferenceExample(prompt=p.prompt, chosen=pairs[j].chosen, rejected=pairs[j].rejected)
+        for p, j in zip(pairs, sigma, strict=True)
+    ]
+
+
+def kto_pair_loss(
+    pc_B: torch.Tensor,
+    pr_B: torch.Tensor,
+    ref_c_B: torch.Tensor,
+    ref_r_B: torch.Tensor,
+    kl_policy_B2: torch.Tensor,
+    kl_ref_B2: torch.Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO over ``B`` pairs read as ``2B`` examples (chosen desirable, rejected undesirable).
+
+    ``kl_*_B2``: ``[B, 2]`` log-probs of the mismatched sequences under policy and reference;
+    ``z0 = mean(kl_policy - kl_ref)`` (:func:`rlhfstack.losses.kto_loss` detaches and clamps it).
+    Returns ``(losses_2B, chosen_rewards_B, rejected_rewards_B, z0_raw)``; ``z0_raw`` is the
+    estimate before the clamp at 0 (the loss uses ``max(z0_raw, 0)``).
+    """
+    B = pc_B.shape[0]
+    z0 = (kl_policy_B2 - kl_ref_B2).mean().detach()  # KL(pi || pi_ref) estimate, mismatched pairs
+    desirable_2B = torch.cat([torch.ones(B), torch.zeros(B)]).bool().to(pc_B.device)
+    losses, rewards = kto_loss(
+        torch.cat([pc_B, pr_B]),
+        torch.cat([ref_c_B, ref_r_B]),
+        desirable_2B,
+        z0,
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+    )
+    return losses, rewards[:B], rewards[B:], z0
+
+
 def train(cfg: DPOConfig) -> Path:
+    if cfg.dpo.loss_type not in (*DPO_LOSS_TYPES, "kto"):
+        raise ValueError(
+            f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {(*DPO_LOSS_TYPES, 'kto')}"
+        )
+    kto = cfg.dpo.loss_type == "kto"
+    if kto and cfg.parallel.pp > 1:
+        raise ValueError(
+            "dpo.loss_type=kto: pipeline parallelism (parallel.pp > 1) is not supported "
+            "(its no-grad pass over the mismatched pairs is not scheduled)"
+        )
     run = setup_run(cfg)
     tok = tokenizer_for(cfg.model)
     policy = load_causal_lm(
@@ -71,8 +148,13 @@ def train(cfg: DPOConfig) -> Path:
     if cfg.data.max_examples:
         pairs = pairs[: cfg.data.max_examples]
     items = tokenize_preference(pairs, tok, max_len)
+    kl_items: list[dict] = []
+    if kto:
+        kl_items = tokenize_preference(
+            mismatched_pairs(pairs, derangement(len(pairs), cfg.seed)), tok, max_len
+        )
     ps = run.dist
-    shared_pad = shared_prompt_pad(cfg.dpo.shared_prompt, tok.pad_token_id, items, ps)
+    shared_pad = shared_prompt_pad(cfg.dpo.shared_prompt, tok.pad_token_id, items + kl_items, ps)
 
     # reference log-probs, once
     ref = None
@@ -84,27 +166,69 @@ def train(cfg: DPOConfig) -> Path:
             device=run.device,
         )
     with torch.no_grad():
-        for i in range(0, len(items), 64):
-            chunk = items[i : i + 64]
-            b = {
-                k: v.to(run.device) for k, v in collate_preference(chunk, tok.pad_token_id).items()
-            }
-            if ref is not None:
-                c, r = pair_logps(ref, b, shared_pad)
-            else:  # LoRA: the reference is the policy with its adapter switched off
-                with policy.disable_adapter():
-                    c, r = pair_logps(policy, b, shared_pad)
-            for it, cc, rr in zip(chunk, c.tolist(), r.tolist()):
-                it["ref_chosen"], it["ref_rejected"] = cc, rr
+        for group, prefix in ((items, ""), (kl_items, KL_PREFIX)):
+            for i in range(0, len(group), 64):
+                chunk = group[i : i + 64]
+                b = {
+                    k: v.to(run.device)
+                    for k, v in collate_preference(chunk, tok.pad_token_id).items()
+                }
+                if ref is not None:
+                    c, r = pair_logps(ref, b, shared_pad)
+                else:  # LoRA: the reference is the policy with its adapter switched off
+                    with policy.disable_adapter():
+                        c, r = pair_logps(policy, b, shared_pad)
+                for j, cc, rr in zip(range(i, i + len(chunk)), c.tolist(), r.tolist()):
+                    items[j][f"{prefix}ref_chosen"], items[j][f"{prefix}ref_rejected"] = cc, rr
     del ref
+    for it, kl_it in zip(items, kl_items):
+        it.update({KL_PREFIX + k: v for k, v in kl_it.items()})
 
     def collate(batch):
         out = collate_preference(batch, tok.pad_token_id)
         out["ref_chosen"] = torch.tensor([b["ref_chosen"] for b in batch])
         out["ref_rejected"] = torch.tensor([b["ref_rejected"] for b in batch])
+        if kto:  # the mismatched pairs, padded on their own, under kl_ keys
+            kl = [
+                {k[len(KL_PREFIX) :]: v for k, v in b.items() if k.startswith(KL_PREFIX)}
+                for b in batch
+            ]
+            out.update(
+                {KL_PREFIX + k: v for k, v in collate_preference(kl, tok.pad_token_id).items()}
+            )
+            out["kl_ref_B2"] = torch.tensor(
+                [[b["kl_ref_chosen"], b["kl_ref_rejected"]] for b in batch]
+            )
         return out
 
+    def kto_loss_fn(mb, n_in_step):
+        pc, pr = pair_logps(policy, mb, shared_pad)
+        with torch.no_grad():
+            kl_mb = {k[len(KL_PREFIX) :]: v for k, v in mb.items() if k.startswith(KL_PREFIX)}
+            kc, kr = pair_logps(policy, kl_mb, shared_pad)
+        losses, cr, rr, z0 = kto_pair_loss(
+            pc,
+            pr,
+            mb["ref_chosen"],
+            mb["ref_rejected"],
+            torch.stack([kc, kr], dim=1),
+            mb["kl_ref_B2"],
+            beta=cfg.dpo.beta,
+            desirable_weight=cfg.dpo.kto_desirable_weight,
+            undesirable_weight=cfg.dpo.kto_undesirable_weight,
+        )
+        return losses.sum() / (2 * n_in_step), {  # mean over the step's 2B examples
+            "reward_accuracy": float((cr > rr).float().mean()),
+            "reward_margin": float((cr - rr).mean()),
+            "chosen_reward": float(cr.mean()),
+            "rejected_reward": float(rr.mean()),
+            "kto_kl_ref": float(z0.clamp(min=0)),  # z0 the loss used
+            "kto_kl_ref_raw": float(z0),  # before the clamp: < 0 when mismatched pairs lost mass
+        }
+
     def loss_fn(mb, n_in_step):
+        if kto:
+            return kto_loss_fn(mb, n_in_step)
         pc, pr = pair_logps(policy, mb, shared_pad)
         losses, cr, rr = dpo_loss(
             pc,

@@ -1,0 +1,140 @@
+"""KTO as ``dpo.loss_type=kto``: the mismatched pairs of its KL reference point, its loss over
+pairs read as unpaired examples, and the stage end to end (one process; FSDP2 in
+test_distributed_recipe.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfstack.data.schemas import PreferenceExample
+from rlhfstack.stages.dpo import derangement, kto_pair_loss, mismatched_pairs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_derangement_has_no_fixed_point_and_is_seeded():
+    for n in (2, 3, 10, 101):
+        s = derangement(n, seed=0)
+        assert sorted(s) == list(range(n))  # a permutation
+        assert all(s[i] != i for i in range(n))  # no pair meets its own responses
+    assert derangement(10, 0) == derangement(10, 0) != derangement(10, 1)
+    with pytest.raises(ValueError, match="at least 2 preference pairs"):
+        derangement(1, 0)
+
+
+def test_mismatched_pairs_keep_the_prompt_and_take_the_other_responses():
+    pairs = [PreferenceExample(f"p{i}", f"c{i}", f"r{i}") for i in range(3)]
+    out = mismatched_pairs(pairs, [2, 0, 1])
+    assert [(e.prompt, e.chosen, e.rejected) for e in out] == [
+        ("p0", "c2", "r2"),
+        ("p1", "c0", "r0"),
+        ("p2", "c1", "r1"),
+    ]
+
+
+def test_kto_pair_loss_at_the_reference_is_half_lambda():
+    # policy == reference: r = 0 and z0 = 0, so every example costs lambda (1 - sigmoid(0)) = lambda / 2
+    lp = torch.tensor([-3.0, -5.0])
+    kl = torch.tensor([[-4.0, -6.0], [-2.0, -7.0]])
+    losses, cr, rr, z0 = kto_pair_loss(lp, lp - 1, lp, lp - 1, kl, kl, 0.1, 1.0, 2.0)
+    assert losses.tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert cr.tolist() == rr.tolist() == [0.0, 0.0] and float(z0) == 0.0
+
+
+def test_kto_pair_loss_arithmetic():
+    pc, pr = torch.tensor([-2.0]), torch.tensor([-4.0])
+    ref_c, ref_r = torch.tensor([-3.0]), torch.tensor([-3.0])
+    kl_pol, kl_ref = torch.tensor([[-1.5, -2.7]]), torch.tensor([[-2.0, -3.0]])
+    # r_c = -2 - (-3) = +1, r_r = -4 - (-3) = -1, z0 = mean(0.5, 0.3) = 0.4, beta = 1
+    losses, cr, rr, z0 = kto_pair_loss(pc, pr, ref_c, ref_r, kl_pol, kl_ref, 1.0, 1.0, 1.0)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert float(z0) == pytest.approx(0.4)
+    # desirable: 1 - sigmoid(r_c - z0) = 1 - sigmoid(0.6); undesirable: 1 - sigmoid(z0 - r_r) = 1 - sigmoid(1.4)
+    assert losses.tolist() == pytest.approx([1 - sig(0.6), 1 - sig(1.4)])
+    assert cr.item() == pytest.approx(1.0) and rr.item() == pytest.approx(-1.0)
+    # no gradient through z0: d loss_D / d pc = -sigmoid'(0.6)
+    pc.requires_grad_(True)
+    kl_pol.requires_grad_(True)
+    losses, *_ = kto_pair_loss(pc, pr, ref_c, ref_r, kl_pol, kl_ref, 1.0, 1.0, 1.0)
+    losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-sig(0.6) * (1 - sig(0.6)))
+    assert kl_pol.grad is None
+
+
+def _prefs(tmp_path: Path) -> Path:
+    rows = [
+        {
+            "prompt": f"Once upon a time, {n} saw a {t}.",
+            "chosen": f" {n} was happy and played with the {t}.",
+            "rejected": f" {n} was sad. The {t} ran away and {n} cried all day long.",
+        }
+        for n in ("Tom", "Lily", "Ben", "Sue")
+        for t in ("ball", "dog", "cat", "cake", "bird")
+    ]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return prefs
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if x.strip()]
+
+
+def test_kto_stage_starts_at_half_and_learns(arts, tmp_path, launch_env):
+    prefs = _prefs(tmp_path)
+    run = tmp_path / "kto"
+    cmd = [
+        sys.executable,
+        "recipes/train_dpo.py",
+        "+experiment=demo",
+        f"model.path={arts}/base_model",
+        f"data.train_path={prefs}",
+        "dpo.loss_type=kto",
+        "dpo.beta=0.5",
+        "trainer.max_steps=8",
+        "trainer.batch_size=8",
+        "trainer.micro_batch_size=4",
+        "trainer.lr=1e-3",
+        f"artifacts_dir={arts}",
+        f"run_dir={run}",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+        "cluster.num_threads=1",
+    ]
+    p = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    m = _metrics(run)
+    assert [r["step"] for r in m] == list(range(1, 9))
+    # step 1 runs before any update: policy == reference, so z0 = 0 and every example costs 1/2
+    assert m[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert m[0]["kto_kl_ref_raw"] == pytest.approx(0.0, abs=1e-5)
+    assert m[0]["chosen_reward"] == pytest.approx(0.0, abs=1e-5)
+    assert m[-1]["loss"] < 0.45
+    assert m[-1]["reward_margin"] > 0
+    # the mismatched pairs are rescored by the trained policy every step: the raw estimate moves
+    assert abs(m[-1]["kto_kl_ref_raw"]) > 1e-3
+    assert m[-1]["kto_kl_ref"] == pytest.approx(max(m[-1]["kto_kl_ref_raw"], 0.0))
+    assert (run / "model" / "config.json").is_file()
+
+
+def test_unknown_loss_type_is_an_error_before_any_work(arts, tmp_path, launch_env):
+    cmd = [
+        sys.executable,
+        "recipes/train_dpo.py",
+        "+experiment=demo",
+        f"model.path={arts}/base_model",
+        "dpo.loss_type=kt0",
+        f"artifacts_dir={arts}",
+        f"run_dir={tmp_path / 'x'}",
+    ]
+    p = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "dpo.loss_type='kt0'" in p.stdout + p.stderr
