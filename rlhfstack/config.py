@@ -290,6 +290,10 @@ class DPOHyperparams:
     n_D = n_U, so 1.0 / 1.0 is inside that range."""
     kto_undesirable_weight: float = 1.0
     """KTO lambda_U."""
+    kto_unpaired: bool = False
+    """KTO on unpaired data: ``data.train_path`` holds ``{"prompt", "completion", "label"}`` rows
+    (TRL's KTO format; ``label`` true = desirable) instead of pairs. Needs ``loss_type=kto``; the
+    weights should keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (a warning says when not)."""
     ref_path: str | None = None
     """Reference model; None = the starting model (``model.path``), frozen."""
     epochs: int = 1

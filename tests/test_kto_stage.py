@@ -138,3 +138,140 @@ def test_unknown_loss_type_is_an_error_before_any_work(arts, tmp_path, launch_en
     p = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "dpo.loss_type='kt0'" in p.stdout + p.stderr
+
+
+# ----------------------------------------------------------------------------- unpaired data
+
+
+def _unpaired(tmp_path: Path, rows: list[dict] | None = None) -> Path:
+    if rows is None:
+        rows = []
+        for k, n in enumerate(("Tom", "Lily", "Ben", "Sue")):
+            for j, t in enumerate(("ball", "dog", "cat", "cake", "bird")):
+                good = (k + j) % 3 != 0  # unbalanced, and no prompt has both kinds
+                text = (
+                    f" {n} was happy and played with the {t}."
+                    if good
+                    else f" {n} was sad. The {t} ran away and {n} cried all day long."
+                )
+                rows.append(
+                    {
+                        "prompt": f"Once upon a time, {n} saw a {t}.",
+                        "completion": text,
+                        "label": good,
+                    }
+                )
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _kto_unpaired_cmd(arts: Path, data: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "recipes/train_dpo.py",
+        "+experiment=demo",
+        f"model.path={arts}/base_model",
+        f"data.train_path={data}",
+        "dpo.loss_type=kto",
+        "dpo.kto_unpaired=true",
+        f"artifacts_dir={arts}",
+        f"run_dir={run}",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+        "cluster.num_threads=1",
+        *extra,
+    ]
+
+
+def test_load_unpaired_rows_and_label_errors(tmp_path):
+    from rlhfstack.data import DataError, UnpairedExample, load_unpaired
+
+    rows = [
+        {"prompt": "Hi", "completion": " there", "label": True},
+        {"prompt": "Hi", "completion": [{"role": "assistant", "content": " no"}], "label": False},
+    ]
+    ex, rep = load_unpaired(_unpaired(tmp_path, rows), template="plain")
+    assert ex == [UnpairedExample("Hi", " there", True), UnpairedExample("Hi", " no", False)]
+    bad = _unpaired(tmp_path, [*rows, {"prompt": "Hi", "completion": " x", "label": "yes"}])
+    with pytest.raises(DataError, match=r"unpaired.jsonl:3: field 'label': expected true or false"):
+        load_unpaired(bad, template="plain")
+
+
+def test_kto_unpaired_stage_starts_at_half_and_learns(arts, tmp_path, launch_env):
+    data, run = _unpaired(tmp_path), tmp_path / "kto_u"
+    cmd = _kto_unpaired_cmd(
+        arts,
+        data,
+        run,
+        "dpo.beta=0.5",
+        "dpo.kto_desirable_weight=1.0",
+        "dpo.kto_undesirable_weight=2.0",  # 13 desirable vs 7 undesirable: ratio 0.93
+        "trainer.max_steps=8",
+        "trainer.batch_size=8",
+        "trainer.micro_batch_size=4",
+        "trainer.lr=1e-3",
+    )
+    p = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "13 desirable, 7 undesirable" in out and "outside [1, 4/3]" in out
+    m = _metrics(run)
+    assert [r["step"] for r in m] == list(range(1, 9))
+    # step 1, policy == reference: r = z0 = 0, so the loss is the step's mean of lambda_y / 2
+    frac = m[0]["desirable_fraction"]
+    assert m[0]["loss"] == pytest.approx(0.5 * (frac * 1.0 + (1 - frac) * 2.0), abs=1e-6)
+    assert m[0]["kto_kl_ref_raw"] == pytest.approx(0.0, abs=1e-5)
+    assert m[0]["signed_reward"] == pytest.approx(0.0, abs=1e-5)
+    assert m[-1]["signed_reward"] > 0.1 and m[-1]["reward_accuracy"] > 0.5
+    assert m[-1]["loss"] < m[0]["loss"]
+    assert abs(m[-1]["kto_kl_ref_raw"]) > 1e-3
+    assert (run / "model" / "config.json").is_file()
+
+
+def test_kto_unpaired_config_errors(arts, tmp_path, launch_env):
+    only_good = _unpaired(
+        tmp_path, [{"prompt": f"p{i}", "completion": f" c{i}", "label": True} for i in range(4)]
+    )
+    p = subprocess.run(
+        _kto_unpaired_cmd(arts, only_good, tmp_path / "a"),
+        cwd=REPO,
+        env=launch_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode != 0 and "got 4 desirable and 0 undesirable" in p.stdout + p.stderr
+    cmd = [
+        c for c in _kto_unpaired_cmd(arts, only_good, tmp_path / "b") if c != "dpo.loss_type=kto"
+    ]
+    p = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=300)
+    assert (
+        p.returncode != 0 and "dpo.kto_unpaired=true needs dpo.loss_type=kto" in p.stdout + p.stderr
+    )
+
+
+def test_kto_unpaired_torchrun_dp2_matches_one_process(arts, tmp_path, launch_env):
+    data = _unpaired(tmp_path)
+    extra = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.micro_batch_size=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmds = [
+        _kto_unpaired_cmd(arts, data, one, *extra),
+        [*torchrun, *_kto_unpaired_cmd(arts, data, two, *extra)[1:], "parallel.dp_shard=2"],
+    ]
+    procs = [
+        subprocess.Popen(
+            c, cwd=REPO, env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for c in cmds
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-4000:]
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2):
+        for k in ("loss", "grad_norm", "signed_reward"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+        assert b["kto_kl_ref_raw"] == pytest.approx(a["kto_kl_ref_raw"], rel=1e-4, abs=1e-5)

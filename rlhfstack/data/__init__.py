@@ -44,6 +44,7 @@ from .loading import (
     load_prompts,
     load_records,
     load_sft,
+    load_unpaired,
     resolve_data_path,
     to_hf_dataset,
 )
@@ -54,6 +55,7 @@ from .schemas import (
     PreferenceExample,
     PromptExample,
     SFTExample,
+    UnpairedExample,
 )
 from .templates import ChatTemplate, get_template, join_prompt_response
 
@@ -67,6 +69,7 @@ __all__ = [
     "PreferenceExample",
     "PromptExample",
     "SFTExample",
+    "UnpairedExample",
     "adapt",
     "adds_bos",
     "check_tokenizer",
@@ -87,6 +90,7 @@ __all__ = [
     "load_prompts",
     "load_records",
     "load_sft",
+    "load_unpaired",
     "pad_sequences",
     "pairs_share_prompts",
     "parse_hh_transcript",

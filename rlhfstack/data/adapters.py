@@ -32,7 +32,14 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-from .schemas import DataError, Example, PreferenceExample, PromptExample, SFTExample
+from .schemas import (
+    DataError,
+    Example,
+    PreferenceExample,
+    PromptExample,
+    SFTExample,
+    UnpairedExample,
+)
 from .templates import HH_ASSISTANT, ChatTemplate, normalize_role
 
 __all__ = [
@@ -46,7 +53,7 @@ __all__ = [
     "parse_hh_transcript",
 ]
 
-Kind = Literal["sft", "preference", "prompt"]
+Kind = Literal["sft", "preference", "prompt", "unpaired"]
 
 
 # --------------------------------------------------------------------------- field access
@@ -276,6 +283,23 @@ def _prompt_plain(record: Mapping[str, Any], template: ChatTemplate) -> PromptEx
     return PromptExample(_prompt_value(record, template))
 
 
+def _unpaired_plain(record: Mapping[str, Any], template: ChatTemplate) -> UnpairedExample:
+    """``{"prompt", "completion", "label"}`` (TRL's KTO format): ``label`` true = desirable."""
+    prefix, completion = _response(_require(record, "completion"), "completion")
+    label = _require(record, "label")
+    if not isinstance(label, bool):
+        raise DataError(
+            f"expected true or false, got {type(label).__name__} {label!r}",
+            field="label",
+            reason="bad_type",
+        )
+    if prefix:
+        prompt = _render(template, _check_prompt_turns(prefix, "completion"), "completion")
+    else:
+        prompt = _prompt_value(record, template)
+    return UnpairedExample(prompt, completion, label)
+
+
 # --------------------------------------------------------------------------- alpaca
 def _alpaca_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
     instruction = _req_text(record, "instruction")
@@ -426,6 +450,7 @@ ADAPTERS: dict[str, dict[str, Adapter]] = {
         "plain": _pref_plain,
         "sharegpt": _pref_sharegpt,
     },
+    "unpaired": {"plain": _unpaired_plain},
     "prompt": {
         "plain": _prompt_plain,
         "alpaca": _prompt_alpaca,
@@ -455,6 +480,9 @@ def detect_adapter(kind: Kind, record: Mapping[str, Any]) -> str:
             if isinstance(chosen, list):
                 return "ultrafeedback"
             return "plain" if "prompt" in keys else "hh"
+    elif kind == "unpaired":
+        if {"completion", "label"} <= keys:
+            return "plain"
     elif kind == "sft":
         if "conversations" in keys:
             return "sharegpt"

@@ -42,6 +42,7 @@ from .schemas import (
     PreferenceExample,
     PromptExample,
     SFTExample,
+    UnpairedExample,
 )
 from .templates import ChatTemplate, get_template
 
@@ -470,6 +471,36 @@ def load_preferences(
     :func:`load_sft` (the length limit applies to both responses)."""
     return load_examples(
         "preference",
+        source,
+        adapter=adapter,
+        template=template,
+        on_error=on_error,
+        tokenizer=tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+        max_records=max_records,
+        fmt=fmt,
+        data_root=data_root,
+    )
+
+
+def load_unpaired(
+    source: str | os.PathLike[str],
+    *,
+    adapter: str = "auto",
+    template: str | ChatTemplate = "hh",
+    on_error: OnError = "raise",
+    tokenizer: Any = None,
+    max_prompt_tokens: int | None = None,
+    max_response_tokens: int | None = None,
+    max_records: int | None = None,
+    fmt: str | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+) -> tuple[list[UnpairedExample], LoadReport]:
+    """Load unpaired examples ``{"prompt", "completion", "label": true|false}`` (KTO); arguments
+    as :func:`load_sft`."""
+    return load_examples(
+        "unpaired",
         source,
         adapter=adapter,
         template=template,

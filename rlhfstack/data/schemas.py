@@ -8,6 +8,8 @@ downstream code never has to know which dataset or template an example came from
 * :class:`PreferenceExample` -- ``prompt`` + two *responses* ``chosen`` / ``rejected``
   (the responses only, never prompt + response).
 * :class:`PromptExample` -- a ``prompt`` to generate from (PPO rollouts, evaluation).
+* :class:`UnpairedExample` -- ``prompt`` + one ``completion`` labelled desirable or not (KTO's
+  thumbs-up / thumbs-down data).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "SFTExample",
     "PreferenceExample",
     "PromptExample",
+    "UnpairedExample",
     "LoadReport",
     "Example",
     "DataError",
@@ -49,7 +52,16 @@ class PromptExample:
     prompt: str
 
 
-Example = SFTExample | PreferenceExample | PromptExample
+@dataclass(frozen=True)
+class UnpairedExample:
+    """A rendered prompt, one response, and whether that response is desirable (KTO)."""
+
+    prompt: str
+    completion: str
+    desirable: bool
+
+
+Example = SFTExample | PreferenceExample | PromptExample | UnpairedExample
 
 _MAX_MESSAGES_IN_SUMMARY = 5
 

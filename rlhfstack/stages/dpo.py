@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rlhfstack.config import DPOConfig
-from rlhfstack.data.collate import collate_preference, tokenize_preference
-from rlhfstack.data.loading import load_preferences
-from rlhfstack.data.schemas import PreferenceExample
+from rlhfstack.data.collate import (
+    IGNORE_INDEX,
+    collate_preference,
+    collate_sft,
+    tokenize_preference,
+    tokenize_sft,
+)
+from rlhfstack.data.loading import load_preferences, load_unpaired
+from rlhfstack.data.schemas import PreferenceExample, SFTExample
 from rlhfstack.losses import DPO_LOSS_TYPES, dpo_loss, kto_loss
 from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
 from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
@@ -113,27 +120,9 @@ def kto_pair_loss(
     return losses, rewards[:B], rewards[B:], z0
 
 
-def train(cfg: DPOConfig) -> Path:
-    if cfg.dpo.loss_type not in (*DPO_LOSS_TYPES, "kto"):
-        raise ValueError(
-            f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {(*DPO_LOSS_TYPES, 'kto')}"
-        )
-    kto = cfg.dpo.loss_type == "kto"
-    if kto and cfg.parallel.pp > 1:
-        raise ValueError(
-            "dpo.loss_type=kto: pipeline parallelism (parallel.pp > 1) is not supported "
-            "(its no-grad pass over the mismatched pairs is not scheduled)"
-        )
-    run = setup_run(cfg)
-    tok = tokenizer_for(cfg.model)
-    policy = load_causal_lm(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        lora=cfg.model.lora,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        device=run.device,
-    )
-    max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, kto: bool):
+    """Preference pairs: items with reference log-probs, collate, loss and token count (DPO / IPO /
+    cDPO, or KTO over pairs split into a desirable and an undesirable example)."""
     pairs, rep = load_preferences(
         cfg.data.train_path,
         adapter=cfg.data.adapter,
@@ -246,6 +235,163 @@ def train(cfg: DPOConfig) -> Path:
             "rejected_reward": float(rr.mean()),
         }
 
+    def tokens_fn(b):
+        return int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum())
+
+    return items, collate, loss_fn, tokens_fn
+
+
+def _unpaired_kto_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int):
+    """KTO on unpaired ``{prompt, completion, label}`` rows: items with reference log-probs of the
+    example and of its mismatched sequence (prompt i, completion sigma(i)), collate, loss, tokens."""
+    examples, rep = load_unpaired(
+        cfg.data.train_path,
+        adapter=cfg.data.adapter,
+        template=cfg.data.template,
+        on_error=cfg.data.on_error,
+        data_root=cfg.data_root,
+        tokenizer=tok,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+    )
+    log.info("KTO unpaired data: %s", rep.summary())
+    if cfg.data.max_examples:
+        examples = examples[: cfg.data.max_examples]
+    n_d = sum(e.desirable for e in examples)
+    n_u = len(examples) - n_d
+    if n_d == 0 or n_u == 0:
+        raise ValueError(
+            f"{cfg.data.train_path}: KTO needs desirable and undesirable examples, "
+            f"got {n_d} desirable and {n_u} undesirable"
+        )
+    ratio = cfg.dpo.kto_desirable_weight * n_d / (cfg.dpo.kto_undesirable_weight * n_u)
+    log.info(
+        "KTO: %d desirable, %d undesirable; lambda_D n_D / (lambda_U n_U) = %.3f", n_d, n_u, ratio
+    )
+    if not 1.0 <= ratio <= 4.0 / 3.0:
+        log.warning(
+            "KTO: lambda_D n_D / (lambda_U n_U) = %.3f is outside [1, 4/3], the range Ethayarajh "
+            "et al. 2024 recommend; set dpo.kto_desirable_weight / kto_undesirable_weight",
+            ratio,
+        )
+    sigma = derangement(len(examples), cfg.seed)
+    mismatched = [
+        SFTExample(prompt=e.prompt, completion=examples[j].completion)
+        for e, j in zip(examples, sigma, strict=True)
+    ]
+    items = tokenize_sft(examples, tok, max_len)
+    kl_items = tokenize_sft(mismatched, tok, max_len)
+    for it, kl_it, e in zip(items, kl_items, examples, strict=True):
+        it["desirable"] = bool(e.desirable)
+        it["kl_input_ids"], it["kl_labels"] = kl_it["input_ids"], kl_it["labels"]
+
+    def seq_batch(batch, prefix=""):
+        b = collate_sft(
+            [{"input_ids": x[f"{prefix}input_ids"], "labels": x[f"{prefix}labels"]} for x in batch],
+            tok.pad_token_id,
+        )
+        return {
+            f"{prefix}input_ids": b["input_ids"],
+            f"{prefix}attention_mask": b["attention_mask"],
+            f"{prefix}loss_mask": (b["labels"] != IGNORE_INDEX).long(),
+        }
+
+    def logps(model, b, prefix=""):
+        return sequence_logprob_sums(
+            model, b[f"{prefix}input_ids"], b[f"{prefix}attention_mask"], b[f"{prefix}loss_mask"]
+        )
+
+    ref = None
+    if not cfg.model.lora.enabled or cfg.dpo.ref_path:
+        ref = load_causal_lm(
+            cfg.dpo.ref_path or cfg.model.path,
+            dtype=cfg.model.dtype,
+            trainable=False,
+            device=run.device,
+        )
+    with (
+        torch.no_grad()
+    ):  # reference log-probs of the examples and their mismatched sequences, once
+        for i in range(0, len(items), 64):
+            chunk = items[i : i + 64]
+            for prefix in ("", KL_PREFIX):
+                b = {k: v.to(run.device) for k, v in seq_batch(chunk, prefix).items()}
+                if ref is not None:
+                    lp = logps(ref, b, prefix)
+                else:  # LoRA: the reference is the policy with its adapter switched off
+                    with policy.disable_adapter():
+                        lp = logps(policy, b, prefix)
+                for it, v in zip(chunk, lp.tolist()):
+                    it[f"{prefix}ref"] = v
+    del ref
+
+    def collate(batch):
+        out = {**seq_batch(batch), **seq_batch(batch, KL_PREFIX)}
+        out["desirable"] = torch.tensor([b["desirable"] for b in batch])
+        out["ref"] = torch.tensor([b["ref"] for b in batch])
+        out["kl_ref"] = torch.tensor([b["kl_ref"] for b in batch])
+        return out
+
+    def loss_fn(mb, n_in_step):
+        lp = logps(policy, mb)
+        with torch.no_grad():
+            z0 = (logps(policy, mb, KL_PREFIX) - mb["kl_ref"]).mean()  # KL(pi || pi_ref) estimate
+        losses, rewards = kto_loss(
+            lp,
+            mb["ref"],
+            mb["desirable"],
+            z0,
+            beta=cfg.dpo.beta,
+            desirable_weight=cfg.dpo.kto_desirable_weight,
+            undesirable_weight=cfg.dpo.kto_undesirable_weight,
+        )
+        sign = mb["desirable"].float() * 2 - 1  # +1 desirable, -1 undesirable
+        stats = {
+            "kto_kl_ref": float(z0.clamp(min=0)),
+            "kto_kl_ref_raw": float(z0),
+            "desirable_fraction": float((sign > 0).float().mean()),
+            # beta r with the label's sign (> 0: moved the intended way), and how often it is > 0
+            "signed_reward": float((sign * rewards).mean()),
+            "reward_accuracy": float((sign * rewards > 0).float().mean()),
+        }
+        return losses.sum() / n_in_step, stats
+
+    def tokens_fn(b):
+        return int(b["attention_mask"].sum())
+
+    return items, collate, loss_fn, tokens_fn
+
+
+def train(cfg: DPOConfig) -> Path:
+    if cfg.dpo.loss_type not in (*DPO_LOSS_TYPES, "kto"):
+        raise ValueError(
+            f"dpo.loss_type={cfg.dpo.loss_type!r}: expected one of {(*DPO_LOSS_TYPES, 'kto')}"
+        )
+    kto = cfg.dpo.loss_type == "kto"
+    if cfg.dpo.kto_unpaired and not kto:
+        raise ValueError(
+            f"dpo.kto_unpaired=true needs dpo.loss_type=kto, got {cfg.dpo.loss_type!r}"
+        )
+    if kto and cfg.parallel.pp > 1:
+        raise ValueError(
+            "dpo.loss_type=kto: pipeline parallelism (parallel.pp > 1) is not supported "
+            "(its no-grad pass over the mismatched pairs is not scheduled)"
+        )
+    run = setup_run(cfg)
+    tok = tokenizer_for(cfg.model)
+    policy = load_causal_lm(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        lora=cfg.model.lora,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        device=run.device,
+    )
+    max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    if cfg.dpo.kto_unpaired:
+        items, collate, loss_fn, tokens_fn = _unpaired_kto_setup(cfg, run, tok, policy, max_len)
+    else:
+        items, collate, loss_fn, tokens_fn = _pair_setup(cfg, run, tok, policy, max_len, kto)
+
     policy.train()
     steps = train_loop(
         run,
@@ -255,9 +401,7 @@ def train(cfg: DPOConfig) -> Path:
         loss_fn=loss_fn,
         max_steps=cfg.trainer.max_steps,
         epochs=cfg.dpo.epochs,
-        tokens_fn=lambda b: int(
-            b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()
-        ),
+        tokens_fn=tokens_fn,
         model=policy,
     )
     policy.eval()
