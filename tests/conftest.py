@@ -97,3 +97,20 @@ def launch_env() -> dict[str, str]:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+@pytest.fixture
+def story_prefs(tmp_path) -> Path:
+    """20 preference pairs on story openings (chosen happy, rejected sad): tmp_path/prefs.jsonl."""
+    path = tmp_path / "prefs.jsonl"
+    rows = [
+        {
+            "prompt": f"Once upon a time, {n} saw a {t}.",
+            "chosen": f" {n} was happy and played with the {t}.",
+            "rejected": f" {n} was sad. The {t} ran away and {n} cried all day long.",
+        }
+        for n in ("Tom", "Lily", "Ben", "Sue")
+        for t in ("ball", "dog", "cat", "cake", "bird")
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -89,19 +89,9 @@ def test_sft_recipe_torchrun_dp2_matches_one_process(arts, tmp_path, launch_env)
 
 @pytest.mark.parametrize("stage", ["dpo", "rm", "kto"])
 def test_shared_prompt_pair_pass_torchrun_dp2_matches_one_process(
-    stage, arts, tmp_path, launch_env
+    stage, arts, tmp_path, launch_env, story_prefs
 ):
-    rows = [
-        {
-            "prompt": f"Once upon a time, {n} saw a {t}.",
-            "chosen": f" {n} was happy and played with the {t}.",
-            "rejected": f" {n} was sad. The {t} ran away and {n} cried all day long.",
-        }
-        for n in ("Tom", "Lily", "Ben", "Sue")
-        for t in ("ball", "dog", "cat", "cake", "bird")
-    ]
-    prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prefs = story_prefs
     common = [
         f"recipes/train_{'dpo' if stage == 'kto' else stage}.py",
         "+experiment=demo",

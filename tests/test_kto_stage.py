@@ -68,28 +68,13 @@ def test_kto_pair_loss_arithmetic():
     assert kl_pol.grad is None
 
 
-def _prefs(tmp_path: Path) -> Path:
-    rows = [
-        {
-            "prompt": f"Once upon a time, {n} saw a {t}.",
-            "chosen": f" {n} was happy and played with the {t}.",
-            "rejected": f" {n} was sad. The {t} ran away and {n} cried all day long.",
-        }
-        for n in ("Tom", "Lily", "Ben", "Sue")
-        for t in ("ball", "dog", "cat", "cake", "bird")
-    ]
-    prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return prefs
-
-
 def _metrics(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines if x.strip()]
 
 
-def test_kto_stage_starts_at_half_and_learns(arts, tmp_path, launch_env):
-    prefs = _prefs(tmp_path)
+def test_kto_stage_starts_at_half_and_learns(arts, tmp_path, launch_env, story_prefs):
+    prefs = story_prefs
     run = tmp_path / "kto"
     cmd = [
         sys.executable,

@@ -120,10 +120,10 @@ def kto_pair_loss(
     return losses, rewards[:B], rewards[B:], z0
 
 
-def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, kto: bool):
-    """Preference pairs: items with reference log-probs, collate, loss and token count (DPO / IPO /
-    cDPO, or KTO over pairs split into a desirable and an undesirable example)."""
-    pairs, rep = load_preferences(
+def _load_train_data(loader: Any, cfg: DPOConfig, tok: Any, label: str) -> list:
+    """``data.train_path`` read by ``loader`` with the config's data options (first
+    ``data.max_examples`` kept when set)."""
+    examples, rep = loader(
         cfg.data.train_path,
         adapter=cfg.data.adapter,
         template=cfg.data.template,
@@ -133,9 +133,27 @@ def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, k
         max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_response_tokens=cfg.data.max_response_tokens,
     )
-    log.info("DPO data: %s", rep.summary())
-    if cfg.data.max_examples:
-        pairs = pairs[: cfg.data.max_examples]
+    log.info("%s: %s", label, rep.summary())
+    return examples[: cfg.data.max_examples] if cfg.data.max_examples else examples
+
+
+def _reference(cfg: DPOConfig, run: Any) -> Any:
+    """The frozen reference (``dpo.ref_path`` or the starting model), or None under LoRA, where
+    the policy with its adapter switched off is the reference."""
+    if cfg.model.lora.enabled and not cfg.dpo.ref_path:
+        return None
+    return load_causal_lm(
+        cfg.dpo.ref_path or cfg.model.path,
+        dtype=cfg.model.dtype,
+        trainable=False,
+        device=run.device,
+    )
+
+
+def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, kto: bool):
+    """Preference pairs: items with reference log-probs, collate, loss and token count (DPO / IPO /
+    cDPO, or KTO over pairs split into a desirable and an undesirable example)."""
+    pairs = _load_train_data(load_preferences, cfg, tok, "DPO data")
     items = tokenize_preference(pairs, tok, max_len)
     kl_items: list[dict] = []
     if kto:
@@ -146,14 +164,7 @@ def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, k
     shared_pad = shared_prompt_pad(cfg.dpo.shared_prompt, tok.pad_token_id, items + kl_items, ps)
 
     # reference log-probs, once
-    ref = None
-    if not cfg.model.lora.enabled or cfg.dpo.ref_path:
-        ref = load_causal_lm(
-            cfg.dpo.ref_path or cfg.model.path,
-            dtype=cfg.model.dtype,
-            trainable=False,
-            device=run.device,
-        )
+    ref = _reference(cfg, run)
     with torch.no_grad():
         for group, prefix in ((items, ""), (kl_items, KL_PREFIX)):
             for i in range(0, len(group), 64):
@@ -244,19 +255,7 @@ def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, k
 def _unpaired_kto_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int):
     """KTO on unpaired ``{prompt, completion, label}`` rows: items with reference log-probs of the
     example and of its mismatched sequence (prompt i, completion sigma(i)), collate, loss, tokens."""
-    examples, rep = load_unpaired(
-        cfg.data.train_path,
-        adapter=cfg.data.adapter,
-        template=cfg.data.template,
-        on_error=cfg.data.on_error,
-        data_root=cfg.data_root,
-        tokenizer=tok,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        max_response_tokens=cfg.data.max_response_tokens,
-    )
-    log.info("KTO unpaired data: %s", rep.summary())
-    if cfg.data.max_examples:
-        examples = examples[: cfg.data.max_examples]
+    examples = _load_train_data(load_unpaired, cfg, tok, "KTO unpaired data")
     n_d = sum(e.desirable for e in examples)
     n_u = len(examples) - n_d
     if n_d == 0 or n_u == 0:
@@ -301,14 +300,7 @@ def _unpaired_kto_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len
             model, b[f"{prefix}input_ids"], b[f"{prefix}attention_mask"], b[f"{prefix}loss_mask"]
         )
 
-    ref = None
-    if not cfg.model.lora.enabled or cfg.dpo.ref_path:
-        ref = load_causal_lm(
-            cfg.dpo.ref_path or cfg.model.path,
-            dtype=cfg.model.dtype,
-            trainable=False,
-            device=run.device,
-        )
+    ref = _reference(cfg, run)
     with (
         torch.no_grad()
     ):  # reference log-probs of the examples and their mismatched sequences, once
