@@ -25,7 +25,7 @@ def test_derangement_has_no_fixed_point_and_is_seeded():
         assert sorted(s) == list(range(n))  # a permutation
         assert all(s[i] != i for i in range(n))  # no pair meets its own responses
     assert derangement(10, 0) == derangement(10, 0) != derangement(10, 1)
-    with pytest.raises(ValueError, match="at least 2 preference pairs"):
+    with pytest.raises(ValueError, match="at least 2 examples"):
         derangement(1, 0)
 
 

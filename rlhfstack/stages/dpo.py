@@ -69,9 +69,7 @@ KL_PREFIX = "kl_"
 def derangement(n: int, seed: int) -> list[int]:
     """``sigma`` with ``sigma[i] != i`` for every i: a seeded permutation's cycle shifted by one."""
     if n < 2:
-        raise ValueError(
-            f"KTO needs at least 2 preference pairs for its KL reference point, got {n}"
-        )
+        raise ValueError(f"KTO needs at least 2 examples for its KL reference point, got {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     sigma = [0] * n
     for k in range(n):
