@@ -299,9 +299,8 @@ def _unpaired_kto_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len
         )
 
     ref = _reference(cfg, run)
-    with (
-        torch.no_grad()
-    ):  # reference log-probs of the examples and their mismatched sequences, once
+    # reference log-probs of the examples and of their mismatched sequences, once
+    with torch.no_grad():
         for i in range(0, len(items), 64):
             chunk = items[i : i + 64]
             for prefix in ("", KL_PREFIX):
