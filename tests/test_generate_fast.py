@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from rlhfstack.models.core import ValueHead, load_causal_lm, load_tokenizer, response_logprobs
-from rlhfstack.rollout.fast import (
-    PreallocatedCache,
-    head_logits,
-    sample_categorical,
-    supports_fast_decode,
-)
+from rlhfstack.rollout.fast import PreallocatedCache, sample_categorical, supports_fast_decode
 from rlhfstack.rollout.generate import generate, left_pad_prompts
 
 PROMPTS = [
@@ -463,25 +458,3 @@ def test_compiled_static_decode_steps_match_the_lean_steps_and_follow_weight_upd
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
     after = check(ids, mask)
     assert not torch.allclose(before.logprobs_BN, after.logprobs_BN, atol=1e-3)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_head_logits_equals_the_module_up_to_rounding(bias):
-    # W @ h.T, transposed back, is the same dot products as h @ W.T: [B, V] values agree to
-    # float rounding and come back contiguous (softmax and sampling read rows)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 300, bias=bias)
-    h_BD = torch.randn(3, 16)
-    with torch.no_grad():
-        got_BV = head_logits(head, h_BD)
-        want_BV = head(h_BD)
-    assert got_BV.shape == (3, 300) and got_BV.is_contiguous()
-    torch.testing.assert_close(got_BV, want_BV, rtol=1e-5, atol=1e-5)
-
-
-def test_head_logits_calls_the_module_when_autograd_needs_it():
-    head = torch.nn.Linear(4, 5)
-    h_BD = torch.randn(2, 4, requires_grad=True)
-    out_BV = head_logits(head, h_BD)
-    out_BV.sum().backward()
-    assert out_BV.grad_fn is not None and head.weight.grad is not None

@@ -15,8 +15,6 @@ Same math as the plain loop (one forward per new token, ancestral sampling from
 * for Llama-family trunks each one-token step runs as plain tensor code (:class:`LeanDecoder`:
   the same parameters and math without the HF module machinery; single-query attention as two
   small matmuls instead of the fused CPU kernel); other trunks step through their HF modules;
-* the LM head of a step runs as ``W @ h.T`` on CPU (:func:`head_logits`: MKL's faster kernel for
-  a few rows against a 32k-row head);
 * tokens are drawn by inverse-CDF sampling (:func:`sample_categorical`; both loops use it);
 * optionally, the sampled tokens' log-probs (``log softmax(logits / T)``) and the hidden states
   that produced them come back with the tokens, so PPO/GRPO can skip the policy's scoring pass
@@ -40,7 +38,6 @@ __all__ = [
     "FastDecodeResult",
     "PreallocatedCache",
     "fast_decode",
-    "head_logits",
     "sample_categorical",
     "supports_fast_decode",
 ]
@@ -176,26 +173,6 @@ def supports_fast_decode(model: nn.Module) -> bool:
     """True for HF causal LMs whose layers all use full attention."""
     parts = _parts(model)
     return parts is not None and _num_full_attention_layers(parts[0]) is not None
-
-
-def head_logits(lm_head: nn.Module, h_BD: torch.Tensor) -> torch.Tensor:
-    """``lm_head(h_BD)`` for the few rows of a decode step: logits ``[B, V]``.
-
-    On CPU a plain ``nn.Linear`` head runs as ``W @ h.T`` (``[V, D] @ [D, B]``, then transposed
-    back) instead of ``h @ W.T``: the same dot products, summed in another order (float rounding,
-    about 1e-6 relative). With 8 rows and a 32k x 512 head MKL's kernel for the first form is
-    about 2x faster than the one ``F.linear`` picks (3.3 ms against 7 ms on this project's 2-core
-    CPU; ``bench/`` measures the whole rollout), and the head is the largest matmul of a step.
-    Anything else (GPU, peft-wrapped heads, autograd on) calls the module.
-    """
-    if h_BD.device.type != "cpu" or type(lm_head) is not nn.Linear or h_BD.dim() != 2:
-        return lm_head(h_BD)
-    if torch.is_grad_enabled() and (h_BD.requires_grad or lm_head.weight.requires_grad):
-        return lm_head(h_BD)
-    out_BV = torch.mm(lm_head.weight, h_BD.t()).t()  # [V, B] -> [B, V]
-    if lm_head.bias is not None:
-        out_BV = out_BV + lm_head.bias
-    return out_BV.contiguous()
 
 
 #: model types whose decoder layers :class:`LeanDecoder` reproduces (pre-norm RMSNorm, rotary
@@ -467,7 +444,7 @@ def fast_decode(
     for t in range(max_new_tokens):
         if hidden is not None:
             hidden.append(h)
-        logits_BV = head_logits(lm_head, h).float()
+        logits_BV = lm_head(h).float()
         if logprobs_BN is not None:
             # log-probs of the unrestricted policy, log softmax(logits / T) over the whole
             # vocabulary: the function the training pass evaluates (suppressed ids are only kept
