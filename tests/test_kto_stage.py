@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlhfstack.data.schemas import PreferenceExample
-from rlhfstack.stages.dpo import derangement, kto_pair_loss, mismatched_pairs
+from rlhfstack.stages.dpo import _under_reference, derangement, kto_pair_loss, mismatched_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -260,3 +260,35 @@ def test_kto_unpaired_torchrun_dp2_matches_one_process(arts, tmp_path, launch_en
         for k in ("loss", "grad_norm", "signed_reward"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
         assert b["kto_kl_ref_raw"] == pytest.approx(a["kto_kl_ref_raw"], rel=1e-4, abs=1e-5)
+
+
+def test_reference_scores_under_lora_are_the_adapter_free_policy():
+    # under LoRA there is no reference copy: the policy with its adapter switched off is pi_ref,
+    # scored without gradients; with a reference model, that model is scored
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    base = LlamaForCausalLM(cfg)
+    ref = copy.deepcopy(base)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    policy = get_peft_model(base, lora)  # random B: the adapter changes the outputs
+    ids_BT = torch.tensor([[1, 5, 7, 9]])
+
+    def score(m):
+        return m(input_ids=ids_BT).logits
+
+    off = _under_reference(None, policy, score)
+    assert not off.requires_grad
+    torch.testing.assert_close(off, ref(input_ids=ids_BT).logits)
+    assert not torch.allclose(off, score(policy))  # the adapter is back on afterwards
+    torch.testing.assert_close(_under_reference(ref, policy, score), off)

@@ -148,6 +148,16 @@ def _reference(cfg: DPOConfig, run: Any) -> Any:
     )
 
 
+def _under_reference(ref: Any, policy: Any, score: Any) -> Any:
+    """``score(model)`` without gradients on the reference: ``ref``, or under LoRA (``ref`` is
+    None) the policy with its adapter switched off."""
+    with torch.no_grad():
+        if ref is not None:
+            return score(ref)
+        with policy.disable_adapter():
+            return score(policy)
+
+
 def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, kto: bool):
     """Preference pairs: items with reference log-probs, collate, loss and token count (DPO / IPO /
     cDPO, or KTO over pairs split into a desirable and an undesirable example)."""
@@ -163,21 +173,15 @@ def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, k
 
     # reference log-probs, once
     ref = _reference(cfg, run)
-    with torch.no_grad():
-        for group, prefix in ((items, ""), (kl_items, KL_PREFIX)):
-            for i in range(0, len(group), 64):
-                chunk = group[i : i + 64]
-                b = {
-                    k: v.to(run.device)
-                    for k, v in collate_preference(chunk, tok.pad_token_id).items()
-                }
-                if ref is not None:
-                    c, r = pair_logps(ref, b, shared_pad)
-                else:  # LoRA: the reference is the policy with its adapter switched off
-                    with policy.disable_adapter():
-                        c, r = pair_logps(policy, b, shared_pad)
-                for j, cc, rr in zip(range(i, i + len(chunk)), c.tolist(), r.tolist()):
-                    items[j][f"{prefix}ref_chosen"], items[j][f"{prefix}ref_rejected"] = cc, rr
+    for group, prefix in ((items, ""), (kl_items, KL_PREFIX)):
+        for i in range(0, len(group), 64):
+            chunk = group[i : i + 64]
+            b = {
+                k: v.to(run.device) for k, v in collate_preference(chunk, tok.pad_token_id).items()
+            }
+            c, r = _under_reference(ref, policy, lambda m, b=b: pair_logps(m, b, shared_pad))
+            for j, cc, rr in zip(range(i, i + len(chunk)), c.tolist(), r.tolist()):
+                items[j][f"{prefix}ref_chosen"], items[j][f"{prefix}ref_rejected"] = cc, rr
     del ref
     for it, kl_it in zip(items, kl_items):
         it.update({KL_PREFIX + k: v for k, v in kl_it.items()})
@@ -300,18 +304,13 @@ def _unpaired_kto_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len
 
     ref = _reference(cfg, run)
     # reference log-probs of the examples and of their mismatched sequences, once
-    with torch.no_grad():
-        for i in range(0, len(items), 64):
-            chunk = items[i : i + 64]
-            for prefix in ("", KL_PREFIX):
-                b = {k: v.to(run.device) for k, v in seq_batch(chunk, prefix).items()}
-                if ref is not None:
-                    lp = logps(ref, b, prefix)
-                else:  # LoRA: the reference is the policy with its adapter switched off
-                    with policy.disable_adapter():
-                        lp = logps(policy, b, prefix)
-                for it, v in zip(chunk, lp.tolist()):
-                    it[f"{prefix}ref"] = v
+    for i in range(0, len(items), 64):
+        chunk = items[i : i + 64]
+        for prefix in ("", KL_PREFIX):
+            b = {k: v.to(run.device) for k, v in seq_batch(chunk, prefix).items()}
+            lp = _under_reference(ref, policy, lambda m, b=b, p=prefix: logps(m, b, p))
+            for it, v in zip(chunk, lp.tolist()):
+                it[f"{prefix}ref"] = v
     del ref
 
     def collate(batch):
