@@ -212,7 +212,12 @@ def bench_dpo(model_dir: str, steps: int, mode: str = "shared_prompt") -> tuple[
 
 
 def bench_ppo(
-    model_dir: str, steps: int, value_model: str, from_rollout: bool, compile_steps: bool = False
+    model_dir: str,
+    steps: int,
+    value_model: str,
+    from_rollout: bool,
+    compile_steps: bool = False,
+    packed: bool = True,
 ) -> list[float]:
     import copy
 
@@ -287,6 +292,7 @@ def bench_ppo(
             return_logprobs=from_rollout,
             return_hidden=from_rollout and value_head is not None,
             compile_steps=compile_steps,
+            packed_weights=packed,
         )
         ids, mask = gen.full()
         resp_mask = gen.response_mask_BR.float()
@@ -398,7 +404,7 @@ def bench_grpo(model_dir: str, steps: int, shared_prompt: bool = False) -> list[
 
 
 def bench_gen(
-    model_dir: str, steps: int, hf: bool, compile_steps: bool = False
+    model_dir: str, steps: int, hf: bool, compile_steps: bool = False, packed: bool = True
 ) -> tuple[list[float], int]:
     import torch
 
@@ -439,6 +445,7 @@ def bench_gen(
                 stop_ids=(),
                 suppress_ids=(C.PAD_ID, C.EOS_ID),
                 compile_steps=compile_steps,
+                packed_weights=packed,
             )
             n = gen.response_ids_BR.shape[1]
         times.append(time.perf_counter() - t0)
@@ -475,6 +482,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="gen/ppo: torch.compile the decode step (rollout.compile=true)",
     )
+    ap.add_argument(
+        "--packed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gen/ppo: oneDNN-packed decode weights (rollout.packed_weights, the default)",
+    )
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     C.set_threads(a.threads)
@@ -496,18 +509,23 @@ def main(argv: list[str] | None = None) -> dict:
         )
         times = [t + ref_s / n for t in times]
     elif a.algo == "ppo":
-        times = bench_ppo(a.model_dir, n, a.value_model, a.logprobs_from_rollout, a.compile)
+        times = bench_ppo(
+            a.model_dir, n, a.value_model, a.logprobs_from_rollout, a.compile, a.packed
+        )
         extra.update(
             value_model=a.value_model,
             logprobs_from_rollout=a.logprobs_from_rollout,
             compile=a.compile,
+            packed_weights=a.packed,
         )
     elif a.algo == "grpo":
         times = bench_grpo(a.model_dir, n, a.shared_prompt)
         extra.update(shared_prompt=a.shared_prompt)
     else:
-        times, n_tok = bench_gen(a.model_dir, n, a.hf, a.compile)
+        times, n_tok = bench_gen(a.model_dir, n, a.hf, a.compile, a.packed)
         impl = "hf" if a.hf else "ours-compiled" if a.compile else "ours"
+        if not a.hf and not a.compile and not a.packed:
+            impl = "ours-mkl"
         res = C.summarize(times, a.warmup, {**extra, "impl": impl})
         res["tok_s"] = n_tok / res["s_per_step"]
         C.emit(res, a.out)

@@ -397,13 +397,77 @@ def test_lean_decode_steps_match_the_hf_module_steps(arch):
             return_logprobs=True,
             return_hidden=True,
             lean_steps=lean,
+            packed_weights=packed,
         )
-        for lean in (False, True)
+        for lean, packed in ((False, False), (True, False), (True, True))
     ]
-    hf, lean = outs
-    assert torch.equal(hf.tokens_BN, lean.tokens_BN)
-    assert torch.allclose(hf.logprobs_BN, lean.logprobs_BN, atol=1e-5)
-    assert torch.allclose(hf.hidden_BND, lean.hidden_BND, atol=1e-5)
+    hf = outs[0]
+    for lean in outs[1:]:  # the lean prompt pass and steps, on F.linear and on packed weights
+        assert torch.equal(hf.tokens_BN, lean.tokens_BN)
+        assert torch.allclose(hf.logprobs_BN, lean.logprobs_BN, atol=1e-5)
+        assert torch.allclose(hf.hidden_BND, lean.hidden_BND, atol=1e-5)
+
+
+def test_packed_linears_equal_f_linear_and_refuse_other_dtypes():
+    """``PackedLinears``: oneDNN-packed weights give ``F.linear``'s products (with a bias, for
+    the row count packed for and another one); not float32 or not CPU: no packing."""
+    from rlhfstack.rollout.fast import PackedLinears
+
+    if not PackedLinears.available():
+        pytest.skip("PyTorch built without oneDNN")
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(40, 24), torch.nn.Linear(24, 7, bias=False)]
+    packed = PackedLinears.build(lins, rows=8)
+    assert packed is not None
+    for rows in (8, 3):
+        x = torch.randn(rows, 40)
+        h = packed.linear(x, lins[0])
+        assert torch.allclose(h, lins[0](x), atol=1e-5)
+        assert torch.allclose(packed.linear(h, lins[1]), lins[1](h), atol=1e-5)
+    assert PackedLinears.build([torch.nn.Linear(4, 4).double()], rows=8) is None
+    assert PackedLinears.build([torch.nn.Linear(4, 4).bfloat16()], rows=8) is None
+
+
+def test_packed_decode_weights_follow_weight_updates():
+    """The packed copies are taken per call: after an in-place update of the weights (an
+    optimizer step) the next rollout uses the new weights, as the ``F.linear`` path does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhfstack.models.core import position_ids_from_mask
+    from rlhfstack.rollout.fast import LeanDecoder, fast_decode
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**_TINY_LLAMA, max_position_embeddings=64)).eval()
+    lean = LeanDecoder.build(model.model)
+    assert lean is not None and lean.pack(3, model.lm_head)  # this build packs
+    ids = torch.randint(3, 97, (3, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+
+    def decode(packed):
+        return fast_decode(
+            model,
+            ids,
+            mask,
+            position_ids_from_mask(mask),
+            max_new_tokens=8,
+            pad_id=0,
+            temperature=1.0,
+            greedy=False,
+            generator=torch.Generator().manual_seed(2),
+            suppress=[0],
+            stops_S=torch.tensor([-1]),
+            return_logprobs=True,
+            packed_weights=packed,
+        )
+
+    before = decode(True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
+    after, plain = decode(True), decode(False)
+    assert torch.equal(after.tokens_BN, plain.tokens_BN)
+    assert torch.allclose(after.logprobs_BN, plain.logprobs_BN, atol=1e-5)
+    assert not torch.allclose(before.logprobs_BN, after.logprobs_BN, atol=1e-3)
 
 
 def test_compiled_static_decode_steps_match_the_lean_steps_and_follow_weight_updates():

@@ -68,6 +68,7 @@ def generate(
     fast: bool = True,
     prompt_group_size: int = 1,
     compile_steps: bool = False,
+    packed_weights: bool = True,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt; stops early once every row has ended.
 
@@ -81,7 +82,8 @@ def generate(
     :attr:`Generation.hidden_BRD` (fast path only). ``prompt_group_size=G`` says the rows come
     in contiguous groups of ``G`` identical prompts (several samples per prompt, as in GRPO): the
     fast path then runs each prompt's pass once. ``compile_steps`` compiles the one-token step
-    of Llama-family trunks with static shapes (:func:`rlhfstack.rollout.fast.fast_decode`).
+    of Llama-family trunks with static shapes (:func:`rlhfstack.rollout.fast.fast_decode`);
+    ``packed_weights`` runs their eager steps on oneDNN-packed weight copies (CPU float32).
     """
     from rlhfstack.rollout.fast import fast_decode, supports_fast_decode
 
@@ -131,6 +133,7 @@ def generate(
                 return_hidden=return_hidden,
                 prompt_group_size=G,
                 compile_steps=compile_steps,
+                packed_weights=packed_weights,
             )
             response_ids_BR, logprobs_BR, hidden_BRD = (
                 res.tokens_BN,

@@ -397,6 +397,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     return_logprobs=from_rollout,
                     return_hidden=from_rollout and value_head is not None,
                     compile_steps=cfg.rollout.compile,
+                    packed_weights=cfg.rollout.packed_weights,
                     prompt_group_size=G,
                 )
             ids, mask = gen.full()
