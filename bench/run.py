@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -130,6 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-trl", action="store_true", help="ours only (no TRL venvs needed)")
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument(
+        "--gen-rounds",
+        type=int,
+        default=3,
+        help="generation: alternate ours / HF generate this many times (medians over rounds)",
+    )
+    ap.add_argument(
         "--compiled-rollout",
         action="store_true",
         help="also time ours with rollout.compile=true (generation: ours_compiled_tok_s)",
@@ -207,12 +214,27 @@ def main(argv: list[str] | None = None) -> dict:
                     "ratio": _ratio(o, trl_nogc.get("s_per_step")),
                     "rss_ratio": _ratio(ours.get("peak_rss_mb"), trl_nogc.get("peak_rss_mb")),
                 }
-        gen_o = child("ours", "gen", size)
-        gen_h = child("ours", "gen", size, ["--hf"], "-hf")
+        # generation: ours and HF generate alternate for --gen-rounds rounds (each child its own
+        # process, a median over its timed rollouts); the table takes each side's median over
+        # the rounds, and every round is kept (speedup_rounds), since this machine's speed
+        # drifts by 20-30% within minutes
+        rounds_o, rounds_h = [], []
+        for r in range(a.gen_rounds):
+            tag = f"-r{r}" if a.gen_rounds > 1 else ""
+            rounds_o.append(child("ours", "gen", size, None, tag).get("tok_s"))
+            rounds_h.append(child("ours", "gen", size, ["--hf"], "-hf" + tag).get("tok_s"))
+        ok_o = [x for x in rounds_o if x is not None]
+        ok_h = [x for x in rounds_h if x is not None]
+        gen_o = {"tok_s": statistics.median(ok_o)} if ok_o else {}
+        gen_h = {"tok_s": statistics.median(ok_h)} if ok_h else {}
         result.setdefault("generation", {})[size] = {
             "ours_tok_s": round(gen_o["tok_s"], 1) if "tok_s" in gen_o else None,
             "hf_tok_s": round(gen_h["tok_s"], 1) if "tok_s" in gen_h else None,
             "speedup": _ratio(gen_o.get("tok_s"), gen_h.get("tok_s")),
+            "rounds": a.gen_rounds,
+            "ours_tok_s_rounds": [None if x is None else round(x, 1) for x in rounds_o],
+            "hf_tok_s_rounds": [None if x is None else round(x, 1) for x in rounds_h],
+            "speedup_rounds": [_ratio(o, h) for o, h in zip(rounds_o, rounds_h)],
             "batch": C.BATCH,
             "prompt_tokens": C.PROMPT_LEN,
             "new_tokens": C.COMPLETION_LEN,
