@@ -117,6 +117,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def _command(args: list[str]) -> str:
+    """The command line that produced the results (``make bench`` passes no options)."""
+    cmd = " ".join([".venv/bin/python bench/run.py", *args])
+    return f"make bench  (= {cmd})" if not args else cmd
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="5m,35m")
@@ -262,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     result["meta"] = {
-        "command": "make bench  (= .venv/bin/python bench/run.py "
-        + " ".join(argv or sys.argv[1:])
-        + ")",
+        "command": _command(argv or sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {
             "cpus": os.cpu_count(),
