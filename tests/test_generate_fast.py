@@ -28,6 +28,29 @@ _TINY_LLAMA = dict(
 )
 
 
+def _sample_tiny(model, ids, mask, *, max_new_tokens: int, stop: int = -1, **kw):
+    """``fast_decode`` at temperature 1 with a fixed generator (seed 2), PAD 0 suppressed,
+    log-probs returned; ``kw`` selects the path (lean / packed / compiled, hidden states)."""
+    from rlhfstack.models.core import position_ids_from_mask
+    from rlhfstack.rollout.fast import fast_decode
+
+    return fast_decode(
+        model,
+        ids,
+        mask,
+        position_ids_from_mask(mask),
+        max_new_tokens=max_new_tokens,
+        pad_id=0,
+        temperature=1.0,
+        greedy=False,
+        generator=torch.Generator().manual_seed(2),
+        suppress=[0],
+        stops_S=torch.tensor([stop]),
+        return_logprobs=True,
+        **kw,
+    )
+
+
 @pytest.fixture(scope="module")
 def model_tok(stories_hf):
     return load_causal_lm(str(stories_hf), trainable=False), load_tokenizer(str(stories_hf))
@@ -367,8 +390,7 @@ def test_lean_decode_steps_match_the_hf_module_steps(arch):
     log-probs and hidden states as stepping through the HF modules (left-padded batch)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from rlhfstack.models.core import position_ids_from_mask
-    from rlhfstack.rollout.fast import LeanDecoder, fast_decode
+    from rlhfstack.rollout.fast import LeanDecoder
 
     kw = dict(_TINY_LLAMA, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -382,19 +404,12 @@ def test_lean_decode_steps_match_the_hf_module_steps(arch):
     mask[0, :2] = 0  # left padding
     ids[0, :2] = 0
     outs = [
-        fast_decode(
+        _sample_tiny(
             model,
             ids,
             mask,
-            position_ids_from_mask(mask),
             max_new_tokens=12,
-            pad_id=0,
-            temperature=1.0,
-            greedy=False,
-            generator=torch.Generator().manual_seed(2),
-            suppress=[0],
-            stops_S=torch.tensor([2]),
-            return_logprobs=True,
+            stop=2,
             return_hidden=True,
             lean_steps=lean,
             packed_weights=packed,
@@ -433,8 +448,7 @@ def test_packed_decode_weights_follow_weight_updates():
     optimizer step) the next rollout uses the new weights, as the ``F.linear`` path does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhfstack.models.core import position_ids_from_mask
-    from rlhfstack.rollout.fast import LeanDecoder, fast_decode
+    from rlhfstack.rollout.fast import LeanDecoder
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**_TINY_LLAMA, max_position_embeddings=64)).eval()
@@ -444,21 +458,7 @@ def test_packed_decode_weights_follow_weight_updates():
     mask = torch.ones_like(ids)
 
     def decode(packed):
-        return fast_decode(
-            model,
-            ids,
-            mask,
-            position_ids_from_mask(mask),
-            max_new_tokens=8,
-            pad_id=0,
-            temperature=1.0,
-            greedy=False,
-            generator=torch.Generator().manual_seed(2),
-            suppress=[0],
-            stops_S=torch.tensor([-1]),
-            return_logprobs=True,
-            packed_weights=packed,
-        )
+        return _sample_tiny(model, ids, mask, max_new_tokens=8, packed_weights=packed)
 
     before = decode(True)
     with torch.no_grad():
@@ -477,29 +477,13 @@ def test_compiled_static_decode_steps_match_the_lean_steps_and_follow_weight_upd
     optimizer step makes it (the graph reads the live parameters, not a frozen copy)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhfstack.models.core import position_ids_from_mask
-    from rlhfstack.rollout.fast import fast_decode
-
     torch.manual_seed(0)
     cfg = LlamaConfig(**_TINY_LLAMA, max_position_embeddings=128)
     model = LlamaForCausalLM(cfg).eval()
 
     def decode(ids, mask, compiled):
-        return fast_decode(
-            model,
-            ids,
-            mask,
-            position_ids_from_mask(mask),
-            max_new_tokens=10,
-            pad_id=0,
-            temperature=1.0,
-            greedy=False,
-            generator=torch.Generator().manual_seed(2),
-            suppress=[0],
-            stops_S=torch.tensor([-1]),
-            return_logprobs=True,
-            return_hidden=True,
-            compile_steps=compiled,
+        return _sample_tiny(
+            model, ids, mask, max_new_tokens=10, return_hidden=True, compile_steps=compiled
         )
 
     def check(ids, mask):
