@@ -5,8 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfstack.models.core import ValueHead, load_causal_lm, load_tokenizer, response_logprobs
-from rlhfstack.rollout.fast import PreallocatedCache, sample_categorical, supports_fast_decode
+from rlhfstack.models.core import (
+    ValueHead,
+    load_causal_lm,
+    load_tokenizer,
+    position_ids_from_mask,
+    response_logprobs,
+)
+from rlhfstack.rollout.fast import (
+    PreallocatedCache,
+    fast_decode,
+    sample_categorical,
+    supports_fast_decode,
+)
 from rlhfstack.rollout.generate import generate, left_pad_prompts
 
 PROMPTS = [
@@ -31,9 +42,6 @@ _TINY_LLAMA = dict(
 def _sample_tiny(model, ids, mask, *, max_new_tokens: int, stop: int = -1, **kw):
     """``fast_decode`` at temperature 1 with a fixed generator (seed 2), PAD 0 suppressed,
     log-probs returned; ``kw`` selects the path (lean / packed / compiled, hidden states)."""
-    from rlhfstack.models.core import position_ids_from_mask
-    from rlhfstack.rollout.fast import fast_decode
-
     return fast_decode(
         model,
         ids,
