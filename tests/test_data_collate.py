@@ -152,6 +152,26 @@ def test_preference_batch(tok):
             assert tok.decode(ids[n_prompt : n - 1]) == " " + getattr(ex, name)
 
 
+def test_truncated_pairs_keep_one_prompt_for_both_rows(tok):
+    """A pair over max_len: both rows keep the same prompt tokens (cut as for the longer
+    response, the prompt keeping its end), each ends in EOS within max_len."""
+    long_prompt = "\n\nHuman: " + " ".join(f"w{i}" for i in range(40)) + "\n\nAssistant:"
+    pairs = [PreferenceExample(long_prompt, "short", " ".join(["long"] * 30))]
+    full = tokenize_preference(pairs, tok, max_len=512)[0]
+    item = tokenize_preference(pairs, tok, max_len=40)[0]
+    assert pairs_share_prompts([item])
+    n_c = item["chosen_loss_mask"].index(1)
+    assert n_c == item["rejected_loss_mask"].index(1) < full["chosen_loss_mask"].index(1)
+    # the prompt kept its end: the last prompt tokens are those of the full prompt
+    n_full = full["chosen_loss_mask"].index(1)
+    assert item["chosen_input_ids"][1:n_c] == full["chosen_input_ids"][n_full - n_c + 1 : n_full]
+    assert item["chosen_input_ids"][n_c:] == full["chosen_input_ids"][n_full:]  # short: whole
+    assert item["chosen_input_ids"][-1] == tok.eos_token_id
+    # the long response fills max_len: its start is kept, its end (and EOS) cut
+    rej = item["rejected_input_ids"]
+    assert len(rej) == 40 and rej[n_c:] == full["rejected_input_ids"][n_full : n_full + 40 - n_c]
+
+
 def test_pairs_share_prompts_and_the_shared_prompt_switch(tok):
     from rlhfstack.engine import ParallelState
     from rlhfstack.training import shared_prompt_pad

@@ -33,7 +33,7 @@ def fake_convert(monkeypatch):
 
     def convert(gguf_file: Path, out_dir: Path) -> None:
         seen.append(gguf_file.read_bytes())
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text("{}")
 
     monkeypatch.setattr(gg, "convert_gguf", convert)
@@ -71,7 +71,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(gg, "expected_sha256", lambda dist: None)
 
     def broken(gguf_file: Path, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("disk full")
 

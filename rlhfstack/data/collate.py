@@ -279,7 +279,9 @@ def tokenize_preference(
     """Tokenize preference pairs into ``{chosen,rejected}_{input_ids,loss_mask}`` int lists.
 
     Each sequence is [BOS] prompt response EOS (at most ``max_len``); ``loss_mask`` is 1 on
-    the response tokens including EOS, 0 on the prompt.
+    the response tokens including EOS, 0 on the prompt. A too-long pair keeps the *same* prompt
+    tokens in both rows (cut as for the longer response), so chosen and rejected always share
+    their prompt (the shared-prompt passes of RM and DPO training rely on it).
     """
     check_tokenizer(tokenizer)
     _check_max_len(max_len)
@@ -289,9 +291,11 @@ def tokenize_preference(
     out, n_cut = [], 0
     for p, c, r in zip(p_ids, c_ids, r_ids):
         item: dict[str, list[int]] = {}
+        longer = [eos] * (max(len(c), len(r)) + 1)
+        pp = _fit(p, longer, max_len, bos)[0]  # one prompt cut for the pair
         for name, resp in (("chosen", c), ("rejected", r)):
-            pp, rr, cut = _fit(p, [*resp, eos], max_len, bos)
-            n_cut += cut
+            rr = [*resp, eos][: max_len - len(pp)]
+            n_cut += len(pp) < len(p) or len(rr) <= len(resp)
             item[f"{name}_input_ids"] = pp + rr
             item[f"{name}_loss_mask"] = [0] * len(pp) + [1] * len(rr)
         out.append(item)

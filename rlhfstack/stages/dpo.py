@@ -52,7 +52,7 @@ def pair_logps(
     if pad_id is not None:
         try:
             return shared_prompt_pair_logprob_sums(model, batch, pad_id)
-        except ValueError:  # the prompts differ (truncated differently): the plain pass
+        except ValueError:  # the prompts differ (pairs built that way): the plain pass
             pass
     B = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])

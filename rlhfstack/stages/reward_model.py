@@ -118,7 +118,7 @@ def pair_scores(
     if pad_id is not None and "chosen_loss_mask" in batch:
         try:
             return shared_prompt_pair_scores(rm, batch, pad_id)
-        except ValueError:  # the prompts differ (truncated differently): the plain pass
+        except ValueError:  # the prompts differ (pairs built that way): the plain pass
             pass
     B = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
