@@ -437,6 +437,7 @@ def test_causal_rm_long_pairs_drop_or_truncate(stories_hf, tmp_path, data_root, 
         assert RewardModel.load(tmp_path / "run" / "model").max_length == 38
     else:
         assert n == 24  # the loader drops the 16 pairs over the limits (with BOS and template)
-    bad = to_object(load_config(over[0], [*over[1][:-5], "rm.long_pairs=clip"]))
+    clip = [o if not o.startswith("rm.long_pairs=") else "rm.long_pairs=clip" for o in over[1]]
+    bad = to_object(load_config(over[0], clip))
     with pytest.raises(ValueError, match="rm.long_pairs: unknown value 'clip'"):
         train(bad)

@@ -150,14 +150,21 @@ def _left_truncate(ids: list[int], n: int, bos: int | None) -> list[int]:
     return ids[len(ids) - n :]
 
 
+def _cut_prompt(prompt: list[int], n_response: int, max_len: int, bos: int | None) -> list[int]:
+    """The prompt kept beside a response of ``n_response`` tokens within ``max_len``: all of it
+    if both fit, else its end, in the room the response leaves (at least ``max_len // 2``)."""
+    if len(prompt) + n_response <= max_len:
+        return prompt
+    return _left_truncate(prompt, min(len(prompt), max(max_len - n_response, max_len // 2)), bos)
+
+
 def _fit(
     prompt: list[int], response: list[int], max_len: int, bos: int | None
 ) -> tuple[list[int], list[int], bool]:
     """Cut ``prompt + response`` (response already ends with EOS) to at most ``max_len``."""
     if len(prompt) + len(response) <= max_len:
         return prompt, response, False
-    budget = min(len(prompt), max(max_len - len(response), max_len // 2))
-    prompt = _left_truncate(prompt, budget, bos)
+    prompt = _cut_prompt(prompt, len(response), max_len, bos)
     return prompt, response[: max_len - len(prompt)], True
 
 
@@ -291,8 +298,7 @@ def tokenize_preference(
     out, n_cut = [], 0
     for p, c, r in zip(p_ids, c_ids, r_ids):
         item: dict[str, list[int]] = {}
-        longer = [eos] * (max(len(c), len(r)) + 1)
-        pp = _fit(p, longer, max_len, bos)[0]  # one prompt cut for the pair
+        pp = _cut_prompt(p, max(len(c), len(r)) + 1, max_len, bos)  # one cut for the pair
         for name, resp in (("chosen", c), ("rejected", r)):
             rr = [*resp, eos][: max_len - len(pp)]
             n_cut += len(pp) < len(p) or len(rr) <= len(resp)

@@ -80,12 +80,12 @@ def expected_sha256(dist: str) -> tuple[str, str] | None:
     """``(file name, sha256)`` of the joined GGUF: the main distribution's ``SHA256SUMS``, else
     :data:`KNOWN_GGUF_SHA256`, else None (not checked)."""
     try:
-        files = md.distribution(dist).files or []
+        d = md.distribution(dist)
     except md.PackageNotFoundError:
-        files = []
-    for f in files:
+        return KNOWN_GGUF_SHA256.get(dist)
+    for f in d.files or []:
         if Path(str(f)).name == "SHA256SUMS":
-            for line in Path(str(md.distribution(dist).locate_file(f))).read_text().splitlines():
+            for line in Path(str(d.locate_file(f))).read_text().splitlines():
                 parts = line.split()
                 if len(parts) == 2 and parts[1].lstrip("*").endswith(".gguf"):
                     return parts[1].lstrip("*"), parts[0].lower()

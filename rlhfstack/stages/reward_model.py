@@ -158,6 +158,8 @@ def _max_len(cfg: RMConfig, rm: RewardModel) -> int:
 
 
 def train(cfg: RMConfig) -> Path:
+    if cfg.rm.long_pairs not in ("drop", "truncate"):
+        raise ValueError(f"rm.long_pairs: unknown value {cfg.rm.long_pairs!r} (drop | truncate)")
     run = setup_run(cfg)
     device = run.device
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -172,8 +174,6 @@ def train(cfg: RMConfig) -> Path:
         on_error=cfg.data.on_error,
         data_root=cfg.data_root,
     )
-    if cfg.rm.long_pairs not in ("drop", "truncate"):
-        raise ValueError(f"rm.long_pairs: unknown value {cfg.rm.long_pairs!r} (drop | truncate)")
     limits = (
         {}
         if encoder or cfg.rm.long_pairs == "truncate"
