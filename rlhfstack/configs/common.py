@@ -1,0 +1,200 @@
+"""Config groups every stage shares: model, data, cluster, parallel layout, trainer, logging.
+
+Also where the repository's ``conf/`` tree and the default data root are found.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def default_data_root() -> str:
+    """``$RLHF_DATA_ROOT`` if set, else ``../shared/data`` beside the repository."""
+    return os.environ.get("RLHF_DATA_ROOT", str(REPO_ROOT.parent / "shared" / "data"))
+
+
+# Resolved when the config is resolved (not when the schema is registered), so that the
+# environment at run time decides.
+DATA_ROOT_INTERP = "${oc.env:RLHF_DATA_ROOT,'" + str(REPO_ROOT.parent / "shared" / "data") + "'}"
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (Hu et al. 2021)."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Adapter dropout. 0 for RL: dropout breaks ratio == 1 before the first update."""
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    """Module names that receive adapters."""
+    quantize_4bit: bool = False
+    """QLoRA (Dettmers et al. 2023): load the frozen base in bitsandbytes NF4. GPU only."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "stories260k"
+    """Human-readable name for logs and reports."""
+    path: str = MISSING
+    """Local HF directory (or a hub id, for users with hub access) of the starting checkpoint."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; defaults to ``path``."""
+    pad_token: str | None = None
+    """An existing vocabulary entry used as PAD when the tokenizer has none or reuses EOS
+    (never EOS itself: masks built from ``ids != pad`` would hide real EOS tokens)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16. bf16 is the GPU default for large models."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA settings."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """Architecture of the model for meta-device checks when the weights are not local: HF
+    ``config.json`` fields, ``model_type`` included; empty = not given. Unused by training."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None
+    """Training file (json, jsonl, jsonl.gz, csv), relative to ``data_root`` unless absolute; or ``hf://org/name:split``."""
+    eval_path: str | None = None
+    """Validation file; when unset, ``validation_fraction`` of the training file is held out."""
+    adapter: str = "auto"
+    """Record format: auto | plain | hh | ultrafeedback | alpaca | sharegpt."""
+    template: str = "plain"
+    """Chat template applied to prompts: plain | hh | chatml | tokenizer."""
+    on_error: str = "raise"
+    """Malformed rows: ``raise`` (error naming file, line and field) or ``skip`` (counted in the run log)."""
+    validation_fraction: float = 0.1
+    """Fraction of the training file held out when ``eval_path`` is unset."""
+    max_prompt_tokens: int = 64
+    """Examples whose prompt is longer are filtered out (counted)."""
+    max_response_tokens: int = 64
+    """Examples whose response is longer are filtered out (counted)."""
+    max_examples: int | None = None
+    """Use at most this many training examples (after shuffling); None for all."""
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    """local | slurm."""
+    backend: str = "gloo"
+    """torch.distributed backend: gloo on CPU, nccl on GPU."""
+    device: str = "cpu"
+    """cpu | cuda."""
+    num_threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+    nodes: int = 1
+    """Number of nodes (SLURM)."""
+    gpus_per_node: int = 0
+    """Accelerators per node (SLURM)."""
+    partition: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account."""
+    time_limit: str = "04:00:00"
+    """SLURM wall-clock limit."""
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = 1
+    """FSDP2 sharded data-parallel degree; -1 = world size / (tp * pp)."""
+    tp: int = 1
+    """DTensor tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    mixed_precision: str = "none"
+    """none | bf16: bf16 compute with fp32 master weights and fp32 gradient reduction
+    (FSDP2 MixedPrecisionPolicy under dp_shard > 1, torch.autocast otherwise)."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps (PPO: rollout + update iterations)."""
+    save_every: int = 0
+    """Save a checkpoint every N steps; 0 saves only the final model."""
+    batch_size: int = 32
+    """Global batch size in sequences (pairs for preference stages; prompts for PPO rollouts)."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward; gradient accumulation = batch_size / micro_batch_size."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    lr_schedule: str = "linear"
+    """linear (anneal to 0, as in the PPO details of Huang et al. 2024) | cosine | constant."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    eval_every: int = 0
+    """Evaluate every N steps; 0 only at the end."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files into ``run_dir/tb``."""
+    wandb: bool = False
+    """Log to Weights & Biases."""
+    wandb_mode: str = "offline"
+    """W&B mode: offline (default, no network) | online."""
+    wandb_project: str = "rlhfstack"
+    """W&B project name."""
+    plots: bool = True
+    """Write PNG plots of the logged metrics at the end of the run."""
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage shares."""
+
+    stage: str = MISSING
+    """Stage name (set by the stage's primary YAML)."""
+    run_dir: str = "${artifacts_dir}/${stage}"
+    """Where this run writes its model, metrics.jsonl, TensorBoard events and resolved config."""
+    artifacts_dir: str = "runs/demo"
+    """Where the artifacts of earlier stages are found (``base_model/``, ``sft/model``, ...)."""
+    data_root: str = DATA_ROOT_INTERP
+    """Root for relative data paths (``$RLHF_DATA_ROOT``, else ``../shared/data``)."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,294 @@
+"""One typed config per stage (SFT, RM, DPO, PPO, demo data, evaluation) and the pipeline's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhfstack.configs.common import DATA_ROOT_INTERP, StageConfig
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    stage: str = "sft"
+    """Stage name."""
+    loss_on_prompt: bool = False
+    """Also train on prompt tokens (default: loss on completion tokens only)."""
+
+
+@dataclass
+class RMHyperparams:
+    backbone: str = "causal_lm"
+    """causal_lm (scalar head read at the last non-pad token) | encoder (BERT-style, pooled scalar head)."""
+    head_init_std: float | None = None
+    """Std of the scalar head init; None = 1/sqrt(d_model + 1) (Stiennon et al. 2020; Huang et al. 2024)."""
+    use_margin: bool = False
+    """Subtract a per-pair margin in the BT loss when the data carries one (Touvron et al. 2023, eq. 2)."""
+    ensemble_size: int = 1
+    """Number of scalar heads on a shared trunk; reward = mean, uncertainty = std across heads."""
+    normalize: bool = True
+    """After training, shift/scale rewards so SFT-policy samples average 0 with std 1 (records gain and bias)."""
+    normalize_samples: int = 256
+    """Completions sampled from the starting (SFT) model on training prompts to fit the normalization
+    (causal-LM backbones); encoders normalize on the training pairs' chosen responses."""
+    normalize_max_new_tokens: int = 48
+    """Length cap of those samples."""
+    extra_eval: dict[str, str] = field(default_factory=dict)
+    """More held-out preference files to report accuracy on, by name (the demo adds ``gold``)."""
+    epochs: int = 1
+    """Passes over the training pairs (1 by default: RMs overfit after one epoch, Ouyang et al. 2022)."""
+    long_pairs: str = "drop"
+    """Causal-LM backbones: a pair longer than ``data.max_prompt_tokens`` / ``data.max_response_tokens``
+    is dropped (``drop``, counted in the run log) or kept and cut to their sum (``truncate``: the
+    prompt keeps its end, the response its start, so every pair stays in the held-out split).
+    Encoders always truncate."""
+    pooling: str = "mean"
+    """Encoders: mean (all real tokens) | response_mean (the response segment) | cls."""
+    freeze_embeddings: bool = False
+    """Keep the token/position embeddings frozen (fewer trainable parameters, faster on CPU)."""
+    freeze_layers: int = 0
+    """Also freeze this many of the lowest transformer layers."""
+    normalize_policy_path: str | None = None
+    """Encoders: fit the normalization on samples of this causal LM (e.g. the SFT policy) instead of
+    the training pairs' responses."""
+    shared_prompt: bool = True
+    """Causal-LM backbones: run each pair's prompt once for chosen and rejected (its keys and values
+    reused for both responses): the same scores with fewer FLOPs (``rollout/fast.py``). Encoders,
+    batches whose prompts differ (one process) and runs where any pair's prompts differ or with
+    tensor / pipeline parallelism (several processes) use the ``[2B, T]`` pass."""
+    probes: bool = True
+    """Run the bias probes (length, flattery, refusals, sanity) and write MODEL_CARD.md beside the model."""
+    probe_max_items: int = 100
+    """Cap on responses / XSTest prompts used per probe."""
+    xstest_path: str = "safety/xstest_prompts.csv"
+    """XSTest prompts (label == safe ones feed the over-refusal probe), relative to ``data_root``."""
+
+
+@dataclass
+class RMConfig(StageConfig):
+    stage: str = "rm"
+    """Stage name."""
+    rm: RMHyperparams = field(default_factory=RMHyperparams)
+    """Reward-model hyperparameters."""
+
+
+@dataclass
+class DPOHyperparams:
+    beta: float = 0.1
+    """KL strength beta (Rafailov et al. 2023 use 0.1 for most experiments)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) | ipo (Azar et al. 2023) | kto (Ethayarajh et al. 2024: each pair is split
+    into a desirable and an undesirable example; ``beta`` is KTO's beta, 0.1 in the paper)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed label-flip rate (Mitchell 2023); 0 = plain DPO."""
+    kto_desirable_weight: float = 1.0
+    """KTO lambda_D. The paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]; pairs give
+    n_D = n_U, so 1.0 / 1.0 is inside that range."""
+    kto_undesirable_weight: float = 1.0
+    """KTO lambda_U."""
+    kto_unpaired: bool = False
+    """KTO on unpaired data: ``data.train_path`` holds ``{"prompt", "completion", "label"}`` rows
+    (TRL's KTO format; ``label`` true = desirable) instead of pairs. Needs ``loss_type=kto``; the
+    weights should keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (a warning says when not)."""
+    ref_path: str | None = None
+    """Reference model; None = the starting model (``model.path``), frozen."""
+    epochs: int = 1
+    """Passes over the preference pairs."""
+    shared_prompt: bool = True
+    """Run each pair's prompt once for chosen and rejected (its keys and values reused for both
+    responses) and the LM head on response tokens only: the same log-probs with fewer FLOPs
+    (``rollout/fast.py``). Batches whose chosen and rejected prompts differ after truncation (one
+    process), and runs where any pair's do or with tensor / pipeline parallelism (several
+    processes), use the plain ``[2B, T]`` pass."""
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    stage: str = "dpo"
+    """Stage name."""
+    dpo: DPOHyperparams = field(default_factory=DPOHyperparams)
+    """DPO hyperparameters."""
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 48
+    """Response length cap in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; the same T divides logits in rollout, reference and training passes."""
+    top_k: int = 0
+    """Must stay 0: truncated sampling breaks the log-prob semantics (Huang et al. 2024)."""
+    top_p: float = 1.0
+    """Must stay 1.0 for the same reason."""
+    backend: str = "native"
+    """native (the project's batched KV-cache engine) | vllm (GPU only; weights synced each iteration)."""
+    compile: bool = False
+    """native backend, Llama-family policies without LoRA: ``torch.compile`` the one-token decode
+    step with static shapes (cache length rounded up to a multiple of 64); the first rollout of
+    each (batch, length) shape compiles (about 20 s on 35.7M parameters and 2 CPU cores). It
+    runs the products on ``F.linear`` (no packed weights), and on that CPU it is now 1.3-1.5x
+    slower than the default eager steps on packed weights (README "Performance"), so it is off
+    by default."""
+    packed_weights: bool = True
+    """native backend, Llama-family policies without LoRA, CPU float32, eager steps: multiply by
+    copies of the weights packed into oneDNN's layout at the start of each rollout (freed at its
+    end) instead of calling MKL's sgemm through ``F.linear``. The same products in another
+    summation order (logits within 1e-5 in the tests); on 35.7M parameters and 2 CPU cores the
+    decode loop's matmuls run 2-3x faster (README "Performance")."""
+    samples_per_prompt: int = 1
+    """G responses sampled per prompt (contiguous groups; each prompt's pass runs once):
+    ``trainer.batch_size`` counts responses, so a step draws ``batch_size / G`` prompts. The
+    critic-free estimators (``ppo.advantage_estimator=grpo | rloo``) need G >= 2."""
+
+
+@dataclass
+class KLConfig:
+    controller: str = "adaptive"
+    """adaptive (Ziegler et al. 2019, eq. 2) | fixed."""
+    init_coef: float = 0.1
+    """Initial beta for the per-token KL penalty (Ziegler et al. 2019 use 0.1 for sentiment)."""
+    target: float = 6.0
+    """Adaptive controller's target KL in nats per sequence (Ziegler et al. 2019: 6)."""
+    horizon: int = 10000
+    """Adaptive controller horizon in samples (Ziegler et al. 2019: 10000)."""
+    estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 | k2 | k3 (Schulman 2020)."""
+
+
+@dataclass
+class PPOHyperparams:
+    advantage_estimator: str = "gae"
+    """gae (a value model and GAE, Schulman et al. 2016: PPO as in Ziegler et al. 2019 / Ouyang et
+    al. 2022) | grpo (no value model; the group-normalized sequence reward of the G samples of a
+    prompt, Shao et al. 2024) | rloo (no value model; the sequence reward minus the mean of the
+    other G-1 samples, Ahmadian et al. 2024). For grpo / rloo the sequence reward is the RM score
+    minus beta x the summed per-token KL (``kl.*``), every response token gets its sequence's
+    advantage, and the clipped policy loss is PPO's. GRPO as in DeepSeekMath (KL in the loss, not
+    the reward): ``kl.controller=fixed kl.init_coef=0 ppo.kl_loss_coef=...``."""
+    epochs: int = 4
+    """PPO epochs over each rollout batch (Ziegler et al. 2019: 4)."""
+    num_minibatches: int = 4
+    """Minibatches per epoch."""
+    clip_eps: float = 0.2
+    """Policy ratio clip (Schulman et al. 2017)."""
+    value_clip: float = 0.2
+    """Value clip range around the rollout values."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient (Huang et al. 2024 / lm-human-preferences: 0.1)."""
+    gamma: float = 1.0
+    """Discount (1.0 for episodic text, Ziegler et al. 2019)."""
+    lam: float = 0.95
+    """GAE lambda (Ziegler et al. 2019: 0.95)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over valid tokens of the batch (gae and rloo; grpo's are normalized
+    within each group already)."""
+    whiten_rewards: bool = False
+    """Whiten scores over the batch before shaping."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of responses that never emit EOS (0 disables)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    kl_loss_coef: float = 0.0
+    """Coefficient of the exact per-token KL(pi || pi_ref) over the whole vocabulary, added to the
+    loss (besides the sampled-token KL penalty in the reward). 0 disables. Keeps the reference's
+    full log-softmax of each rollout batch in memory (B x R x V floats): for small vocabularies."""
+    value_model: str = "shared"
+    """shared (value head on the policy trunk) | separate (critic initialized from the reward model).
+    Unused by the critic-free estimators (grpo, rloo)."""
+    reward_clip: float = 10.0
+    """Clip scores to +-reward_clip; 0 disables."""
+    reward_uncertainty_coef: float = 0.0
+    """Uncertainty-penalized reward (Coste et al. 2023): score = mean - coef x std over the reward
+    model's heads (``rm.ensemble_size``) or the members of an ensemble directory (``ensemble.json``,
+    ``RewardEnsemble``). 0 disables; > 0 needs at least two heads in all."""
+    logprobs_from_rollout: bool = True
+    """Take the old log-probs (and the shared value head's values) from the rollout's KV-cache
+    forward passes instead of a second forward over the batch (same function, equal up to float
+    rounding; native HF rollouts only, others always score separately). false: the separate pass."""
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    stage: str = "ppo"
+    """Stage name."""
+    reward_model_path: str = "${artifacts_dir}/rm/model"
+    """Frozen reward model directory."""
+    ref_path: str | None = None
+    """Reference model; None = the starting policy (``model.path``), frozen (or adapter-disabled with LoRA)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation settings."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """KL penalty settings."""
+    ppo: PPOHyperparams = field(default_factory=PPOHyperparams)
+    """PPO update hyperparameters."""
+    gold_eval_every: int = 0
+    """Score held-out prompts with the task's gold reward every N steps (embedded task only); 0 = never."""
+    gold_eval_prompts: int = 64
+    """Held-out prompts for the periodic gold evaluation."""
+    gold_task: str | None = "stories"
+    """Task whose hidden gold reward is tracked during training (``stories`` = the embedded demo); None = none."""
+
+
+@dataclass
+class DemoDataConfig(StageConfig):
+    stage: str = "data"
+    """Stage name."""
+    n_prompts: int = 3000
+    """Story openings generated (train + held-out)."""
+    n_heldout: int = 256
+    """Held-out prompts for evaluation (never trained on)."""
+    completions_per_prompt: int = 4
+    """Samples per training prompt from the base model, paired for labeling."""
+    pairs_per_prompt: int = 3
+    """Distinct pairs labeled per prompt (at most k(k-1)/2); labels are cheap, samples are not."""
+    n_pref_prompts: int = 2000
+    """Training prompts that get labeled pairs."""
+    max_new_tokens: int = 48
+    """Completion length cap."""
+    temperature: float = 1.0
+    """Base-model sampling temperature for the preference data."""
+    flip_prob: float = 0.25
+    """Each simulated labeler flips this fraction of its labels (AlpacaFarm)."""
+    sft_source: str = "chosen"
+    """SFT targets: chosen completions of the labeled pairs (as the DPO paper does for HH)."""
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    stage: str = "eval"
+    """Stage name."""
+    policies: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
+    """Policies evaluated, read from ``artifacts_dir/<name>/model``."""
+    max_new_tokens: int = 48
+    """Completion length cap for evaluation samples."""
+    temperature: float = 1.0
+    """Sampling temperature for evaluation samples."""
+    n_bootstrap: int = 2000
+    """Bootstrap resamples for confidence intervals."""
+
+
+@dataclass
+class PipelineConfig:
+    artifacts_dir: str = "runs/demo"
+    """Where every stage writes (``runs/demo/<stage>``)."""
+    data_root: str = DATA_ROOT_INTERP
+    """Root for relative data paths."""
+    seed: int = 0
+    """Seed passed to every stage."""
+    stages: list[str] = field(default_factory=lambda: ["data", "sft", "rm", "ppo", "dpo", "eval"])
+    """Stages to run, in order."""
+    stage_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Extra Hydra overrides per stage, e.g. ``{ppo: ["trainer.max_steps=10"]}``."""
+    common_overrides: list[str] = field(default_factory=list)
+    """Overrides passed to every stage."""
+    skip_existing: bool = False
+    """Skip a stage whose run_dir already holds a finished marker."""
+    jobs: int = 1
+    """Stages in flight at once. 1: one after another, in this process. N > 1: later stages whose
+    inputs are ready also start, in up to N-1 background processes (DPO beside RM -> PPO)."""
+
+
+# ----------------------------------------------------------------------------- win-rate / judges
+# Entry points eval/winrate.py, eval/generate_samples.py, eval/hh_eval.py
+# (logic in rlhfstack/evaluation/judges.py and rlhfstack/evaluation/winrate.py).
