@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from rlhfstack.models.core import RewardEnsemble, RewardModel, load_reward_model, load_tokenizer
-from rlhfstack.models.encoders import (
-    encode_encoder_pairs,
-    load_encoder,
-    resolve_model_path,
-    resolve_pkgparts,
-    score_texts,
-)
+from rlhfstack.models.encoders import encode_encoder_pairs, load_encoder, score_texts
+from rlhfstack.models.paths import resolve_model_path, resolve_pkgparts
 
 WORDS = (
     "[PAD] [UNK] [CLS] [SEP] [MASK] human assistant : ? . ! , ' good bad great fine poor answer "
@@ -99,7 +94,7 @@ def _split_zip(model_dir: Path, out: Path, n_parts: int) -> list[Path]:
 def test_pkgparts_joins_unpacks_once_and_checks_sha(tmp_path, bert_dir, monkeypatch):
     import hashlib
 
-    import rlhfstack.models.encoders as enc
+    import rlhfstack.models.paths as enc
 
     src = tmp_path / "src"
     src.mkdir()
@@ -130,7 +125,7 @@ def test_pkgparts_joins_unpacks_once_and_checks_sha(tmp_path, bert_dir, monkeypa
 
 
 def test_pkgparts_missing_parts_and_truncated_archive(tmp_path, bert_dir, monkeypatch):
-    import rlhfstack.models.encoders as enc
+    import rlhfstack.models.paths as enc
 
     with pytest.raises(FileNotFoundError, match="no distribution surely-not-installed-xyz-001"):
         resolve_pkgparts("pkgparts:surely-not-installed-xyz", tmp_path / "c0")

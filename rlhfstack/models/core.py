@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from rlhfstack.losses import last_token_index, logprobs_from_logits
+from rlhfstack.models.paths import resolve_model_path
+from rlhfstack.runtime import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,8 +59,6 @@ def load_tokenizer(path: str, pad_token: str | None = None) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from rlhfstack.models.encoders import resolve_model_path
-
     tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
     if pad_token is not None and (tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id):
         pad_id = tok.convert_tokens_to_ids(pad_token)
@@ -92,7 +92,7 @@ def load_causal_lm(
     """Load an HF causal LM with dropout off; wrap it with LoRA adapters when ``lora.enabled``.
 
     ``path``: an HF directory or hub name, or a ``pkg:`` / ``pkgparts:`` / ``pkggguf:`` / ``*.gguf``
-    path (:func:`rlhfstack.models.encoders.resolve_model_path`).
+    path (:func:`rlhfstack.models.paths.resolve_model_path`).
 
     With ``lora.quantize_4bit`` the frozen base is loaded in bitsandbytes NF4 (QLoRA; GPU only).
     """
@@ -110,7 +110,6 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=_dtype(dtype) if dtype != "float32" else torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )
-    from rlhfstack.models.encoders import resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
     disable_dropout(model)
@@ -509,7 +508,6 @@ def save_hf(
     model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, merge_lora: bool = True
 ) -> None:
     """Save model + tokenizer as one HF directory (LoRA merged by default), atomically."""
-    from rlhfstack.runtime import atomic_dir
 
     with atomic_dir(out_dir) as tmp:
         m = model

@@ -1,6 +1,6 @@
 """GGUF checkpoints (llama.cpp's format) as HF model directories, offline.
 
-Two kinds of model path end up here (through :func:`rlhfstack.models.encoders.resolve_model_path`):
+Two kinds of model path end up here (through :func:`rlhfstack.models.paths.resolve_model_path`):
 
 * a local ``*.gguf`` file;
 * ``pkggguf:<distribution>``: a GGUF file split into chunks ``*.gguf.partNN`` over the installed
@@ -12,7 +12,7 @@ Two kinds of model path end up here (through :func:`rlhfstack.models.encoders.re
 
 Either way the tensors are de-quantized to float32 by transformers' GGUF loader (which needs the
 ``gguf`` package) and saved once as an HF directory (safetensors + tokenizer) in the model cache
-(:func:`rlhfstack.models.encoders.model_cache_dir`), written under a temporary name and renamed
+(:func:`rlhfstack.models.paths.model_cache_dir`), written under a temporary name and renamed
 into place. The result is an ordinary causal LM: a reward-model backbone
 (``rm.backbone=causal_lm``), an SFT start, a policy. Training runs in float32 from the
 de-quantized weights; the 4-bit blocks are not kept.
