@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
                 }
         # generation: ours and HF generate alternate for --gen-rounds rounds (each child its own
         # process, a median over its timed rollouts); the table takes each side's median over
-        # the rounds, and every round is kept (speedup_rounds), since this machine's speed
-        # drifts by 20-30% within minutes
+        # the rounds, and every round is kept (speedup_rounds), since a machine's speed can
+        # drift by 20-30% within minutes
         rounds_o, rounds_h = [], []
         for r in range(a.gen_rounds):
             tag = f"-r{r}" if a.gen_rounds > 1 else ""

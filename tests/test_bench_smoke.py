@@ -76,7 +76,7 @@ def test_tiny_model_shape(bench_mod, tiny_dir):
 
 
 def test_report_renders_targets_from_bench_json():
-    """``bench/report.py`` turns bench.json into the README table, judging each target."""
+    """``bench/report.py`` turns bench.json into the docs/performance.md tables, judging each target."""
     sys.path.insert(0, str(BENCH))
     try:
         import report

