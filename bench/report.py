@@ -1,4 +1,4 @@
-"""Print the Performance tables of docs/performance.md (markdown) from a ``bench.json``."""
+"""Print the Performance tables of docs/performance.md (markdown) from a ``bench.json``:
 
 .venv/bin/python bench/report.py runs/bench/bench.json
 """

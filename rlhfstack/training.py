@@ -183,7 +183,10 @@ def build_scheduler(
 
 
 def shared_prompt_pad(
-    enabled: bool, pad_id: int, items: Iterable[dict[str, list[int]]], state: distributed.ParallelState
+    enabled: bool,
+    pad_id: int,
+    items: Iterable[dict[str, list[int]]],
+    state: distributed.ParallelState,
 ) -> int | None:
     """The ``pad_id`` that turns on a stage's shared-prompt pair pass, or None for the plain one.
 
@@ -325,7 +328,9 @@ def train_loop(
 
     def save(step: int) -> None:
         extra = {"step": step, "scheduler": sched.state_dict(), "rng": rng_state()}
-        distributed.save_checkpoint(distributed.checkpoint_path(run.run_dir, step), model, opt, extra)
+        distributed.save_checkpoint(
+            distributed.checkpoint_path(run.run_dir, step), model, opt, extra
+        )
 
     with preemption_flag(can_ckpt) as preempt:
         for step in range(start + 1, steps + 1):

@@ -480,7 +480,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     # losses are normalized by the minibatch's token count over all ranks, and
                     # FSDP2 sums gradients: the update is the one-process update of the global
                     # minibatch
-                    mb_tokens = distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
+                    mb_tokens = (
+                        distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
+                    )
                     opt.zero_grad(set_to_none=True)
                     for j in range(0, mb_size, micro):
                         sub = idx[j : j + micro]
