@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfstack.configs import PipelineConfig, load_config, to_object
+from rlhfstack.tasks.demo import gold_scorer_for
 
 log = logging.getLogger("rlhfstack.pipeline")
 
@@ -59,8 +60,6 @@ def run_stage(stage: str, scfg: Any, command: str = "") -> None:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     mod = importlib.import_module(STAGE_MODULES[stage])
     if stage == "ppo":
-        from rlhfstack.tasks.demo import gold_scorer_for
-
         gold = (
             gold_scorer_for(scfg.gold_task, scfg.artifacts_dir, scfg.cluster.device)
             if scfg.gold_eval_every

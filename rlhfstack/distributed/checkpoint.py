@@ -6,12 +6,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rlhfstack.distributed.launch import barrier, current, is_main
 
@@ -46,7 +51,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def _quiet_single_process() -> Iterator[None]:
     """DCP warns on every single-process save/load ("assuming the intent is to ... in a single
     process"): that is the intent here."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -54,7 +58,6 @@ def _quiet_single_process() -> Iterator[None]:
 
 
 def _ckpt_options() -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # frozen weights (a LoRA base, a frozen trunk) are reloaded from the model path, not saved
     return StateDictOptions(ignore_frozen_params=True)
@@ -75,10 +78,6 @@ def save_checkpoint(
     generator) from every rank, as ``rank-R.pt``. Older ``ckpt-*`` siblings beyond the newest
     ``keep`` are removed.
     """
-    import shutil
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
@@ -114,8 +113,6 @@ def load_checkpoint(
     """Load what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (each rank its own
     shards, resharded if the layout changed); returns ``extra``, with this rank's ``rank_extra``
     under ``"rank_extra"`` (None when the checkpoint has none for this rank)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
     opts = _ckpt_options()
@@ -140,8 +137,6 @@ def read_checkpoint_tensors(path: str | os.PathLike, prefix: str = "model.") -> 
     """The tensors of a ``save_checkpoint`` directory whose flattened key starts with ``prefix``
     (``model.`` = the trained module's parameters), unsharded, in one process, keys without the
     prefix. For tools (export, conversion) that read a checkpoint without its training setup."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp.FileSystemReader(str(path))
     meta = reader.read_metadata().state_dict_metadata

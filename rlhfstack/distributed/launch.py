@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 log = logging.getLogger("rlhfstack.distributed")
 
@@ -179,7 +180,6 @@ def init_distributed(
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30), **kw
         )
-    from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(
         "cuda" if device.startswith("cuda") else "cpu",

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from rlhfstack.distributed.launch import (
     MIXED_PRECISION,
@@ -130,7 +132,6 @@ class DistributedModel:
     def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """The full (unsharded) state dict of ``model`` on every rank (only the parameters that
         require grad with ``trainable_only``). Collective."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if self.pipe is not None:
             raise NotImplementedError("full_state_dict under pipeline parallelism")
@@ -172,7 +173,6 @@ class DistributedModel:
         """
         if not self.state.distributed:
             return
-        from torch.distributed.fsdp import FSDPModule
 
         if self.pipe is not None:
             sd = self.pipe.full_state_dict()

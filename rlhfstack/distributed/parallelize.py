@@ -10,6 +10,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from rlhfstack.distributed.launch import MIXED_PRECISION, all_reduce_sum, comm_device
 
@@ -63,11 +71,6 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
     attention's ``view(..., -1, head_dim)`` picks up the local head count, and
     ``num_heads / num_kv_heads`` (the GQA group size) is the same on every rank.
     """
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
 
     tp = tp_mesh.size()
     if _has_lora(model):
@@ -126,7 +129,6 @@ def fully_shard_tree(
     reshard_after_forward: bool = True,
 ) -> nn.Module:
     """``fully_shard`` each block, then ``root`` (which owns the rest); sum-reduced gradients."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(
@@ -172,7 +174,6 @@ def apply_fsdp2(
 
 def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Sum of squares of ``grads`` (DTensors reduced over their meshes), fp32 on the grads' device."""
-    from torch.distributed.tensor import DTensor
 
     total = None
     groups: dict[Any, list[torch.Tensor]] = {}
@@ -260,7 +261,6 @@ def restore_plain(
 
 def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) state dict of an FSDP2 / TP module on rank 0, on CPU ({} elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(module, options=opts)

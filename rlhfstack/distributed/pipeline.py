@@ -13,6 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor
 
 from rlhfstack.distributed.launch import (
     ParallelState,
@@ -262,7 +265,6 @@ class PipelineRunner:
         raise RuntimeError("pipeline parallelism: the loss function never called the model trunk")
 
     def _schedule(self, n_micro: int, micro: int, rows: int, t_buf: int, hidden: int) -> Any:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         key = (n_micro, micro, rows, t_buf)
         if key in self._schedules:
@@ -345,7 +347,6 @@ class PipelineRunner:
 
     def _sync_shared_grads(self) -> None:
         """Sum the gradients of weights used on several stages (tied embedding / LM head)."""
-        from torch.distributed.tensor import DTensor
 
         for names in self._shared:
             p = next((self._named[n] for n in names if n in self._named), None)
@@ -369,8 +370,6 @@ class PipelineRunner:
 
         Collective over the whole world: sharded entries are gathered within each stage first.
         """
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
 
         for m in self.module.modules():
             if isinstance(m, FSDPModule):

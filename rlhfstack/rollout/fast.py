@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = [
     "FastDecodeResult",
@@ -69,7 +70,6 @@ def sample_categorical(
 
 
 def _cache_classes():
-    from transformers.cache_utils import Cache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
         """A DynamicLayer whose keys/values live in buffers sized for the whole rollout.

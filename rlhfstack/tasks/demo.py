@@ -13,6 +13,11 @@ import os
 import re
 from pathlib import Path
 
+from rlhfstack.models.core import load_causal_lm, load_tokenizer
+from rlhfstack.models.llama2c import convert
+from rlhfstack.runtime import atomic_write_json
+from rlhfstack.tasks.stories import GoldReward
+
 log = logging.getLogger("rlhfstack.demo")
 
 HUB_REPO = "karpathy/tinyllamas"
@@ -29,7 +34,6 @@ def ensure_base_model(out_dir: str | os.PathLike, data_root: str | os.PathLike) 
     (a user's machine), it is first downloaded from its public home, the hub repo
     ``karpathy/tinyllamas`` (folder ``stories260K``), into the data root.
     """
-    from rlhfstack.models.llama2c import convert
 
     out = Path(out_dir)
     if (out / "config.json").exists():
@@ -57,15 +61,12 @@ def cut_at_sentence(text: str) -> str:
 
 
 def save_gold_params(path: str | os.PathLike, params: dict) -> None:
-    from rlhfstack.runtime import atomic_write_json
 
     atomic_write_json(path, params)
 
 
 def load_gold(artifacts_dir: str | os.PathLike, device: str = "cpu"):
     """The demo's gold reward, rebuilt from ``data/gold.json`` and the frozen base model."""
-    from rlhfstack.models.core import load_causal_lm, load_tokenizer
-    from rlhfstack.tasks.stories import GoldReward
 
     art = Path(artifacts_dir)
     params = json.loads((art / "data" / "gold.json").read_text())

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhfstack.evaluation.metrics import repetition_rate
 
@@ -292,7 +294,6 @@ class LMFluencyScorer:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         """Fluency per completion; returns shape (B,) float64."""
-        import torch
 
         if len(prompts) != len(completions):
             raise ValueError("prompts and completions differ in length")
@@ -426,7 +427,6 @@ class GoldReward:
         batch_size: int = 32,
         empty_fluency: float = -10.0,
     ) -> None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         if fluency_fn is None:
             if model is None or tokenizer is None:
