@@ -103,14 +103,14 @@ def evaluate_rm_on_pairs(
     device: str = "cpu",
     seed: int = 0,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics (see module doc) and the chosen/rejected scores ``[N]``."""
+    """Metrics (see :mod:`rlhfstack.evaluation.rm_eval`) and the chosen/rejected scores ``[N]``."""
     c, r = score_pairs_text(rm, tok, pairs, max_len=max_len, batch_size=batch_size, device=device)
     m = preference_metrics(c, r, seed)
     m["baselines"] = {"length": length_baseline(pairs), "chance": 0.5}
     return m, c, r
 
 
-# ----------------------------------------------------------------------------- bias probes and the model card
+# ----------------------------------------------------------------------------- bias probes
 
 
 def _format(template: str, prompts: Sequence[str]) -> list[str]:
