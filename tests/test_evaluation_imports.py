@@ -35,7 +35,7 @@ def test_pure_evaluation_modules_import_no_models_rollout_or_stages():
 
 def test_config_imports_no_evaluation_code():
     code = (
-        "import sys, rlhfstack.config; "
+        "import sys, rlhfstack.configs; "
         "bad = sorted(m for m in sys.modules if m.startswith('rlhfstack.evaluation')); "
         "assert not bad, bad"
     )

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhfstack.config import DetectorThresholds
+from rlhfstack.configs import DetectorThresholds
 from rlhfstack.evaluation.metrics import ngrams, repetition_rate
 from rlhfstack.runtime import read_jsonl
 

@@ -84,7 +84,7 @@ def overoptimization_report(
 
 def run_overoptimization(cfg: Any) -> dict[str, Any]:
     """``eval/overoptimization.py``: :func:`overoptimization_report` as configured by an
-    :class:`rlhfstack.config.OveroptimizationConfig`, then ``config.yaml`` beside it. Returns the
+    :class:`rlhfstack.configs.OveroptimizationConfig`, then ``config.yaml`` beside it. Returns the
     JSON written."""
     result = overoptimization_report(
         cfg.run_dir,

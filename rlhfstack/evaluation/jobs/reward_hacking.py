@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from rlhfstack.config import DetectorThresholds
+from rlhfstack.configs import DetectorThresholds
 from rlhfstack.data.templates import get_template
 from rlhfstack.evaluation.detectors import (
     LETTERS,

@@ -7,7 +7,7 @@ write ``rm_eval.json`` and the model card.
   scored pairs; flattery, refusal and sanity by scoring the probe texts);
   :func:`write_model_card` writes the card and ``probes.json`` into the RM directory.
 * :func:`run_rm_eval` (``eval/rm_eval.py``) -- all of it, as configured by an
-  :class:`rlhfstack.config.RMEvalConfig`.
+  :class:`rlhfstack.configs.RMEvalConfig`.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def write_model_card(
 def run_rm_eval(cfg: Any) -> dict:
     """Score ``cfg.rm_path`` on ``cfg.data_path``; write ``rm_eval.json``, ``reliability.png`` and
     ``rm_eval_scores.jsonl`` into ``cfg.output_dir`` (and ``MODEL_CARD.md`` into the RM directory
-    when it has none and ``cfg.model_card``). ``cfg`` is an :class:`rlhfstack.config.RMEvalConfig`."""
+    when it has none and ``cfg.model_card``). ``cfg`` is an :class:`rlhfstack.configs.RMEvalConfig`."""
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
