@@ -5,7 +5,7 @@
 
 ``model=`` is an alias of the config field ``model_path`` (Hydra treats a bare ``model=`` as a
 choice in the ``conf/model`` group). See conf/generate_samples.yaml; logic in
-rlhfstack/evaluation/winrate.py.
+rlhfstack/evaluation/jobs/winrate.py.
 """
 
 import sys
@@ -23,7 +23,7 @@ def alias_model_arg(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="generate_samples", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rlhfstack.evaluation.winrate import run_generate_samples
+    from rlhfstack.evaluation.jobs.winrate import run_generate_samples
 
     run_generate_samples(to_object(cfg))
 

@@ -4,7 +4,7 @@
     python eval/mmlu.py model_path=runs/demo/ppo/model baseline_path=runs/demo/sft/model \
         output_dir=runs/eval/mmlu_ppo subjects=[anatomy,astronomy] limit=20
 
-See conf/mmlu.yaml; logic in rlhfstack/evaluation/mmlu.py.
+See conf/mmlu.yaml; logic in rlhfstack/evaluation/jobs/mmlu.py.
 """
 
 import hydra
@@ -15,7 +15,7 @@ from rlhfstack.configs import CONF_DIR, to_object
 
 @hydra.main(config_path=str(CONF_DIR), config_name="mmlu", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rlhfstack.evaluation.mmlu import run_mmlu
+    from rlhfstack.evaluation.jobs.mmlu import run_mmlu
 
     run_mmlu(to_object(cfg))
 

@@ -3,7 +3,7 @@ Gao et al. (2022)'s R(d) = d (alpha - beta log d); the KL at the gold peak.
 
     python eval/overoptimization.py run_dir=runs/demo/ppo output_dir=runs/eval/overopt
 
-See conf/overoptimization.yaml; logic in rlhfstack/evaluation/overopt.py.
+See conf/overoptimization.yaml; logic in rlhfstack/evaluation/jobs/overopt.py.
 """
 
 import hydra
@@ -14,19 +14,9 @@ from rlhfstack.configs import CONF_DIR, to_object
 
 @hydra.main(config_path=str(CONF_DIR), config_name="overoptimization", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rlhfstack.evaluation.overopt import overoptimization_report
-    from rlhfstack.runtime import save_resolved_config
+    from rlhfstack.evaluation.jobs.overopt import run_overoptimization
 
-    obj = to_object(cfg)
-    result = overoptimization_report(
-        obj.run_dir,
-        obj.output_dir,
-        offset=obj.offset,
-        kl_key=obj.kl_key,
-        gold_key=obj.gold_key,
-        proxy_key=obj.proxy_key,
-    )
-    save_resolved_config(obj, obj.output_dir)
+    result = run_overoptimization(to_object(cfg))
     print(f"KL at the fitted gold peak: {result['kl_star']}; plot: {result['plot']}")
 
 

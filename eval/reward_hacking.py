@@ -5,7 +5,7 @@ plus the proxy/gold reward gap of a PPO run.
         reference=runs/demo/samples/sft.jsonl output_dir=runs/eval/reward_hacking \
         [model_path=runs/demo/ppo/model] [ppo_run_dir=runs/demo/ppo]
 
-See conf/reward_hacking.yaml; logic in rlhfstack/evaluation/detectors.py.
+See conf/reward_hacking.yaml; logic in rlhfstack/evaluation/jobs/reward_hacking.py.
 """
 
 import hydra
@@ -16,7 +16,7 @@ from rlhfstack.configs import CONF_DIR, to_object
 
 @hydra.main(config_path=str(CONF_DIR), config_name="reward_hacking", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rlhfstack.evaluation.detectors import run_reward_hacking
+    from rlhfstack.evaluation.jobs.reward_hacking import run_reward_hacking
     from rlhfstack.runtime import save_resolved_config
 
     obj = to_object(cfg)

@@ -18,7 +18,7 @@ from rlhfstack.configs import CONF_DIR, to_object
 
 @hydra.main(config_path=str(CONF_DIR), config_name="rm_eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rlhfstack.evaluation.rm_eval import run_rm_eval
+    from rlhfstack.evaluation.jobs.rm_eval import run_rm_eval
 
     res = run_rm_eval(to_object(cfg))
     keys = ("accuracy", "n", "ece", "mean_margin", "baselines", "skipped")

@@ -8,20 +8,20 @@ import random
 import numpy as np
 import pytest
 
+from rlhfstack.configs import DetectorThresholds
 from rlhfstack.evaluation.detectors import (
     FAMILIES,
     SYCOPHANCY_QUESTIONS,
-    DetectorThresholds,
     equal_budget_distinct_n,
     is_refusal,
     load_completions,
     load_xstest,
-    make_choice_fn,
     proxy_gold_gap,
     run_detectors,
     sycophancy_probe,
     xstest_refusal,
 )
+from rlhfstack.evaluation.jobs.reward_hacking import make_choice_fn
 
 WORDS = (
     "the a little girl boy dog cat park tree sun rain happy sad ran jumped played found "
@@ -260,7 +260,7 @@ def _write_jsonl(path, texts, prompts=None):
 def test_entry_point_config_end_to_end(tmp_path, data_root):
     """Hydra config -> run_reward_hacking -> reward_hacking.json (no model: sycophancy skipped)."""
     from rlhfstack.configs import load_config, to_object
-    from rlhfstack.evaluation.detectors import run_reward_hacking
+    from rlhfstack.evaluation.jobs.reward_hacking import run_reward_hacking
 
     samples = _write_jsonl(tmp_path / "s.jsonl", looping_texts(30, 1))
     ref = _write_jsonl(tmp_path / "r.jsonl", clean_texts(30, 2))
@@ -304,7 +304,7 @@ def test_entry_point_config_end_to_end(tmp_path, data_root):
 
 def test_entry_point_with_model_generates_xstest_and_probes(tmp_path, stories_hf):
     from rlhfstack.configs import load_config, to_object
-    from rlhfstack.evaluation.detectors import run_reward_hacking
+    from rlhfstack.evaluation.jobs.reward_hacking import run_reward_hacking
 
     samples = _write_jsonl(tmp_path / "s.jsonl", clean_texts(20, 1))
     cfg = to_object(

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from rlhfstack.data.text_stats import repetition_rate
 from rlhfstack.evaluation.metrics import (
     bootstrap_mean_ci,
     distinct_n,
     mean_length_tokens,
     mean_length_words,
-    repetition_rate,
     win_outcomes,
     winrate_from_outcomes,
     winrate_with_ci,

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from rlhfstack.evaluation.jobs.mmlu import write_task_yamls
 from rlhfstack.evaluation.mmlu import (
     FewshotChoice,
     accuracy_summary,
@@ -15,7 +16,6 @@ from rlhfstack.evaluation.mmlu import (
     list_subjects,
     read_mmlu_csv,
     wilson_ci,
-    write_task_yamls,
 )
 
 SUBJECTS = ["anatomy", "high_school_geography"]
@@ -141,7 +141,7 @@ def test_mmlu_end_to_end_on_tiny_model(stories_hf, mmlu_dir, tmp_path):
     an earlier run's results as the baseline."""
     pytest.importorskip("lm_eval")
     from rlhfstack.configs import load_config, to_object
-    from rlhfstack.evaluation.mmlu import run_mmlu
+    from rlhfstack.evaluation.jobs.mmlu import run_mmlu
 
     # a fabricated earlier baseline run that got every question right
     base_dir = tmp_path / "base"

@@ -11,12 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhfstack.evaluation.overopt import (
-    fit_gao,
-    gao_curve,
-    overoptimization_report,
-    read_kl_rewards,
-)
+from rlhfstack.evaluation.jobs.overopt import overoptimization_report
+from rlhfstack.evaluation.overopt import fit_gao, gao_curve, read_kl_rewards
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from rlhfstack.evaluation.jobs.rm_eval import run_probes
 from rlhfstack.evaluation.rm_eval import length_baseline, pair_accuracy, preference_metrics
 from rlhfstack.evaluation.rm_probes import (
     SANITY_BAD,
@@ -20,7 +21,6 @@ from rlhfstack.evaluation.rm_probes import (
     length_correlation,
     read_xstest_safe,
     render_model_card,
-    run_probes,
 )
 from rlhfstack.models.core import RewardModel, load_tokenizer
 
@@ -118,7 +118,7 @@ def _cfg(rm_dir: Path, data: Path, out: Path, **kw):
 
 
 def test_rm_eval_keys_accuracy_and_skips(tiny_rm_dir, tmp_path, data_root):
-    from rlhfstack.evaluation.rm_eval import run_rm_eval
+    from rlhfstack.evaluation.jobs.rm_eval import run_rm_eval
 
     data = write_eval_file(tmp_path / "pairs.jsonl")
     res = run_rm_eval(_cfg(tiny_rm_dir, data, tmp_path / "out", model_card="false"))
@@ -142,7 +142,7 @@ def test_rm_eval_keys_accuracy_and_skips(tiny_rm_dir, tmp_path, data_root):
 
 
 def test_rm_eval_ultrafeedback_format_autodetected(tiny_rm_dir, tmp_path, data_root):
-    from rlhfstack.evaluation.rm_eval import run_rm_eval
+    from rlhfstack.evaluation.jobs.rm_eval import run_rm_eval
 
     rows = [
         {
@@ -177,7 +177,7 @@ def test_rm_eval_ultrafeedback_format_autodetected(tiny_rm_dir, tmp_path, data_r
 def test_rm_eval_writes_missing_model_card(tiny_rm_dir, tmp_path, data_root):
     import shutil
 
-    from rlhfstack.evaluation.rm_eval import run_rm_eval
+    from rlhfstack.evaluation.jobs.rm_eval import run_rm_eval
 
     rm_dir = tmp_path / "rm"
     shutil.copytree(tiny_rm_dir, rm_dir)
@@ -262,7 +262,7 @@ def test_read_xstest_safe(tmp_path):
 
 def test_rm_eval_on_causal_lm_reward_model(stories_hf, tmp_path, data_root):
     """The same evaluator scores a causal-LM RM ([BOS] prompt response EOS, last token)."""
-    from rlhfstack.evaluation.rm_eval import run_rm_eval
+    from rlhfstack.evaluation.jobs.rm_eval import run_rm_eval
     from rlhfstack.models.core import load_causal_lm
 
     torch.manual_seed(0)

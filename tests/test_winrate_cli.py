@@ -85,7 +85,7 @@ def test_winrate_cli_llm_judges_cache_and_secret(tmp_path, data_root):
 
         # rerun (in process, same config): everything comes from the cache -> 0 requests
         from rlhfstack.configs import load_config, to_object
-        from rlhfstack.evaluation.winrate import run_winrate
+        from rlhfstack.evaluation.jobs.winrate import run_winrate
 
         os.environ["JUDGE_TEST_KEY"] = SECRET
         try:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from rlhfstack.configs import load_config, to_object
-from rlhfstack.evaluation.judges import JudgmentCache, RMJudge
-from rlhfstack.evaluation.winrate import run_generate_samples, run_hh_eval, run_winrate
+from rlhfstack.evaluation.jobs.judges import RMJudge
+from rlhfstack.evaluation.jobs.winrate import run_generate_samples, run_hh_eval, run_winrate
+from rlhfstack.evaluation.judges import JudgmentCache
 
 PROMPTS = [
     "Lily and Tom went to the park.",

@@ -1,9 +1,7 @@
-"""Calibration of pairwise preference probabilities: expected calibration error and reliability diagrams."""
+"""Calibration of pairwise preference probabilities: expected calibration error and reliability bins
+(the diagram is drawn by :func:`rlhfstack.evaluation.jobs.plots.plot_reliability`)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 
@@ -40,36 +38,3 @@ def reliability_bins(probs: np.ndarray, outcomes: np.ndarray, n_bins: int = 10) 
             }
         )
     return {"ece": float(ece), "bins": bins}
-
-
-def plot_reliability(
-    rel: dict, path: str | os.PathLike, title: str = "reward model calibration"
-) -> Path:
-    """Reliability diagram PNG (written to a temporary name, then renamed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect")
-    pts = [(b["mean_prob"], b["accuracy"], b["n"]) for b in rel["bins"] if b["n"]]
-    if pts:
-        x, y, n = zip(*pts)
-        ax.plot(x, y, "o-", label="model")
-        for xi, yi, ni in pts:
-            ax.annotate(str(ni), (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, -9))
-    ax.set_xlabel("predicted P(chosen preferred)")
-    ax.set_ylabel("observed frequency")
-    ax.set_title(f"{title}\nECE = {rel['ece']:.3f}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

@@ -1,10 +1,12 @@
-"""Pairwise judges for win-rates: the demo's gold reward, a trained reward model, LLM judges.
+"""Pairwise judges for win-rates: the demo's gold reward (or any scorer), LLM judges.
 
 Every judge answers the same question -- on prompt i, is answer A better than answer B? -- as a
 per-pair *outcome* from A's point of view: 1.0 (A better), 0.5 (tie), 0.0 (B better).
 
-* :class:`GoldJudge` and :class:`RMJudge` are *pointwise*: they score each (prompt, answer) on
-  its own and compare the scores, so their verdicts cannot depend on the order of A and B.
+* :class:`GoldJudge` (and the reward-model judge ``RMJudge`` of
+  :mod:`rlhfstack.evaluation.jobs.judges`) are *pointwise* (:class:`PointwiseJudge`): they score
+  each (prompt, answer) on its own and compare the scores, so their verdicts cannot depend on the
+  order of A and B.
 * :class:`LLMJudge` asks a chat model through any OpenAI-compatible endpoint (the OpenAI API, a
   gateway to another vendor, a local vLLM server) with an MT-Bench-style pairwise prompt
   (Zheng et al. 2023) that ends in ``[[A]]``, ``[[B]]`` or ``[[C]]`` (tie). Each pair is judged
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import openai
 
 from rlhfstack.evaluation.metrics import win_outcomes
 
@@ -51,8 +54,8 @@ __all__ = [
     "JudgmentCache",
     "LLMJudge",
     "PointwiseJudge",
-    "RMJudge",
     "RateLimiter",
+    "hash_texts",
     "load_judge_prompt",
     "parse_verdict",
     "verdict_outcome",
@@ -107,7 +110,8 @@ class Judge(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def _sha(*parts: str) -> str:
+def hash_texts(*parts: str) -> str:
+    """SHA-256 hex digest of the strings, each followed by a NUL byte."""
     h = hashlib.sha256()
     for p in parts:
         h.update(p.encode("utf-8", "surrogatepass"))
@@ -138,12 +142,12 @@ class JudgmentCache:
     @staticmethod
     def pair_key(judge_id: str, prompt: str, first: str, second: str) -> str:
         """Key of a pairwise judgment: ``first`` was shown as answer A, ``second`` as B."""
-        return _sha("pair", judge_id, prompt, first, second)
+        return hash_texts("pair", judge_id, prompt, first, second)
 
     @staticmethod
     def score_key(judge_id: str, prompt: str, answer: str) -> str:
         """Key of a pointwise score."""
-        return _sha("score", judge_id, prompt, answer)
+        return hash_texts("score", judge_id, prompt, answer)
 
     def get(self, key: str) -> Any | None:
         row = self._db.execute("SELECT value FROM judgments WHERE key = ?", (key,)).fetchone()
@@ -180,29 +184,8 @@ class JudgmentCache:
 
 
 # --------------------------------------------------------------------------------------------
-# Pointwise judges (gold reward, reward model)
+# Pointwise judges
 # --------------------------------------------------------------------------------------------
-
-
-def _files_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Cheap content fingerprint of a file or of a directory's top-level files: name, size and
-    SHA-256 of the first and last MiB of each (hashing multi-GB weights in full is too slow)."""
-    p = Path(path)
-    files = (
-        sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith("."))
-        if p.is_dir()
-        else [p]
-    )
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(chunk))
-            if size > 2 * chunk:
-                fh.seek(size - chunk)
-                h.update(fh.read(chunk))
-    return h.hexdigest()[:16]
 
 
 class PointwiseJudge:
@@ -258,7 +241,8 @@ class PointwiseJudge:
 
 class GoldJudge(PointwiseJudge):
     """The embedded demo's hidden gold reward as a judge (or any ``(prompts, answers) -> (B,)``
-    scorer, e.g. a stand-in for tests)."""
+    scorer, e.g. a stand-in for tests); :func:`rlhfstack.evaluation.jobs.judges.load_gold_judge`
+    builds it from the demo's artifacts."""
 
     def __init__(
         self,
@@ -272,108 +256,6 @@ class GoldJudge(PointwiseJudge):
 
     def score_uncached(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         return np.asarray(self._scorer(list(prompts), list(answers)), dtype=np.float64)
-
-    @classmethod
-    def from_artifacts(
-        cls,
-        artifacts_dir: str | os.PathLike,
-        device: str = "cpu",
-        cache: JudgmentCache | None = None,
-    ) -> GoldJudge:
-        """Rebuild the demo's gold reward from ``<artifacts_dir>/data/gold.json`` and its frozen
-        base model (``rlhfstack.tasks.demo.load_gold``)."""
-        from rlhfstack.tasks.demo import load_gold
-
-        art = Path(artifacts_dir)
-        if not (art / "data" / "gold.json").exists():
-            raise FileNotFoundError(
-                f"judge=gold needs {art / 'data' / 'gold.json'} (run the demo's data stage, or set "
-                "artifacts_dir)"
-            )
-        gold = load_gold(art, device)
-        identity = (
-            "gold:"
-            + _sha(
-                (art / "data" / "gold.json").read_text(), _files_fingerprint(art / "base_model")
-            )[:16]
-        )
-        return cls(gold.score, identity=identity, cache=cache)
-
-
-class RMJudge(PointwiseJudge):
-    """A trained reward model as a judge: each answer is scored as the RM was trained
-    (``rlhfstack.models.encoders.score_texts``: causal-LM or encoder backbones, single or ensemble).
-
-    Args:
-        rm: a :class:`rlhfstack.models.core.RewardModel` (eval mode).
-        tokenizer: its tokenizer.
-        max_len: token cap per sequence (long prompts keep their end); also capped by the
-            backbone's ``max_position_embeddings``.
-        batch_size: sequences per forward pass.
-    """
-
-    def __init__(
-        self,
-        rm: Any,
-        tokenizer: Any,
-        *,
-        identity: str = "rm",
-        cache: JudgmentCache | None = None,
-        max_len: int = 1024,
-        batch_size: int = 16,
-        device: str = "cpu",
-        name: str = "rm",
-    ) -> None:
-        super().__init__(name, identity, cache)
-        self.rm = rm
-        self.tokenizer = tokenizer
-        max_pos = getattr(getattr(rm.backbone, "config", None), "max_position_embeddings", None)
-        self.max_len = int(min(max_len, max_pos) if max_pos else max_len)
-        self.batch_size = batch_size
-        self.device = device
-
-    def score_uncached(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-        # one scoring path for causal-LM and encoder reward models (and ensembles)
-        from rlhfstack.models.encoders import score_texts
-
-        out = score_texts(
-            self.rm,
-            self.tokenizer,
-            list(prompts),
-            list(answers),
-            max_len=self.max_len,
-            batch_size=self.batch_size,
-            device=self.device,
-        )
-        return np.asarray(out["mean"], dtype=np.float64)
-
-    @classmethod
-    def from_path(
-        cls,
-        path: str | os.PathLike,
-        *,
-        tokenizer_path: str | os.PathLike | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-        cache: JudgmentCache | None = None,
-        max_len: int = 1024,
-        batch_size: int = 16,
-    ) -> RMJudge:
-        """Load a reward model saved by the RM stage (``RewardModel.load``)."""
-        from rlhfstack.models.core import RewardModel, load_tokenizer
-
-        rm = RewardModel.load(path, dtype=dtype, device=device)
-        tok = load_tokenizer(str(tokenizer_path or path))
-        identity = f"rm:{_files_fingerprint(path)}:{dtype}:{max_len}"
-        return cls(
-            rm,
-            tok,
-            identity=identity,
-            cache=cache,
-            max_len=max_len,
-            batch_size=batch_size,
-            device=device,
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +300,7 @@ class JudgePrompt:
         return msgs + [{"role": "user", "content": user}]
 
     def digest(self) -> str:
-        return _sha(self.system, self.template)[:16]
+        return hash_texts(self.system, self.template)[:16]
 
 
 BUILTIN_PAIRWISE_PROMPT = JudgePrompt(
@@ -525,8 +407,6 @@ class ChatClient:
         backoff_max_s: float = 60.0,
         timeout_s: float = 120.0,
     ) -> None:
-        from openai import OpenAI
-
         key = os.environ.get(api_key_env) if api_key_env else None
         if not key:
             if base_url is None and not os.environ.get("OPENAI_BASE_URL"):
@@ -538,7 +418,9 @@ class ChatClient:
             key = "EMPTY"
         self.model = model
         self._key = key
-        self._client = OpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=timeout_s)
+        self._client = openai.OpenAI(
+            api_key=key, base_url=base_url, max_retries=0, timeout=timeout_s
+        )
         self.base_url = str(self._client.base_url).rstrip("/")
         self.limiter = RateLimiter(requests_per_minute)
         self.max_retries = max_retries
@@ -558,8 +440,6 @@ class ChatClient:
         return _KEY_LIKE.sub("***", text)
 
     def _retryable(self, err: Exception) -> bool:
-        import openai
-
         if isinstance(err, openai.APIConnectionError):  # includes timeouts
             return True
         if isinstance(err, openai.APIStatusError):

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from rlhfstack.data.text_stats import ngrams
+
 __all__ = [
     "bootstrap_mean_ci",
     "distinct_n",
     "mean_length_tokens",
     "mean_length_words",
-    "ngrams",
-    "repetition_rate",
     "win_outcomes",
     "winrate_from_outcomes",
     "winrate_with_ci",
@@ -116,13 +116,6 @@ def winrate_with_ci(
     return winrate_from_outcomes(win_outcomes(scores_a, scores_b), n_boot=n_boot, seed=seed)
 
 
-def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    """All contiguous n-grams of a word list (empty if fewer than n words)."""
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-
-
 def distinct_n(texts: Iterable[str], n: int) -> float:
     """Corpus-level distinct-n: #unique n-grams / #n-grams over all texts (whitespace words).
 
@@ -133,18 +126,6 @@ def distinct_n(texts: Iterable[str], n: int) -> float:
         counts.update(ngrams(text.split(), n))
     total = sum(counts.values())
     return float(len(counts) / total) if total else 0.0
-
-
-def repetition_rate(text: str, n: int = 3) -> float:
-    """Fraction of the n-grams in ``text`` that repeat an earlier n-gram: 1 - unique/total.
-
-    In [0, 1): 0 for no repetition (or fewer than n words); a k-fold loop of a phrase tends to
-    1 - 1/k. Whitespace words, case-sensitive (normalise the text first if needed).
-    """
-    grams = ngrams(text.split(), n)
-    if not grams:
-        return 0.0
-    return float(1.0 - len(set(grams)) / len(grams))
 
 
 def mean_length_words(texts: Sequence[str]) -> float:

@@ -1,4 +1,4 @@
-"""5-shot MMLU through lm-evaluation-harness on local CSVs, and the alignment tax.
+"""MMLU on local CSVs: the data, the few-shot fit to a context window, and the alignment tax.
 
 Data layout (``$RLHF_DATA_ROOT/benchmarks/mmlu``)::
 
@@ -6,10 +6,10 @@ Data layout (``$RLHF_DATA_ROOT/benchmarks/mmlu``)::
     test/<subject>_test.csv  the evaluated questions
     header: question,choice0,choice1,choice2,choice3,answer   (answer = 0-based index)
 
-The harness never touches the hub: :func:`write_task_yamls` writes one lm-eval task YAML per
-subject whose ``custom_dataset`` is :func:`load_mmlu_csv` (a ``!function`` reference), reading
-the CSVs with the stdlib ``csv`` module (so that choices such as ``None`` or ``0.50`` stay
-strings). The prompt is the standard harness/Hendrycks format: a subject description, ``k``
+The harness never touches the hub: :func:`rlhfstack.evaluation.jobs.mmlu.write_task_yamls`
+writes one lm-eval task YAML per subject whose ``custom_dataset`` is :func:`load_mmlu_csv` (a
+``!function`` reference), reading the CSVs with the stdlib ``csv`` module (so that choices such
+as ``None`` or ``0.50`` stay strings). The prompt is the standard harness/Hendrycks format: a subject description, ``k``
 solved dev examples, then ``question / A. .. / D. .. / Answer:`` scored by the log-likelihood of
 `` A`` .. `` D`` (``acc``). The YAML directory also holds a ``rlhf_mmlu`` group, so the same tasks
 run from the CLI: ``lm_eval --include_path DIR --tasks rlhf_mmlu --model hf ...``.
@@ -22,12 +22,14 @@ that still do not fit are truncated from the left by the harness (counted in ``n
 Alignment tax (Ouyang et al. 2022; Askell et al. 2021): ``tax = acc(baseline) - acc(policy)`` on
 the same questions, positive when alignment cost accuracy, with a paired bootstrap CI over
 questions (and a normal-approximation CI alongside).
+
+The job that loads models, runs the harness and writes ``mmlu.json`` is
+:mod:`rlhfstack.evaluation.jobs.mmlu`.
 """
 
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -35,9 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHOICE_LETTERS",
@@ -45,24 +46,17 @@ __all__ = [
     "accuracy_summary",
     "alignment_tax",
     "choose_num_fewshot",
-    "evaluate_mmlu",
     "list_subjects",
     "load_mmlu_csv",
     "read_mmlu_csv",
-    "run_mmlu",
     "subject_task_name",
     "wilson_ci",
-    "write_task_yamls",
 ]
 
 CHOICE_LETTERS = ("A", "B", "C", "D")
 CSV_HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
 TASK_PREFIX = "rlhf_mmlu"
 GROUP_NAME = "rlhf_mmlu"
-DOC_TO_TEXT = (
-    "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
-    "D. {{choices[3]}}\nAnswer:"
-)
 
 # ----------------------------------------------------------------------------- data
 
@@ -113,8 +107,6 @@ def load_mmlu_csv(dev: str, test: str, subject: str = "", **_unused: Any) -> Any
     The harness calls it with the task's ``metadata`` and ``dataset_kwargs`` merged as keyword
     arguments; only ``dev``, ``test`` (CSV paths) and ``subject`` are used.
     """
-    import datasets
-
     features = datasets.Features(
         {
             "question": datasets.Value("string"),
@@ -133,84 +125,6 @@ def load_mmlu_csv(dev: str, test: str, subject: str = "", **_unused: Any) -> Any
 def subject_task_name(subject: str, prefix: str = TASK_PREFIX) -> str:
     """Harness task name of a subject, e.g. ``rlhf_mmlu_anatomy``."""
     return f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', subject)}"
-
-
-def _yaml_str(s: str) -> str:
-    """A double-quoted YAML scalar (JSON string syntax is valid YAML)."""
-    import json
-
-    return json.dumps(s)
-
-
-def write_task_yamls(
-    mmlu_dir: str | Path,
-    subjects: Sequence[str],
-    out_dir: str | Path,
-    num_fewshot: int = 5,
-    prefix: str = TASK_PREFIX,
-) -> dict[str, str]:
-    """Write one lm-eval task YAML per subject (and a ``<prefix>`` group YAML) into ``out_dir``.
-
-    Returns ``{subject: task_name}``. The YAMLs hold absolute CSV paths, so the directory can be
-    passed to ``lm_eval --include_path``.
-    """
-    mmlu_dir = Path(mmlu_dir).resolve()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names: dict[str, str] = {}
-    for subject in subjects:
-        dev = mmlu_dir / "dev" / f"{subject}_dev.csv"
-        test = mmlu_dir / "test" / f"{subject}_test.csv"
-        for p in (dev, test):
-            if not p.exists():
-                raise FileNotFoundError(f"MMLU subject {subject!r}: {p} not found")
-        name = subject_task_name(subject, prefix)
-        pretty = subject.replace("_", " ")
-        description = (
-            f"The following are multiple choice questions (with answers) about {pretty}.\n\n"
-        )
-        text = "\n".join(
-            [
-                f"# Generated by rlhfstack.evaluation.mmlu for {subject}; local CSVs, no hub access.",
-                f"task: {name}",
-                f"task_alias: {subject}",
-                "custom_dataset: !function rlhfstack.evaluation.mmlu.load_mmlu_csv",
-                "dataset_kwargs:",
-                f"  dev: {_yaml_str(str(dev))}",
-                f"  test: {_yaml_str(str(test))}",
-                f"  subject: {_yaml_str(subject)}",
-                "test_split: test",
-                "fewshot_split: dev",
-                "fewshot_config:",
-                "  sampler: first_n",
-                f"num_fewshot: {int(num_fewshot)}",
-                "output_type: multiple_choice",
-                f"description: {_yaml_str(description)}",
-                f"doc_to_text: {_yaml_str(DOC_TO_TEXT)}",
-                f"doc_to_choice: [{', '.join(_yaml_str(c) for c in CHOICE_LETTERS)}]",
-                "doc_to_target: answer",
-                "metric_list:",
-                "  - metric: acc",
-                "    aggregation: mean",
-                "    higher_is_better: true",
-                "metadata:",
-                "  version: 1.0",
-                "",
-            ]
-        )
-        (out_dir / f"{name}.yaml").write_text(text, encoding="utf-8")
-        names[subject] = name
-    group = [f"group: {prefix}", "task:"] + [f"  - {n}" for n in names.values()]
-    group += [
-        "aggregate_metric_list:",
-        "  - metric: acc",
-        "    weight_by_size: true",
-        "metadata:",
-        "  version: 1.0",
-        "",
-    ]
-    (out_dir / f"_{prefix}_group.yaml").write_text("\n".join(group), encoding="utf-8")
-    return names
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -296,7 +210,7 @@ def alignment_tax(
     }
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- few-shot count
 
 
 @dataclass
@@ -343,297 +257,3 @@ def choose_num_fewshot(
         else:
             return FewshotChoice(k, 1.0 - over / len(contexts), int(over))
     raise AssertionError("unreachable")
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def evaluate_mmlu(
-    model: Any,
-    tokenizer: Any,
-    *,
-    mmlu_dir: str | Path,
-    work_dir: str | Path,
-    subjects: Sequence[str] | None = None,
-    num_fewshot: int = 5,
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_length: int | None = None,
-    min_fit_fraction: float = 0.95,
-    apply_chat_template: bool = False,
-    seed: int = 1234,
-    quiet_harness: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a loaded HF causal LM on MMLU with lm-eval's ``HFLM``.
-
-    Args:
-        model: a ``transformers`` causal LM (already on its device, eval mode).
-        tokenizer: its tokenizer.
-        mmlu_dir: directory with ``dev/`` and ``test/`` CSVs.
-        work_dir: where the generated task YAMLs go (``work_dir/lm_eval_tasks``).
-        subjects: subset of subjects (default: all found).
-        num_fewshot: shots requested (5 is the MMLU standard; reduced per subject to fit).
-        limit: evaluate only the first ``limit`` test questions of each subject.
-        batch_size: harness batch size.
-        max_length: context length; default ``model.config.max_position_embeddings``.
-        min_fit_fraction: see :func:`choose_num_fewshot`.
-        apply_chat_template: wrap prompts in the tokenizer's chat template (instruct models).
-        seed: harness seeds (python/numpy/torch/few-shot).
-        quiet_harness: silence lm-eval's own INFO/WARNING logging during the run.
-
-    Returns:
-        ``{"accuracy", "n", "ci95", "macro_accuracy", "per_subject": {s: {"accuracy", "n",
-        "num_fewshot", "fit_fraction", "n_truncated"}}, "items": {"s/doc_id": 0|1},
-        "num_fewshot_requested", "max_length", "limit", "warnings": [str]}``.
-    """
-    all_subjects = list_subjects(mmlu_dir)
-    if subjects:
-        unknown = sorted(set(subjects) - set(all_subjects))
-        if unknown:
-            raise ValueError(f"unknown MMLU subjects {unknown}; available: {all_subjects}")
-        subjects = list(dict.fromkeys(subjects))
-    else:
-        subjects = all_subjects
-    if max_length is None:
-        max_length = int(getattr(model.config, "max_position_embeddings", 2048))
-
-    harness_log = logging.getLogger("lm_eval")
-    old_level = harness_log.level
-    if quiet_harness:  # per-task INFO/WARNING chatter; our own warnings still go through
-        harness_log.setLevel(logging.ERROR)
-    try:
-        return _evaluate(
-            model,
-            tokenizer,
-            mmlu_dir=mmlu_dir,
-            work_dir=work_dir,
-            subjects=subjects,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            batch_size=batch_size,
-            max_length=max_length,
-            min_fit_fraction=min_fit_fraction,
-            apply_chat_template=apply_chat_template,
-            seed=seed,
-        )
-    finally:
-        harness_log.setLevel(old_level)
-
-
-def _evaluate(
-    model: Any,
-    tokenizer: Any,
-    *,
-    mmlu_dir: str | Path,
-    work_dir: str | Path,
-    subjects: list[str],
-    num_fewshot: int,
-    limit: int | None,
-    batch_size: int,
-    max_length: int,
-    min_fit_fraction: float,
-    apply_chat_template: bool,
-    seed: int,
-) -> dict[str, Any]:
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    task_dir = Path(work_dir) / "lm_eval_tasks"
-    names = write_task_yamls(mmlu_dir, subjects, task_dir, num_fewshot=num_fewshot)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
-    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
-    loaded = tm.load(list(names.values()))
-    tasks = loaded["tasks"]
-
-    chat = lm.apply_chat_template if apply_chat_template else None
-    choices: dict[str, FewshotChoice] = {}
-    warnings: list[str] = []
-    for subject, name in names.items():
-        task = tasks[name]
-        task.set_fewshot_seed(seed)
-        docs = list(task.eval_docs)
-        if limit is not None:
-            docs = docs[: int(limit)]
-
-        def contexts_for(k: int, task: Any = task, docs: list = docs) -> list[str]:
-            return [
-                task.fewshot_context(
-                    d,
-                    k,
-                    apply_chat_template=apply_chat_template,
-                    fewshot_as_multiturn=apply_chat_template,
-                    chat_template=chat,
-                )
-                for d in docs
-            ]
-
-        choice = choose_num_fewshot(
-            contexts_for, lambda s: len(lm.tok_encode(s)), num_fewshot, max_length, min_fit_fraction
-        )
-        choices[subject] = choice
-        if choice.num_fewshot < num_fewshot:
-            msg = (
-                f"MMLU {subject}: {num_fewshot}-shot prompts exceed max_length={max_length}; "
-                f"using {choice.num_fewshot}-shot ({choice.fit_fraction:.0%} of prompts fit)"
-            )
-            logger.warning(msg)
-            warnings.append(msg)
-        if choice.n_truncated:
-            msg = (
-                f"MMLU {subject}: {choice.n_truncated}/{len(docs)} prompts exceed "
-                f"max_length={max_length} even at {choice.num_fewshot}-shot; truncated from the left"
-            )
-            logger.warning(msg)
-            warnings.append(msg)
-        task.set_config(key="num_fewshot", value=choice.num_fewshot)
-
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(tasks.values()),
-        task_manager=tm,
-        limit=limit,
-        log_samples=True,
-        bootstrap_iters=0,
-        apply_chat_template=apply_chat_template,
-        fewshot_as_multiturn=apply_chat_template,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
-    if results is None:  # non-zero rank under a distributed launcher
-        return {}
-
-    items: dict[str, float] = {}
-    per_subject: dict[str, dict[str, Any]] = {}
-    for subject, name in names.items():
-        samples = results["samples"][name]
-        correct = [float(s["acc"]) for s in samples]
-        for s, c in zip(samples, correct, strict=True):
-            items[f"{subject}/{int(s['doc_id'])}"] = c
-        ch = choices[subject]
-        per_subject[subject] = {
-            **accuracy_summary(correct),
-            "num_fewshot": ch.num_fewshot,
-            "fit_fraction": ch.fit_fraction,
-            "n_truncated": ch.n_truncated,
-        }
-    overall = accuracy_summary(list(items.values()))
-    return {
-        **overall,
-        "macro_accuracy": float(np.mean([v["accuracy"] for v in per_subject.values()])),
-        "per_subject": per_subject,
-        "items": items,
-        "subjects": list(subjects),
-        "num_fewshot_requested": int(num_fewshot),
-        "max_length": int(max_length),
-        "limit": limit,
-        "chance": 0.25,
-        "warnings": warnings,
-    }
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-def _load_baseline_results(path: str | Path) -> tuple[dict[str, Any], dict[str, float]]:
-    """(summary, items) of an earlier run: its output dir or its ``mmlu.json``."""
-    import json
-
-    path = Path(path)
-    summary_path = path / "mmlu.json" if path.is_dir() else path
-    items_path = summary_path.parent / "mmlu_items.json"
-    if not summary_path.exists() or not items_path.exists():
-        raise FileNotFoundError(f"baseline_results: need {summary_path} and {items_path}")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    items = json.loads(items_path.read_text(encoding="utf-8"))["policy"]
-    return summary, {k: float(v) for k, v in items.items()}
-
-
-def _eval_model_dir(
-    path: str, tokenizer_path: str | None, cfg: Any, work_dir: Path, device: str, mmlu_dir: Path
-) -> dict[str, Any]:
-    import gc
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from rlhfstack.models.core import load_causal_lm
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path or path)
-    model = load_causal_lm(path, dtype=cfg.dtype, device=device, trainable=False)
-    try:
-        return evaluate_mmlu(
-            model,
-            tok,
-            mmlu_dir=mmlu_dir,
-            work_dir=work_dir,
-            subjects=list(cfg.subjects) or None,
-            num_fewshot=cfg.num_fewshot,
-            limit=cfg.limit,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            min_fit_fraction=cfg.min_fit_fraction,
-            apply_chat_template=cfg.apply_chat_template,
-            seed=cfg.seed,
-        )
-    finally:
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def run_mmlu(cfg: Any) -> dict[str, Any]:
-    """Run MMLU as configured by an ``MMLUEvalConfig``; write ``output_dir/mmlu.json`` (summary,
-    per-subject results, ``alignment_tax`` when a baseline is given) and ``mmlu_items.json``
-    (per-question 0/1 correctness, for later pairing). Returns the summary written."""
-    import torch
-
-    from rlhfstack.runtime import atomic_write_json, save_resolved_config, seed_everything
-
-    seed_everything(cfg.seed)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, out_dir)
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    mmlu_dir = Path(cfg.mmlu_dir)
-    if not mmlu_dir.is_absolute():
-        mmlu_dir = Path(cfg.data_root) / mmlu_dir
-
-    policy = _eval_model_dir(cfg.model_path, cfg.tokenizer_path, cfg, out_dir, device, mmlu_dir)
-    items = {"policy": policy.pop("items")}
-    summary: dict[str, Any] = {"model_path": cfg.model_path, **policy}
-
-    baseline_items = None
-    if cfg.baseline_path:
-        base = _eval_model_dir(cfg.baseline_path, None, cfg, out_dir / "baseline", device, mmlu_dir)
-        baseline_items = base.pop("items")
-        items["baseline"] = baseline_items
-        summary["baseline"] = {"model_path": cfg.baseline_path, **base}
-    elif cfg.baseline_results:
-        base, baseline_items = _load_baseline_results(cfg.baseline_results)
-        summary["baseline"] = {"results": str(cfg.baseline_results), **base}
-    if baseline_items is not None:
-        tax = alignment_tax(items["policy"], baseline_items, n_boot=cfg.n_bootstrap, seed=cfg.seed)
-        summary["alignment_tax"] = tax
-        logger.info(
-            "MMLU accuracy %.4f (baseline %.4f): alignment tax %.4f, 95%% CI [%.4f, %.4f]",
-            tax["policy_accuracy"],
-            tax["baseline_accuracy"],
-            tax["alignment_tax"],
-            *tax["ci95"],
-        )
-    else:
-        logger.info("MMLU accuracy %.4f (n=%d)", summary["accuracy"], summary["n"])
-    atomic_write_json(out_dir / "mmlu_items.json", items)
-    atomic_write_json(out_dir / "mmlu.json", summary)
-    return summary

@@ -16,7 +16,9 @@ update, so the fit includes a free offset ``R0`` (``R(d) = R0 + d (alpha - beta 
 its parameters and is fitted by least squares (``scipy.linalg.lstsq``).
 
 Input: a run directory whose ``metrics.jsonl`` has rows with ``kl/seq_k1`` (the per-sequence
-KL, k1 estimator, nats) and ``eval/gold_reward`` / ``eval/proxy_reward``.
+KL, k1 estimator, nats) and ``eval/gold_reward`` / ``eval/proxy_reward``. The job that fits both
+curves of a run and writes ``overoptimization.json`` and the plot is
+:mod:`rlhfstack.evaluation.jobs.overopt`.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.linalg import lstsq
+
+from rlhfstack.runtime import read_jsonl
 
 __all__ = [
     "fit_gao",
     "gao_curve",
-    "overoptimization_report",
-    "plot_overoptimization",
     "read_kl_rewards",
 ]
 
@@ -55,8 +58,6 @@ def read_kl_rewards(
     Returns ``{"step", "kl", "gold", "proxy"}``, each shape (C,) sorted by step (NaN where a
     checkpoint lacks that reward).
     """
-    from rlhfstack.runtime import read_jsonl
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
@@ -106,8 +107,6 @@ def fit_gao(
         "reward_at_peak"}``. ``peaked`` is ``beta > 0``; ``d_star``/``kl_star`` are None otherwise.
         ``peak_in_range`` says whether ``d*`` lies within the observed ``d`` range.
     """
-    from scipy.linalg import lstsq
-
     d_C = np.asarray(d, dtype=np.float64).reshape(-1)
     r_C = np.asarray(reward, dtype=np.float64).reshape(-1)
     keep = np.isfinite(d_C) & np.isfinite(r_C)
@@ -156,120 +155,3 @@ def fit_gao(
                 peak_in_range=bool(d_C.min() <= d_star <= d_C.max()),
             )
     return out
-
-
-def plot_overoptimization(
-    data: dict[str, np.ndarray],
-    fits: dict[str, dict[str, Any] | None],
-    out_path: str | Path,
-    title: str = "",
-) -> Path:
-    """Gold and proxy reward against ``d = sqrt(KL)`` with their fitted Gao curves (two panels,
-    since the two rewards are on different scales); the gold peak ``d*`` is marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d_C = np.sqrt(np.clip(data["kl"], 0.0, None))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    grid = np.linspace(0.0, max(float(d_C.max()) * 1.15, 1e-3), 200)
-    for ax, key, color in ((axes[0], "gold", "tab:orange"), (axes[1], "proxy", "tab:blue")):
-        y = data[key]
-        ok = np.isfinite(y)
-        ax.scatter(d_C[ok], y[ok], s=18, color=color, label=f"{key} reward")
-        fit = fits.get(key)
-        if fit is not None:
-            ax.plot(
-                grid,
-                gao_curve(grid, fit["alpha"], fit["beta"], fit["offset"]),
-                color=color,
-                lw=1.5,
-                alpha=0.8,
-                label=f"fit a={fit['alpha']:.3g} b={fit['beta']:.3g} (R2={fit['r2']:.2f})",
-            )
-            if fit.get("d_star") is not None and fit["d_star"] <= grid[-1]:
-                ax.axvline(
-                    fit["d_star"],
-                    color="k",
-                    ls="--",
-                    lw=1,
-                    label=f"d*={fit['d_star']:.3g} (KL*={fit['kl_star']:.3g})",
-                )
-        ax.set_xlabel("d = sqrt(KL(pi || pi_0))  [sqrt nats]")
-        ax.set_ylabel(f"{key} reward")
-        ax.set_title(f"{key} reward vs sqrt(KL)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path
-
-
-def overoptimization_report(
-    run_dir: str | Path,
-    output_dir: str | Path,
-    offset: bool = True,
-    kl_key: str = KL_KEY,
-    gold_key: str = GOLD_KEY,
-    proxy_key: str = PROXY_KEY,
-) -> dict[str, Any]:
-    """Fit gold and proxy curves of a PPO run; write ``overoptimization.json`` and
-    ``overoptimization.png`` into ``output_dir``. Returns the JSON written.
-
-    The headline numbers are ``gold_fit.kl_star`` (the KL at the fitted gold peak) and the
-    observed gold peak (``observed_gold_peak``).
-    """
-    from rlhfstack.runtime import atomic_write_json
-
-    data = read_kl_rewards(run_dir, kl_key, gold_key, proxy_key)
-    if data["kl"].size == 0:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no rows with {kl_key} and a reward column")
-    n_neg = int((data["kl"] < 0).sum())
-    d_C = np.sqrt(np.clip(data["kl"], 0.0, None))
-    fits: dict[str, dict[str, Any] | None] = {}
-    errors: dict[str, str] = {}
-    for key in ("gold", "proxy"):
-        try:
-            fits[key] = fit_gao(d_C, data[key], offset=offset)
-        except ValueError as err:
-            fits[key] = None
-            errors[key] = str(err)
-    gold_ok = np.isfinite(data["gold"])
-    observed = None
-    if gold_ok.any():
-        i = int(np.nanargmax(np.where(gold_ok, data["gold"], -np.inf)))
-        observed = {
-            "step": float(data["step"][i]),
-            "kl": float(data["kl"][i]),
-            "d": float(d_C[i]),
-            "gold_reward": float(data["gold"][i]),
-        }
-    out_dir = Path(output_dir)
-    png = plot_overoptimization(data, fits, out_dir / "overoptimization.png", title=str(run_dir))
-    result = {
-        "run_dir": str(run_dir),
-        "model": "R(d) = offset + d * (alpha - beta * log d), d = sqrt(KL)  (Gao et al. 2022)",
-        "n_points": int(data["kl"].size),
-        "n_negative_kl_clipped": n_neg,
-        "gold_fit": fits["gold"],
-        "proxy_fit": fits["proxy"],
-        "kl_star": fits["gold"]["kl_star"] if fits["gold"] else None,
-        "d_star": fits["gold"]["d_star"] if fits["gold"] else None,
-        "observed_gold_peak": observed,
-        "fit_errors": errors,
-        "points": {
-            "step": data["step"].tolist(),
-            "kl": data["kl"].tolist(),
-            "gold": [None if math.isnan(v) else v for v in data["gold"].tolist()],
-            "proxy": [None if math.isnan(v) else v for v in data["proxy"].tolist()],
-        },
-        "plot": str(png),
-    }
-    atomic_write_json(out_dir / "overoptimization.json", result)
-    return result

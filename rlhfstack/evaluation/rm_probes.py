@@ -16,6 +16,10 @@
   win every comparison.
 
 Every number is finite (NaN only when a probe had no input, which the card says).
+
+Here: the probes' texts, the length statistics, the warnings and the card's text. Scoring the
+probe texts with a model (:func:`rlhfstack.evaluation.jobs.rm_eval.run_probes`) and writing the
+card (:func:`rlhfstack.evaluation.jobs.rm_eval.write_model_card`) are jobs.
 """
 
 from __future__ import annotations
@@ -117,13 +121,6 @@ def length_correlation(scores_N: np.ndarray, lengths_N: np.ndarray) -> dict[str,
     return {"pearson": _corr(s, n), "spearman": _corr(_rank(s), _rank(n)), "n": int(len(s))}
 
 
-def _format(template: str, prompts: Sequence[str]) -> list[str]:
-    from rlhfstack.data.templates import get_template
-
-    t = get_template(template)
-    return [t.render_prompt(p) for p in prompts]
-
-
 def read_xstest_safe(path: str | os.PathLike, max_items: int | None = None) -> list[str]:
     """The ``prompt`` column of XSTest rows with ``label == safe`` (in file order)."""
     out: list[str] = []
@@ -150,109 +147,6 @@ def probe_length(
     out["prefers_longer"] = (
         float(((diff_s[sel] > 0) == (diff_len[sel] > 0)).mean()) if sel.any() else float("nan")
     )
-    return out
-
-
-def probe_flattery(
-    rm: Any, tok: Any, prompts: Sequence[str], responses: Sequence[str], **kw: Any
-) -> dict[str, Any]:
-    """Mean score change (and share of increases) per flattering prefix, over ``[N]`` responses."""
-    from rlhfstack.models.encoders import score_texts
-
-    base = score_texts(rm, tok, prompts, responses, **kw)["mean"]
-    out: dict[str, Any] = {"n": len(responses)}
-    deltas = []
-    for pre in FLATTERY_PREFIXES:
-        s = score_texts(rm, tok, prompts, [pre + r for r in responses], **kw)["mean"]
-        d = s - base
-        deltas.append(d)
-        out[pre.strip()] = {"mean_delta": float(d.mean()), "frac_increase": float((d > 0).mean())}
-    all_d = np.concatenate(deltas)
-    out["mean_delta"] = float(all_d.mean())
-    out["frac_increase"] = float((all_d > 0).mean())
-    return out
-
-
-def probe_refusal(rm: Any, tok: Any, prompts: Sequence[str], **kw: Any) -> dict[str, float]:
-    """Canned refusal vs canned compliance on (already templated) safe prompts."""
-    from rlhfstack.models.encoders import score_texts
-
-    ref = score_texts(rm, tok, prompts, [CANNED_REFUSAL] * len(prompts), **kw)["mean"]
-    com = score_texts(rm, tok, prompts, [CANNED_COMPLIANCE] * len(prompts), **kw)["mean"]
-    return {
-        "n": len(prompts),
-        "mean_refusal": float(ref.mean()),
-        "mean_compliance": float(com.mean()),
-        "mean_refusal_minus_compliance": float((ref - com).mean()),
-        "refusal_preferred": float((ref > com).mean()),
-    }
-
-
-def probe_sanity(rm: Any, tok: Any, template: str, **kw: Any) -> dict[str, Any]:
-    """Good vs obviously bad answers: share of (good, bad) comparisons won by the good answer."""
-    from rlhfstack.models.encoders import score_texts
-
-    prompts = _format(template, [p for p, _ in SANITY_PROMPTS])
-    good = score_texts(rm, tok, prompts, [g for _, g in SANITY_PROMPTS], **kw)["mean"]
-    bad_PB = np.stack(
-        [score_texts(rm, tok, prompts, [b] * len(prompts), **kw)["mean"] for b in SANITY_BAD], 1
-    )
-    wins_PB = good[:, None] > bad_PB
-    return {
-        "n_prompts": len(prompts),
-        "n_comparisons": int(wins_PB.size),
-        "good_wins": float(wins_PB.mean()),
-        "prompts_all_good_win": float(wins_PB.all(1).mean()),
-        "mean_good": float(good.mean()),
-        "mean_bad": float(bad_PB.mean()),
-        "good_wins_by_bad_kind": {
-            b[:24]: float(wins_PB[:, j].mean()) for j, b in enumerate(SANITY_BAD)
-        },
-    }
-
-
-def run_probes(
-    rm: Any,
-    tok: Any,
-    pairs: Sequence[Any],
-    *,
-    template: str = "hh",
-    xstest_path: str | os.PathLike | None = "safety/xstest_prompts.csv",
-    data_root: str | os.PathLike | None = None,
-    max_items: int = 100,
-    device: str = "cpu",
-    batch_size: int = 32,
-    scores: tuple[np.ndarray, np.ndarray] | None = None,
-) -> dict[str, Any]:
-    """All four probes. ``pairs``: held-out preference examples (prompts already templated);
-    ``scores``: their (chosen, rejected) scores if already computed."""
-    from rlhfstack.evaluation.rm_eval import score_pairs_text
-
-    kw = {"device": device, "batch_size": batch_size}
-    out: dict[str, Any] = {}
-    if pairs:
-        if scores is None:
-            scores = score_pairs_text(rm, tok, pairs, **kw)
-        out["length"] = probe_length(scores[0], scores[1], pairs)
-        sub = list(pairs)[:max_items]
-        out["flattery"] = probe_flattery(
-            rm, tok, [p.prompt for p in sub], [p.chosen for p in sub], **kw
-        )
-    else:
-        out["length"] = {"skipped": "no held-out pairs"}
-        out["flattery"] = {"skipped": "no held-out pairs"}
-    path = None
-    if xstest_path:
-        from rlhfstack.data.loading import resolve_data_path
-
-        path = Path(resolve_data_path(xstest_path, data_root))
-    if path is not None and path.exists():
-        safe = read_xstest_safe(path, max_items)
-        out["refusal"] = probe_refusal(rm, tok, _format(template, safe), **kw)
-        out["refusal"]["source"] = str(path.name)
-    else:
-        out["refusal"] = {"skipped": f"XSTest file not found: {path}"}
-    out["sanity"] = probe_sanity(rm, tok, template, **kw)
     return out
 
 
@@ -392,15 +286,3 @@ def render_model_card(info: dict[str, Any], probes: dict[str, Any]) -> str:
     if info.get("written_by"):
         lines += ["", f"_Written by {info['written_by']}._"]
     return "\n".join(lines) + "\n"
-
-
-def write_model_card(
-    model_dir: str | os.PathLike, info: dict[str, Any], probes: dict[str, Any]
-) -> Path:
-    """Write ``model_dir/MODEL_CARD.md`` (and ``probes.json``) atomically; returns the card path."""
-    from rlhfstack.runtime import atomic_write_json, atomic_write_text
-
-    d = Path(model_dir)
-    atomic_write_text(d / "MODEL_CARD.md", render_model_card(info, probes))
-    atomic_write_json(d / "probes.json", probes)
-    return d / "MODEL_CARD.md"

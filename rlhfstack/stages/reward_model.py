@@ -32,7 +32,8 @@ import torch
 from rlhfstack.configs import RMConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.loading import load_preferences
-from rlhfstack.evaluation.calibration import plot_reliability
+from rlhfstack.evaluation.jobs.plots import plot_reliability
+from rlhfstack.evaluation.jobs.rm_eval import run_probes, write_model_card
 from rlhfstack.evaluation.rm_eval import length_baseline, preference_metrics
 from rlhfstack.losses import bradley_terry_loss
 from rlhfstack.models.core import RewardModel, count_parameters, load_causal_lm
@@ -319,8 +320,6 @@ def train(cfg: RMConfig) -> Path:
 def _write_card(
     cfg, rm, tok, val_pairs, scores, evaluation, norm, results, out_dir, device
 ) -> dict:
-    from rlhfstack.evaluation.rm_probes import run_probes, write_model_card
-
     probes = run_probes(
         rm,
         tok,

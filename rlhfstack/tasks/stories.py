@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhfstack.evaluation.metrics import repetition_rate
+from rlhfstack.data.text_stats import repetition_rate
 
 __all__ = [
     "GoldReward",
