@@ -8,6 +8,7 @@ checkpoint or report behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from rlhfstack.config import resolved_yaml
 
 # ----------------------------------------------------------------------------- seeding
 
@@ -74,8 +77,6 @@ def release_free_heap() -> bool:
     global _LIBC_TRIM
     if _LIBC_TRIM is None:
         try:
-            import ctypes
-
             _LIBC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):  # not glibc (macOS, musl)
             _LIBC_TRIM = False
@@ -198,7 +199,12 @@ class RunLogger:
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         if wandb:
-            import wandb as _wandb  # optional extra
+            try:
+                import wandb as _wandb  # optional extra: imported only when it logs
+            except ImportError as e:
+                raise ImportError(
+                    "logging.wandb=true needs the 'wandb' package (pip install '.[wandb]')"
+                ) from e
 
             os.environ.setdefault("WANDB_MODE", wandb_mode)
             self._wandb = _wandb.init(
@@ -315,6 +321,4 @@ def write_stage_done(run_dir: str | os.PathLike, info: dict[str, Any]) -> None:
 
 def save_resolved_config(cfg: Any, run_dir: str | os.PathLike) -> None:
     """Write the fully resolved config to ``run_dir/config.yaml``."""
-    from rlhfstack.config import resolved_yaml
-
     atomic_write_text(Path(run_dir) / "config.yaml", resolved_yaml(cfg))

@@ -28,8 +28,14 @@ go through text like this.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata as md
 import importlib.util
 import os
+import re
+import shutil
+import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModel
 
+from rlhfstack.data.collate import IGNORE_INDEX, tokenize_sft
+from rlhfstack.data.schemas import SFTExample
 from rlhfstack.models.gguf import PKGGGUF_PREFIX, resolve_gguf_file, resolve_pkggguf
 
 PKG_PREFIX = "pkg:"
@@ -64,9 +73,6 @@ def model_cache_dir() -> Path:
 
 def _archive_parts(prefix: str) -> list[Path]:
     """The ``*.zip.NNN`` files of the installed distributions ``<prefix>-001``, ``-002``, ... in order."""
-    import importlib.metadata as md
-    import re
-
     parts: list[Path] = []
     for i in range(1, 1000):
         dist_name = f"{prefix}-{i:03d}"
@@ -101,11 +107,6 @@ def _model_dir_in(root: Path) -> Path:
 
 def resolve_pkgparts(path: str, cache: Path | None = None) -> str:
     """Join and unpack a ``pkgparts:<prefix>`` model once; return its directory in the cache."""
-    import hashlib
-    import shutil
-    import tempfile
-    import zipfile
-
     prefix = path[len(PKGPARTS_PREFIX) :].strip("/")
     cache = cache or model_cache_dir()
     final = cache / prefix
@@ -191,8 +192,6 @@ def resolve_model_path(path: str | os.PathLike) -> str:
 
 def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A BERT-style ``AutoModel`` with dropout off, loaded offline from a local/``pkg:`` path."""
-    from transformers import AutoConfig, AutoModel
-
     from rlhfstack.models.core import disable_dropout
 
     local = resolve_model_path(path)
@@ -279,9 +278,6 @@ def encode_for_reward(
         return encode_encoder_pairs(tok, prompts, responses, max_len, max_response_tokens)
     if kind != "causal_lm":
         raise ValueError(f"unknown reward model kind {kind!r} (causal_lm | encoder)")
-    from rlhfstack.data.collate import IGNORE_INDEX, tokenize_sft
-    from rlhfstack.data.schemas import SFTExample
-
     items = tokenize_sft(
         [SFTExample(prompt=p, completion=r) for p, r in zip(prompts, responses, strict=True)],
         tok,

@@ -36,8 +36,15 @@ from rlhfstack.data.loading import load_preferences
 from rlhfstack.data.schemas import PreferenceExample
 from rlhfstack.evaluation.calibration import plot_reliability
 from rlhfstack.evaluation.rm_eval import length_baseline, preference_metrics
+from rlhfstack.evaluation.rm_probes import run_probes, write_model_card
 from rlhfstack.losses import bradley_terry_loss
-from rlhfstack.models.core import RewardModel, count_parameters, load_causal_lm
+from rlhfstack.models.core import (
+    RewardModel,
+    _dtype,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+)
 from rlhfstack.models.encoders import (
     load_encoder,
     load_reward_tokenizer,
@@ -48,6 +55,7 @@ from rlhfstack.models.encoders import (
     score_token_ids,
 )
 from rlhfstack.rollout.fast import shared_prompt_pair_scores
+from rlhfstack.rollout.generate import sample_texts
 from rlhfstack.runtime import atomic_dir, atomic_write_json
 from rlhfstack.training import (
     Run,
@@ -73,8 +81,6 @@ def build_reward_model(cfg: RMConfig, device: str, tok: Any = None) -> RewardMod
             backbone, kind="causal_lm", k=cfg.rm.ensemble_size, init_std=cfg.rm.head_init_std
         )
     elif cfg.rm.backbone == "encoder":
-        from rlhfstack.models.core import _dtype
-
         backbone = load_encoder(cfg.model.path, dtype=_dtype(cfg.model.dtype))
         rm = RewardModel(
             backbone,
@@ -331,8 +337,6 @@ def _heldout_evaluation(
 def _write_card(
     cfg, rm, tok, val_pairs, scores, evaluation, norm, results, out_dir, device
 ) -> dict:
-    from rlhfstack.evaluation.rm_probes import run_probes, write_model_card
-
     probes = run_probes(
         rm,
         tok,
@@ -387,9 +391,6 @@ def _fit_normalization(cfg: RMConfig, rm: RewardModel, tok, pairs, device: str) 
     rm.gain.fill_(1.0)
     rm.bias.fill_(0.0)
     if policy_path:
-        from rlhfstack.models.core import load_tokenizer
-        from rlhfstack.rollout.generate import sample_texts
-
         prompts = [p.prompt for p in pairs][:n]
         policy = load_causal_lm(
             resolve_model_path(policy_path), dtype=cfg.model.dtype, trainable=False, device=device
