@@ -25,7 +25,7 @@ from torch import nn
 from rlhfstack import engine
 from rlhfstack.data.collate import pairs_share_prompts
 from rlhfstack.data.schemas import LoadReport
-from rlhfstack.models.core import save_hf
+from rlhfstack.models.core import load_causal_lm, save_hf
 from rlhfstack.runtime import (
     CostMeter,
     RunLogger,
@@ -209,6 +209,19 @@ def shared_prompt_pad(
         return None
     log.info("shared-prompt pass on under FSDP2: every pair's chosen and rejected share a prompt")
     return pad_id
+
+
+def load_policy(cfg: Any, run: Run) -> nn.Module:
+    """The causal LM a stage trains: ``model.path`` in ``model.dtype`` on the run's device, with
+    LoRA adapters when ``model.lora.enabled`` and activation checkpointing when
+    ``model.activation_checkpointing``."""
+    return load_causal_lm(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        lora=cfg.model.lora,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        device=run.device,
+    )
 
 
 def data_load_kwargs(cfg: Any, tokenizer: Any = None) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from rlhfstack.models.core import load_causal_lm, sequence_logprob_sums, tokeniz
 from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
 from rlhfstack.training import (
     finish_stage,
+    load_policy,
     load_train_eval,
     setup_run,
     shared_prompt_pad,
@@ -357,13 +358,7 @@ def train(cfg: DPOConfig) -> Path:
         )
     run = setup_run(cfg)
     tok = tokenizer_for(cfg.model)
-    policy = load_causal_lm(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        lora=cfg.model.lora,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        device=run.device,
-    )
+    policy = load_policy(cfg, run)
     max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     if cfg.dpo.kto_unpaired:
         items, collate, loss_fn, tokens_fn = _unpaired_kto_setup(cfg, run, tok, policy, max_len)

@@ -11,8 +11,8 @@ import torch
 from rlhfstack.config import SFTConfig
 from rlhfstack.data.collate import IGNORE_INDEX, collate_sft, tokenize_sft
 from rlhfstack.data.loading import load_sft
-from rlhfstack.models.core import causal_lm_parts, load_causal_lm, tokenizer_for, trunk_hidden
-from rlhfstack.training import finish_stage, load_train_eval, setup_run, train_loop
+from rlhfstack.models.core import causal_lm_parts, tokenizer_for, trunk_hidden
+from rlhfstack.training import finish_stage, load_policy, load_train_eval, setup_run, train_loop
 
 log = logging.getLogger("rlhfstack.sft")
 
@@ -41,13 +41,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor], n_in_step: int) -> tuple[tor
 def train(cfg: SFTConfig) -> Path:
     run = setup_run(cfg)
     tok = tokenizer_for(cfg.model)
-    model = load_causal_lm(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        lora=cfg.model.lora,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        device=run.device,
-    )
+    model = load_policy(cfg, run)
     max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     train_ex, val_ex = load_train_eval(load_sft, cfg, "SFT", tokenizer=tok)
     items = tokenize_sft(train_ex, tok, max_len)
