@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhfstack.config import resolved_yaml
+from rlhfstack.configs import resolved_yaml
 
 # ----------------------------------------------------------------------------- seeding
 

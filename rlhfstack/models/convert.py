@@ -53,7 +53,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rlhfstack.engine import CKPT_EXTRA, latest_checkpoint, read_checkpoint_tensors
+from rlhfstack.distributed import CKPT_EXTRA, latest_checkpoint, read_checkpoint_tensors
 from rlhfstack.models.core import DTYPES
 from rlhfstack.runtime import atomic_dir
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhfstack.config import RMConfig
+from rlhfstack.configs import RMConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.loading import load_preferences
 from rlhfstack.data.schemas import PreferenceExample
@@ -54,7 +54,7 @@ from rlhfstack.models.encoders import (
     score_texts,
     score_token_ids,
 )
-from rlhfstack.rollout.fast import shared_prompt_pair_scores
+from rlhfstack.models.pairs import shared_prompt_pair_scores
 from rlhfstack.rollout.generate import sample_texts
 from rlhfstack.runtime import atomic_dir, atomic_write_json
 from rlhfstack.training import (
