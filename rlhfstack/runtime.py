@@ -200,7 +200,12 @@ class RunLogger:
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         if wandb:
-            import wandb as _wandb  # optional extra
+            try:
+                import wandb as _wandb  # optional extra: imported only when it logs
+            except ImportError as e:
+                raise ImportError(
+                    "logging.wandb=true needs the 'wandb' package (pip install '.[wandb]')"
+                ) from e
 
             os.environ.setdefault("WANDB_MODE", wandb_mode)
             self._wandb = _wandb.init(

@@ -13,23 +13,28 @@ import contextlib
 import logging
 import math
 import signal
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from rlhfstack import distributed
 from rlhfstack.data.collate import pairs_share_prompts
+from rlhfstack.data.schemas import LoadReport
+from rlhfstack.models.core import load_causal_lm, save_hf
 from rlhfstack.runtime import (
     CostMeter,
     RunLogger,
+    plot_metrics,
     rng_state,
     save_resolved_config,
     seed_everything,
     set_rng_state,
+    write_stage_done,
 )
 
 log = logging.getLogger("rlhfstack")
@@ -97,8 +102,6 @@ class Run:
 def setup_run(cfg: Any) -> Run:
     """Start the process group if launched distributed, seed, set threads, create ``run_dir``,
     save the resolved config, open the metrics log (the last three on rank 0 only)."""
-    from dataclasses import asdict
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     parallel = getattr(cfg, "parallel", None)
@@ -209,6 +212,98 @@ def shared_prompt_pad(
         return None
     log.info("shared-prompt pass on under FSDP2: every pair's chosen and rejected share a prompt")
     return pad_id
+
+
+def load_policy(cfg: Any, run: Run) -> nn.Module:
+    """The causal LM a stage trains: ``model.path`` in ``model.dtype`` on the run's device, with
+    LoRA adapters when ``model.lora.enabled`` and activation checkpointing when
+    ``model.activation_checkpointing``."""
+    return load_causal_lm(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        lora=cfg.model.lora,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        device=run.device,
+    )
+
+
+def data_load_kwargs(cfg: Any, tokenizer: Any = None) -> dict[str, Any]:
+    """Keyword arguments of the ``rlhfstack.data.loading`` loaders from ``cfg.data`` and
+    ``cfg.data_root``: adapter, template, on_error, data_root; with ``tokenizer`` also the length
+    filter (``tokenizer``, ``data.max_prompt_tokens``, ``data.max_response_tokens``)."""
+    kwargs: dict[str, Any] = dict(
+        adapter=cfg.data.adapter,
+        template=cfg.data.template,
+        on_error=cfg.data.on_error,
+        data_root=cfg.data_root,
+    )
+    if tokenizer is not None:
+        kwargs.update(
+            tokenizer=tokenizer,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=cfg.data.max_response_tokens,
+        )
+    return kwargs
+
+
+def load_train_eval(
+    loader: Callable[..., tuple[list[Any], LoadReport]],
+    cfg: Any,
+    label: str,
+    *,
+    tokenizer: Any = None,
+    with_eval: bool = True,
+    holdout: bool = False,
+) -> tuple[list[Any], list[Any]]:
+    """A stage's ``(train, eval)`` examples, read by ``loader`` (``load_sft``, ``load_preferences``,
+    ``load_unpaired``, ``load_prompts``) with :func:`data_load_kwargs`.
+
+    Train: ``data.train_path``, length-filtered when ``tokenizer`` is given. Eval (only with
+    ``with_eval``, else ``[]``): ``data.eval_path``, never length-filtered; when it is unset,
+    ``[]``, or with ``holdout`` a seeded ``data.validation_fraction`` of the training examples
+    (at least one), taken out of train. Train is then cut to its first ``data.max_examples`` when
+    that is set (after the hold-out, so the validation set does not depend on it). Each file's
+    :class:`LoadReport` is logged under ``label``.
+    """
+    train, report = loader(cfg.data.train_path, **data_load_kwargs(cfg, tokenizer))
+    log.info("%s data: %s", label, report.summary())
+    held: list[Any] = []
+    if with_eval and cfg.data.eval_path:
+        held, eval_report = loader(cfg.data.eval_path, **data_load_kwargs(cfg))
+        log.info("%s validation data: %s", label, eval_report.summary())
+    elif with_eval and holdout:
+        perm = np.random.default_rng(cfg.seed).permutation(len(train))
+        n_val = max(1, int(round(cfg.data.validation_fraction * len(train))))
+        held = [train[i] for i in perm[:n_val]]
+        train = [train[i] for i in perm[n_val:]]
+    if cfg.data.max_examples:
+        train = train[: cfg.data.max_examples]
+    return train, held
+
+
+def finish_stage(
+    run: Run,
+    stage: str,
+    steps: int,
+    *,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    **done_info: Any,
+) -> Path:
+    """End a stage: ``model`` (when given) in eval mode saved with ``tokenizer`` to
+    ``run_dir/model`` in HF format, the metrics log closed, plots of ``metrics.jsonl`` when
+    ``logging.plots``, then ``run_dir/done.json`` (stage, steps, cost summary, ``done_info``),
+    written last because it marks the stage finished. Returns ``run_dir``."""
+    if model is not None:
+        model.eval()
+        save_hf(model, tokenizer, run.run_dir / "model")
+    run.logger.close()
+    if run.cfg.logging.plots:
+        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
+    write_stage_done(
+        run.run_dir, {"stage": stage, "steps": steps, "cost": run.cost.summary(), **done_info}
+    )
+    return run.run_dir
 
 
 def micro_batches(batch: dict[str, torch.Tensor], micro: int) -> Iterator[dict[str, torch.Tensor]]:

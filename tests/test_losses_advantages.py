@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import close
 
 from rlhfstack.losses.advantages import (
     explained_variance,
@@ -15,15 +16,6 @@ from rlhfstack.losses.advantages import (
 )
 
 NAN = float("nan")
-
-
-def close(a, b, tol=1e-6):
-    return torch.allclose(
-        torch.as_tensor(a, dtype=torch.float64),
-        torch.as_tensor(b, dtype=torch.float64),
-        atol=tol,
-        rtol=0,
-    )
 
 
 def test_last_token_index_hand_computed():

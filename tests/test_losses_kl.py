@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import close
 
 from rlhfstack.losses.kl import (
     AdaptiveKLController,
@@ -17,15 +18,6 @@ from rlhfstack.losses.kl import (
 LOGP = torch.tensor([-1.0, -2.0])
 REF = torch.tensor([-1.5, -1.0])
 # log r = ref - logp = [-0.5, 1.0]
-
-
-def close(a, b, tol=1e-6):
-    return torch.allclose(
-        torch.as_tensor(a, dtype=torch.float64),
-        torch.as_tensor(b, dtype=torch.float64),
-        atol=tol,
-        rtol=0,
-    )
 
 
 def test_kl_k1_hand_computed():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import close
 
 from rlhfstack.losses.masking import (
     entropy_from_logits,
@@ -15,15 +16,6 @@ from rlhfstack.losses.masking import (
 )
 
 NAN = float("nan")
-
-
-def close(a, b, tol=1e-6):
-    return torch.allclose(
-        torch.as_tensor(a, dtype=torch.float64),
-        torch.as_tensor(b, dtype=torch.float64),
-        atol=tol,
-        rtol=0,
-    )
 
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])

@@ -4,19 +4,11 @@ import math
 
 import pytest
 import torch
+from helpers import close
 
 from rlhfstack.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
 
 NAN = float("nan")
-
-
-def close(a, b, tol=1e-6):
-    return torch.allclose(
-        torch.as_tensor(a, dtype=torch.float64),
-        torch.as_tensor(b, dtype=torch.float64),
-        atol=tol,
-        rtol=0,
-    )
 
 
 # tokens: ratios 1.5, 0.5, 1.0 in row 0 and 0.5 in row 1 (then two padded positions)

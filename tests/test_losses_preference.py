@@ -4,19 +4,11 @@ import math
 
 import pytest
 import torch
+from helpers import close
 
 from rlhfstack.losses.preference import bradley_terry_loss, dpo_loss, kto_loss, sequence_logprobs
 
 LOG2 = math.log(2.0)
-
-
-def close(a, b, tol=1e-6):
-    return torch.allclose(
-        torch.as_tensor(a, dtype=torch.float64),
-        torch.as_tensor(b, dtype=torch.float64),
-        atol=tol,
-        rtol=0,
-    )
 
 
 def softplus(x):  # -log sigmoid(-x) = log(1 + e^x)

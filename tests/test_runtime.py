@@ -34,3 +34,11 @@ def test_release_free_heap_returns_freed_heap_pages():
     assert before - after > 100, (before, after)  # most of the 150 MiB of holes went back
     assert all(bool((t == 1).all()) for t in alive)  # live tensors untouched
     assert torch.equal(keep, torch.arange(10.0))
+
+
+def test_run_logger_names_the_missing_wandb_package(tmp_path, monkeypatch):
+    from rlhfstack.runtime import RunLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    with pytest.raises(ImportError, match=r"logging.wandb=true needs the 'wandb' package"):
+        RunLogger(tmp_path, tensorboard=False, wandb=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .adapters import Kind, adapt, detect_adapter, get_adapter
+from .collate import filter_by_length
 from .schemas import (
     DataError,
     DataFileNotFoundError,
@@ -396,8 +397,6 @@ def load_examples(
         examples.append(example)
     report.adapter = name or adapter
     if tokenizer is not None and (max_prompt_tokens is not None or max_response_tokens is not None):
-        from .collate import filter_by_length
-
         examples, _ = filter_by_length(
             examples, tokenizer, max_prompt_tokens, max_response_tokens, report=report
         )

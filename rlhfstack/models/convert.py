@@ -49,6 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from rlhfstack.distributed import CKPT_EXTRA, latest_checkpoint, read_checkpoint_tensors
+from rlhfstack.models.core import DTYPES
+from rlhfstack.runtime import atomic_dir
 
 Tensor = torch.Tensor
 ShardKey = tuple[int, int]  # (tp_rank, pp_rank)
@@ -411,7 +418,6 @@ def save_megatron_checkpoint(
     shards: dict[ShardKey, dict[str, Tensor]], out_dir: str | os.PathLike, args: argparse.Namespace
 ) -> Path:
     """Write ``out_dir/release/mp_rank_*/model_optim_rng.pt`` and the iteration tracker (atomic)."""
-    from rlhfstack.runtime import atomic_dir
 
     pp = 1 + max(s for _, s in shards)
     with atomic_dir(out_dir) as tmp:
@@ -536,7 +542,6 @@ def hf_config_from_megatron_args(args: argparse.Namespace, vocab_size: int) -> d
 
 def _read_hf_state(model_dir: Path) -> dict[str, Tensor]:
     """All tensors of an HF checkpoint directory (safetensors, sharded or not; or .bin)."""
-    from safetensors.torch import load_file
 
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
@@ -576,9 +581,6 @@ def save_hf_state(
 
     The model is built on the meta device and the tensors assigned, so nothing is initialized.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from rlhfstack.runtime import atomic_dir
 
     cfg_dict = dict(hf_config)
     model_type = cfg_dict.pop("model_type")
@@ -615,8 +617,6 @@ def hf_to_megatron(
     shape = DecoderShape.from_hf_config(hf_config)
     state = _read_hf_state(hf_dir)
     if dtype is not None:
-        from rlhfstack.models.core import DTYPES
-
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     shards = hf_to_megatron_state(state, shape, tp, pp, layer_spec, make_vocab_size_divisible_by)
     tensor_dtype = next(iter(state.values())).dtype
@@ -655,7 +655,6 @@ def megatron_to_hf(
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` itself when it is a complete checkpoint, else the newest ``ckpt-*`` under it."""
-    from rlhfstack.distributed import CKPT_EXTRA, latest_checkpoint
 
     path = Path(path)
     if (path / CKPT_EXTRA).exists() and (path / ".metadata").exists():
@@ -671,7 +670,6 @@ def _lora_alpha_from_run(ckpt_dir: Path) -> float | None:
     cfg_file = ckpt_dir.parent / "config.yaml"
     if not cfg_file.exists():
         return None
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(cfg_file)
     return OmegaConf.select(cfg, "model.lora.alpha", default=None)
@@ -691,11 +689,6 @@ def ckpt_to_hf(
     the tensors and ``alpha`` from the run's ``config.yaml`` unless ``lora_alpha`` is given.
     Every checkpoint tensor must match the base's architecture, or it fails loudly.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhfstack.distributed import read_checkpoint_tensors
-    from rlhfstack.models.core import DTYPES
-    from rlhfstack.runtime import atomic_dir
 
     ckpt_dir = find_checkpoint(ckpt)
     # the trained module is {"policy": ..., "value": ...}; frozen weights (a LoRA base) are not
@@ -754,10 +747,6 @@ def export_hf(
     cast. When ``model_dir`` itself is an adapter directory (``adapter_config.json``), its base is
     ``base_model_name_or_path`` from that file.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhfstack.models.core import DTYPES
-    from rlhfstack.runtime import atomic_dir
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

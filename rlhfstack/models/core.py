@@ -8,6 +8,7 @@ before the first update.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -16,16 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from rlhfstack.losses import last_token_index, logprobs_from_logits
+from rlhfstack.losses import (
+    entropy_from_logits,
+    kl_full_from_logits,
+    last_token_index,
+    logprobs_from_logits,
+)
 from rlhfstack.models.paths import resolve_model_path
 from rlhfstack.runtime import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"model.dtype: unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[name]
@@ -57,7 +65,6 @@ def load_tokenizer(path: str, pad_token: str | None = None) -> Any:
     reuse EOS (Llama-3: ``<|finetune_right_pad_id|>`` / a reserved special token; Qwen2:
     ``<|fim_pad|>``). It must already be in the vocabulary: the embedding is never resized here.
     """
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
     if pad_token is not None and (tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id):
@@ -96,18 +103,16 @@ def load_causal_lm(
 
     With ``lora.quantize_4bit`` the frozen base is loaded in bitsandbytes NF4 (QLoRA; GPU only).
     """
-    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if lora is not None and getattr(lora, "quantize_4bit", False):
         if not torch.cuda.is_available():
             raise RuntimeError("model.lora.quantize_4bit (QLoRA) needs a CUDA GPU and bitsandbytes")
-        from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=_dtype(dtype) if dtype != "float32" else torch.bfloat16,
+            bnb_4bit_compute_dtype=torch_dtype(dtype) if dtype != "float32" else torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )
 
@@ -205,12 +210,8 @@ def response_logprobs(
     labels_BR = input_ids_BT[:, response_start:]
     out = {"logprobs": logprobs_from_logits(logits_BRV, labels_BR, temperature)}
     if return_entropy:
-        from rlhfstack.losses import entropy_from_logits
-
         out["entropy"] = entropy_from_logits(logits_BRV, temperature)
     if ref_logprobs_BRV is not None:
-        from rlhfstack.losses import kl_full_from_logits
-
         out["kl_full"] = kl_full_from_logits(logits_BRV, ref_logprobs_BRV, temperature)
     if return_log_softmax:
         out["log_softmax"] = torch.log_softmax(logits_BRV / temperature, dim=-1)
@@ -343,7 +344,6 @@ class RewardModel(nn.Module):
 
     def save(self, out_dir: str | os.PathLike) -> None:
         """Backbone as an HF directory + ``reward_head.safetensors`` + ``reward_config.json``."""
-        from safetensors.torch import save_file
 
         out = Path(out_dir)
         self.backbone.save_pretrained(out)
@@ -372,7 +372,6 @@ class RewardModel(nn.Module):
     def load(
         cls, path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"
     ) -> RewardModel:
-        from safetensors.torch import load_file
 
         path = Path(path)
         cfg_path = path / "reward_config.json"
@@ -384,9 +383,7 @@ class RewardModel(nn.Module):
         if meta["kind"] == "causal_lm":
             backbone = load_causal_lm(str(path), dtype=dtype, trainable=False)
         else:
-            from transformers import AutoModel
-
-            backbone = AutoModel.from_pretrained(str(path), dtype=_dtype(dtype))
+            backbone = AutoModel.from_pretrained(str(path), dtype=torch_dtype(dtype))
             disable_dropout(backbone)
         rm = cls(
             backbone,
@@ -512,8 +509,6 @@ def save_hf(
     with atomic_dir(out_dir) as tmp:
         m = model
         if merge_lora and hasattr(m, "merge_and_unload"):
-            import copy
-
             m = copy.deepcopy(m).merge_and_unload()
         m.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

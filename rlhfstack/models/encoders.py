@@ -36,14 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModel
 
+from rlhfstack.data.collate import IGNORE_INDEX, tokenize_sft
+from rlhfstack.data.schemas import SFTExample
 from rlhfstack.models.core import disable_dropout, load_tokenizer
 from rlhfstack.models.paths import resolve_model_path
 
 
 def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A BERT-style ``AutoModel`` with dropout off, loaded offline from a local/``pkg:`` path."""
-    from transformers import AutoConfig, AutoModel
 
     local = resolve_model_path(path)
     offline: dict[str, Any] = {}
@@ -128,8 +130,6 @@ def encode_for_reward(
         return encode_encoder_pairs(tok, prompts, responses, max_len, max_response_tokens)
     if kind != "causal_lm":
         raise ValueError(f"unknown reward model kind {kind!r} (causal_lm | encoder)")
-    from rlhfstack.data.collate import IGNORE_INDEX, tokenize_sft
-    from rlhfstack.data.schemas import SFTExample
 
     items = tokenize_sft(
         [SFTExample(prompt=p, completion=r) for p, r in zip(prompts, responses, strict=True)],

@@ -27,6 +27,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhfstack.runtime import atomic_dir
+
 PKGGGUF_PREFIX = "pkggguf:"
 """Prefix of model paths whose GGUF file is split over installed ``<dist>-partN`` distributions."""
 
@@ -94,8 +98,6 @@ def expected_sha256(dist: str) -> tuple[str, str] | None:
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """De-quantize ``gguf_file`` into an HF causal-LM directory ``out_dir`` (model + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader imports it)
     except ImportError as e:
@@ -115,8 +117,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
 
 
 def _convert_into_cache(gguf_file: Path, final: Path) -> str:
-    from rlhfstack.runtime import atomic_dir
-
     with atomic_dir(final) as tmp:  # a failed conversion leaves nothing behind
         convert_gguf(gguf_file, tmp)
     return str(final)

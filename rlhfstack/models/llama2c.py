@@ -52,13 +52,10 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from transformers import LlamaConfig, LlamaTokenizer
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 __all__ = [
     "HEADER_KEYS",
@@ -283,8 +280,6 @@ def build_hf_tokenizer(
 
     Adds :data:`PAD_TOKEN` as id ``len(pieces)``; BOS is prepended on encode, EOS is not.
     """
-    from transformers import LlamaTokenizer
-
     sp_pieces = to_sentencepiece_pieces(pieces)
     special = _special_ids(pieces)
     if special != {"unk": 0, "bos": 1, "eos": 2}:
@@ -342,8 +337,6 @@ def _check_rope(header: dict, weights: dict[str, np.ndarray], theta: float = ROP
 
 def build_hf_config(header: dict, n_extra_tokens: int = 1) -> LlamaConfig:
     """``LlamaConfig`` for a llama2.c header; vocab grows by ``n_extra_tokens`` (the pad)."""
-    from transformers import LlamaConfig
-
     vocab = header["vocab_size"]
     return LlamaConfig(
         vocab_size=vocab + n_extra_tokens,
@@ -427,8 +420,6 @@ def convert(
     reader never sees a half-written model. Raises ``FileExistsError`` if ``out_dir`` exists and
     ``overwrite`` is False. Returns ``out_dir`` as a ``Path``.
     """
-    from transformers import GenerationConfig, LlamaForCausalLM
-
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite)")

@@ -32,10 +32,16 @@ from rlhfstack.data.collate import (
 from rlhfstack.data.loading import load_preferences, load_unpaired
 from rlhfstack.data.schemas import PreferenceExample, SFTExample
 from rlhfstack.losses import DPO_LOSS_TYPES, dpo_loss, kto_loss
-from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
+from rlhfstack.models.core import load_causal_lm, sequence_logprob_sums, tokenizer_for
 from rlhfstack.models.pairs import shared_prompt_pair_logprob_sums
-from rlhfstack.runtime import plot_metrics, write_stage_done
-from rlhfstack.training import setup_run, shared_prompt_pad, train_loop
+from rlhfstack.training import (
+    finish_stage,
+    load_policy,
+    load_train_eval,
+    setup_run,
+    shared_prompt_pad,
+    train_loop,
+)
 
 log = logging.getLogger("rlhfstack.dpo")
 
@@ -118,23 +124,6 @@ def kto_pair_loss(
     return losses, rewards[:B], rewards[B:], z0
 
 
-def _load_train_data(loader: Any, cfg: DPOConfig, tok: Any, label: str) -> list:
-    """``data.train_path`` read by ``loader`` with the config's data options (first
-    ``data.max_examples`` kept when set)."""
-    examples, rep = loader(
-        cfg.data.train_path,
-        adapter=cfg.data.adapter,
-        template=cfg.data.template,
-        on_error=cfg.data.on_error,
-        data_root=cfg.data_root,
-        tokenizer=tok,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        max_response_tokens=cfg.data.max_response_tokens,
-    )
-    log.info("%s: %s", label, rep.summary())
-    return examples[: cfg.data.max_examples] if cfg.data.max_examples else examples
-
-
 def _reference(cfg: DPOConfig, run: Any) -> Any:
     """The frozen reference (``dpo.ref_path`` or the starting model), or None under LoRA, where
     the policy with its adapter switched off is the reference."""
@@ -161,7 +150,7 @@ def _under_reference(ref: Any, policy: Any, score: Any) -> Any:
 def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, kto: bool):
     """Preference pairs: items with reference log-probs, collate, loss and token count (DPO / IPO /
     cDPO, or KTO over pairs split into a desirable and an undesirable example)."""
-    pairs = _load_train_data(load_preferences, cfg, tok, "DPO data")
+    pairs, _ = load_train_eval(load_preferences, cfg, "DPO", tokenizer=tok, with_eval=False)
     items = tokenize_preference(pairs, tok, max_len)
     kl_items: list[dict] = []
     if kto:
@@ -257,7 +246,9 @@ def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, k
 def _unpaired_kto_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int):
     """KTO on unpaired ``{prompt, completion, label}`` rows: items with reference log-probs of the
     example and of its mismatched sequence (prompt i, completion sigma(i)), collate, loss, tokens."""
-    examples = _load_train_data(load_unpaired, cfg, tok, "KTO unpaired data")
+    examples, _ = load_train_eval(
+        load_unpaired, cfg, "KTO unpaired", tokenizer=tok, with_eval=False
+    )
     n_d = sum(e.desirable for e in examples)
     n_u = len(examples) - n_d
     if n_d == 0 or n_u == 0:
@@ -367,13 +358,7 @@ def train(cfg: DPOConfig) -> Path:
         )
     run = setup_run(cfg)
     tok = tokenizer_for(cfg.model)
-    policy = load_causal_lm(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        lora=cfg.model.lora,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        device=run.device,
-    )
+    policy = load_policy(cfg, run)
     max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     if cfg.dpo.kto_unpaired:
         items, collate, loss_fn, tokens_fn = _unpaired_kto_setup(cfg, run, tok, policy, max_len)
@@ -392,10 +377,4 @@ def train(cfg: DPOConfig) -> Path:
         tokens_fn=tokens_fn,
         model=policy,
     )
-    policy.eval()
-    save_hf(policy, tok, run.run_dir / "model")
-    run.logger.close()
-    if cfg.logging.plots:
-        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
-    write_stage_done(run.run_dir, {"stage": "dpo", "steps": steps, "cost": run.cost.summary()})
-    return run.run_dir
+    return finish_stage(run, "dpo", steps, model=policy, tokenizer=tok)

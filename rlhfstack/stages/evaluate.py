@@ -19,12 +19,8 @@ import torch
 from rlhfstack.configs import EvalConfig
 from rlhfstack.data.collate import collate_sft, tokenize_sft
 from rlhfstack.data.schemas import SFTExample
-from rlhfstack.evaluation.metrics import (
-    bootstrap_mean_ci,
-    distinct_n,
-    repetition_rate,
-    winrate_from_outcomes,
-)
+from rlhfstack.data.text_stats import repetition_rate
+from rlhfstack.evaluation.metrics import bootstrap_mean_ci, distinct_n, winrate_from_outcomes
 from rlhfstack.evaluation.report import write_eval_report
 from rlhfstack.models.core import RewardModel, load_causal_lm, load_tokenizer, sequence_logprob_sums
 from rlhfstack.rollout.generate import sample_texts, score_texts

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,18 @@ import torch
 from rlhfstack.configs import RMConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.loading import load_preferences
+from rlhfstack.data.schemas import PreferenceExample
 from rlhfstack.evaluation.jobs.plots import plot_reliability
 from rlhfstack.evaluation.jobs.rm_eval import run_probes, write_model_card
 from rlhfstack.evaluation.rm_eval import length_baseline, preference_metrics
 from rlhfstack.losses import bradley_terry_loss
-from rlhfstack.models.core import RewardModel, count_parameters, load_causal_lm
+from rlhfstack.models.core import (
+    RewardModel,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    torch_dtype,
+)
 from rlhfstack.models.encoders import (
     load_encoder,
     load_reward_tokenizer,
@@ -47,8 +55,17 @@ from rlhfstack.models.encoders import (
     score_token_ids,
 )
 from rlhfstack.models.pairs import shared_prompt_pair_scores
-from rlhfstack.runtime import atomic_dir, atomic_write_json, plot_metrics, write_stage_done
-from rlhfstack.training import setup_run, shared_prompt_pad, train_loop
+from rlhfstack.rollout.generate import sample_texts
+from rlhfstack.runtime import atomic_dir, atomic_write_json
+from rlhfstack.training import (
+    Run,
+    data_load_kwargs,
+    finish_stage,
+    load_train_eval,
+    setup_run,
+    shared_prompt_pad,
+    train_loop,
+)
 
 log = logging.getLogger("rlhfstack.rm")
 
@@ -64,9 +81,7 @@ def build_reward_model(cfg: RMConfig, device: str, tok: Any = None) -> RewardMod
             backbone, kind="causal_lm", k=cfg.rm.ensemble_size, init_std=cfg.rm.head_init_std
         )
     elif cfg.rm.backbone == "encoder":
-        from rlhfstack.models.core import _dtype
-
-        backbone = load_encoder(cfg.model.path, dtype=_dtype(cfg.model.dtype))
+        backbone = load_encoder(cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
         rm = RewardModel(
             backbone,
             kind="encoder",
@@ -169,34 +184,11 @@ def train(cfg: RMConfig) -> Path:
     rm = build_reward_model(cfg, device, tok)
     max_len = _max_len(cfg, rm)
     max_resp = cfg.data.max_response_tokens if encoder else None
-    load_kw = dict(
-        adapter=cfg.data.adapter,
-        template=cfg.data.template,
-        on_error=cfg.data.on_error,
-        data_root=cfg.data_root,
+    # long pairs: encoders and rm.long_pairs=truncate cut them when tokenizing, else dropped here
+    length_filter = None if encoder or cfg.rm.long_pairs == "truncate" else tok
+    pairs, val_pairs = load_train_eval(
+        load_preferences, cfg, "RM", tokenizer=length_filter, holdout=True
     )
-    limits = (
-        {}
-        if encoder or cfg.rm.long_pairs == "truncate"
-        else dict(
-            tokenizer=tok,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_response_tokens=cfg.data.max_response_tokens,
-        )
-    )
-    pairs, rep = load_preferences(cfg.data.train_path, **limits, **load_kw)
-    log.info("RM data: %s", rep.summary())
-    if cfg.data.eval_path:
-        val_pairs, val_rep = load_preferences(cfg.data.eval_path, **load_kw)
-        log.info("RM validation data: %s", val_rep.summary())
-    else:  # hold out a fraction of the training file
-        rng = np.random.default_rng(cfg.seed)
-        perm = rng.permutation(len(pairs))
-        n_val = max(1, int(round(cfg.data.validation_fraction * len(pairs))))
-        val_pairs = [pairs[i] for i in perm[:n_val]]
-        pairs = [pairs[i] for i in perm[n_val:]]
-    if cfg.data.max_examples:
-        pairs = pairs[: cfg.data.max_examples]
 
     def tokenize(examples):
         if encoder:
@@ -205,47 +197,7 @@ def train(cfg: RMConfig) -> Path:
 
     items, val_items = tokenize(pairs), tokenize(val_pairs)
     pad_id = tok.pad_token_id
-
-    def collate(batch):  # longest first, so micro-batches hold similar lengths
-        return collate_preference(sorted(batch, key=_pair_len, reverse=True), pad_id)
-
-    shared_pad = shared_prompt_pad(cfg.rm.shared_prompt and not encoder, pad_id, items, run.dist)
-
-    def loss_fn(mb, n_in_step):
-        # [b, k] each: every head gets its own BT loss
-        c, r = pair_scores(rm, trim_padding(mb), shared_pad)
-        loss, stats = bradley_terry_loss(c.reshape(-1), r.reshape(-1))
-        return loss * c.shape[0] / n_in_step, {k: float(v) for k, v in stats.items()}
-
-    def evaluate():
-        c, r = score_pairs(rm, val_items, pad_id, device)
-        return {"val/accuracy": float((c > r).mean() + 0.5 * (c == r).mean())}
-
-    rm.train()
-    params = [p for p in rm.parameters() if p.requires_grad]
-    log.info(
-        "RM %s: %d parameters, %d trainable; %d train / %d validation pairs; max_len %d",
-        cfg.rm.backbone,
-        count_parameters(rm),
-        sum(p.numel() for p in params),
-        len(items),
-        len(val_items),
-        max_len,
-    )
-    steps = train_loop(
-        run,
-        params=params,
-        items=items,
-        collate=collate,
-        loss_fn=loss_fn,
-        max_steps=cfg.trainer.max_steps,
-        epochs=cfg.rm.epochs,
-        eval_fn=evaluate,
-        tokens_fn=lambda b: int(
-            b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()
-        ),
-        model=rm,
-    )
+    steps = _train_bradley_terry(cfg, run, rm, pad_id, items, val_items, max_len)
     rm.eval()
     train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
     rm.max_length = max_len
@@ -264,6 +216,93 @@ def train(cfg: RMConfig) -> Path:
         "val_pairs": len(val_items),
         "steps": steps,
     }
+    heldout, evaluation, val_scores = _heldout_evaluation(
+        cfg, run, rm, pad_id, val_items, val_pairs, tokenize
+    )
+    results.update(heldout)
+    results["train_cpu_seconds"] = round(train_cpu, 1)
+    results["train_wall_seconds"] = round(train_wall, 1)
+    with atomic_dir(run.run_dir / "model") as tmp:
+        rm.save(tmp)
+        tok.save_pretrained(tmp)
+        if cfg.rm.probes:
+            results["probes"] = _write_card(
+                cfg, rm, tok, val_pairs, val_scores, evaluation, norm, results, tmp, device
+            )
+    atomic_write_json(run.run_dir / "rm_results.json", results)
+    return finish_stage(run, "rm", steps, heldout_accuracy=results["heldout_accuracy"])
+
+
+def _train_bradley_terry(
+    cfg: RMConfig,
+    run: Run,
+    rm: RewardModel,
+    pad_id: int,
+    items: list[dict],
+    val_items: list[dict],
+    max_len: int,
+) -> int:
+    """Train ``rm`` with the Bradley-Terry loss on tokenized pairs (validation accuracy on
+    ``val_items`` at ``trainer.eval_every`` and at the end); returns the number of steps."""
+    encoder = cfg.rm.backbone == "encoder"
+
+    def collate(batch):  # longest first, so micro-batches hold similar lengths
+        return collate_preference(sorted(batch, key=_pair_len, reverse=True), pad_id)
+
+    shared_pad = shared_prompt_pad(cfg.rm.shared_prompt and not encoder, pad_id, items, run.dist)
+
+    def loss_fn(mb, n_in_step):
+        # [b, k] each: every head gets its own BT loss
+        c, r = pair_scores(rm, trim_padding(mb), shared_pad)
+        loss, stats = bradley_terry_loss(c.reshape(-1), r.reshape(-1))
+        return loss * c.shape[0] / n_in_step, {k: float(v) for k, v in stats.items()}
+
+    def evaluate():
+        c, r = score_pairs(rm, val_items, pad_id, run.device)
+        return {"val/accuracy": float((c > r).mean() + 0.5 * (c == r).mean())}
+
+    rm.train()
+    params = [p for p in rm.parameters() if p.requires_grad]
+    log.info(
+        "RM %s: %d parameters, %d trainable; %d train / %d validation pairs; max_len %d",
+        cfg.rm.backbone,
+        count_parameters(rm),
+        sum(p.numel() for p in params),
+        len(items),
+        len(val_items),
+        max_len,
+    )
+    return train_loop(
+        run,
+        params=params,
+        items=items,
+        collate=collate,
+        loss_fn=loss_fn,
+        max_steps=cfg.trainer.max_steps,
+        epochs=cfg.rm.epochs,
+        eval_fn=evaluate,
+        tokens_fn=lambda b: int(
+            b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()
+        ),
+        model=rm,
+    )
+
+
+def _heldout_evaluation(
+    cfg: RMConfig,
+    run: Run,
+    rm: RewardModel,
+    pad_id: int,
+    val_items: list[dict],
+    val_pairs: list[PreferenceExample],
+    tokenize: Callable[[list[PreferenceExample]], list[dict]],
+) -> tuple[dict, dict, tuple[np.ndarray, np.ndarray]]:
+    """Metrics of the trained ``rm`` on the validation pairs and on each ``rm.extra_eval`` file,
+    with a calibration plot each. Returns the ``rm_results.json`` entries (``heldout_accuracy``,
+    ``heldout``, ``heldout_accuracy_<name>``, ``heldout_<name>``), the metrics by set name
+    (``validation``, extra names) and the validation scores ``(chosen, rejected)``."""
+    device = run.device
+    results: dict = {}
     c, r = score_pairs(rm, val_items, pad_id, device)
     m = preference_metrics(c, r, cfg.seed)
     m["baselines"] = {"length": length_baseline(val_pairs), "chance": 0.5}
@@ -276,7 +315,7 @@ def train(cfg: RMConfig) -> Path:
     for name, path in cfg.rm.extra_eval.items():
         if not path:  # an empty path switches an inherited entry off
             continue
-        ex, _ = load_preferences(path, **load_kw)
+        ex, _ = load_preferences(path, **data_load_kwargs(cfg))
         ci, ri = score_pairs(rm, tokenize(ex), pad_id, device)
         mi = preference_metrics(ci, ri, cfg.seed)
         mi["baselines"] = {"length": length_baseline(ex), "chance": 0.5}
@@ -292,29 +331,7 @@ def train(cfg: RMConfig) -> Path:
         m["baselines"]["length"],
         {k: round(v, 3) for k, v in results.items() if k.startswith("heldout_accuracy_")},
     )
-    results["train_cpu_seconds"] = round(train_cpu, 1)
-    results["train_wall_seconds"] = round(train_wall, 1)
-    with atomic_dir(run.run_dir / "model") as tmp:
-        rm.save(tmp)
-        tok.save_pretrained(tmp)
-        if cfg.rm.probes:
-            results["probes"] = _write_card(
-                cfg, rm, tok, val_pairs, (c, r), evaluation, norm, results, tmp, device
-            )
-    atomic_write_json(run.run_dir / "rm_results.json", results)
-    run.logger.close()
-    if cfg.logging.plots:
-        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
-    write_stage_done(
-        run.run_dir,
-        {
-            "stage": "rm",
-            "steps": steps,
-            "cost": run.cost.summary(),
-            "heldout_accuracy": results["heldout_accuracy"],
-        },
-    )
-    return run.run_dir
+    return results, evaluation, (c, r)
 
 
 def _write_card(
@@ -374,9 +391,6 @@ def _fit_normalization(cfg: RMConfig, rm: RewardModel, tok, pairs, device: str) 
     rm.gain.fill_(1.0)
     rm.bias.fill_(0.0)
     if policy_path:
-        from rlhfstack.models.core import load_tokenizer
-        from rlhfstack.rollout.generate import sample_texts
-
         prompts = [p.prompt for p in pairs][:n]
         policy = load_causal_lm(
             resolve_model_path(policy_path), dtype=cfg.model.dtype, trainable=False, device=device

@@ -11,15 +11,8 @@ import torch
 from rlhfstack.configs import SFTConfig
 from rlhfstack.data.collate import IGNORE_INDEX, collate_sft, tokenize_sft
 from rlhfstack.data.loading import load_sft
-from rlhfstack.models.core import (
-    causal_lm_parts,
-    load_causal_lm,
-    save_hf,
-    tokenizer_for,
-    trunk_hidden,
-)
-from rlhfstack.runtime import plot_metrics, write_stage_done
-from rlhfstack.training import setup_run, train_loop
+from rlhfstack.models.core import causal_lm_parts, tokenizer_for, trunk_hidden
+from rlhfstack.training import finish_stage, load_policy, load_train_eval, setup_run, train_loop
 
 log = logging.getLogger("rlhfstack.sft")
 
@@ -48,41 +41,14 @@ def sft_loss(model, batch: dict[str, torch.Tensor], n_in_step: int) -> tuple[tor
 def train(cfg: SFTConfig) -> Path:
     run = setup_run(cfg)
     tok = tokenizer_for(cfg.model)
-    model = load_causal_lm(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        lora=cfg.model.lora,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        device=run.device,
-    )
+    model = load_policy(cfg, run)
     max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
-    train_ex, rep = load_sft(
-        cfg.data.train_path,
-        adapter=cfg.data.adapter,
-        template=cfg.data.template,
-        on_error=cfg.data.on_error,
-        data_root=cfg.data_root,
-        tokenizer=tok,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        max_response_tokens=cfg.data.max_response_tokens,
-    )
-    log.info("SFT data: %s", rep.summary())
-    if cfg.data.max_examples:
-        train_ex = train_ex[: cfg.data.max_examples]
+    train_ex, val_ex = load_train_eval(load_sft, cfg, "SFT", tokenizer=tok)
     items = tokenize_sft(train_ex, tok, max_len)
     if cfg.loss_on_prompt:
         for it in items:
             it["labels"] = list(it["input_ids"])
-    val_items = []
-    if cfg.data.eval_path:
-        val_ex, _ = load_sft(
-            cfg.data.eval_path,
-            adapter=cfg.data.adapter,
-            template=cfg.data.template,
-            on_error=cfg.data.on_error,
-            data_root=cfg.data_root,
-        )
-        val_items = tokenize_sft(val_ex, tok, max_len)
+    val_items = tokenize_sft(val_ex, tok, max_len) if val_ex else []
 
     def collate(batch):
         out = collate_sft(batch, tok.pad_token_id)
@@ -120,10 +86,4 @@ def train(cfg: SFTConfig) -> Path:
         tokens_fn=lambda b: int(b["attention_mask"].sum()),
         model=model,
     )
-    model.eval()
-    save_hf(model, tok, run.run_dir / "model")
-    run.logger.close()
-    if cfg.logging.plots:
-        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
-    write_stage_done(run.run_dir, {"stage": "sft", "steps": steps, "cost": run.cost.summary()})
-    return run.run_dir
+    return finish_stage(run, "sft", steps, model=model, tokenizer=tok)
