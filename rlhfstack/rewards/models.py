@@ -56,7 +56,8 @@ class RewardModelReward:
     (``rm.ensemble_size``, or an ``ensemble.json`` directory) ``spread_B`` is their std.
     ``max_len`` caps the re-tokenized inputs (default: the length the model was trained with).
     On the text path an empty (or blank) completion is scored as ``"."``, so that every pair has
-    a response token.
+    a response token, and a causal-LM reward model reads ``... response EOS`` as it was trained,
+    also for a response cut at the length limit (PPO's ``missing_eos_penalty`` marks those).
     """
 
     def __init__(
