@@ -259,6 +259,14 @@ class PPOTrainer:
             tokenizer_label(self.tok),
             tokenizer_label(self.reward.tokenizer),
         )
+        rm_template = getattr(self.reward.rm, "template", None)
+        if rm_template and rm_template != cfg.data.template:  # prompts arrive rendered as text
+            log.warning(
+                "the reward model was trained on template %r, the prompts are rendered with "
+                "data.template=%r: it scores them as rendered",
+                rm_template,
+                cfg.data.template,
+            )
         if pcfg.reward_uncertainty_coef > 0 and not self.reward.has_spread:
             raise ValueError(
                 f"ppo.reward_uncertainty_coef={pcfg.reward_uncertainty_coef} penalizes the std "
