@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_rm_encoder import make_tiny_bert
 
-from rlhfstack.config import load_config, to_object
+from rlhfstack.configs import load_config, to_object
 from rlhfstack.models.core import RewardModel, load_causal_lm, load_tokenizer
 from rlhfstack.models.encoders import load_encoder, score_texts
 from rlhfstack.rewards import (

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhfstack import engine
-from rlhfstack.config import PPOConfig
+from rlhfstack import distributed
+from rlhfstack.configs import PPOConfig
 from rlhfstack.data.loading import load_prompts
 from rlhfstack.losses import (
     ADVANTAGE_ESTIMATORS,
@@ -168,7 +168,7 @@ def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
 def _global_whiten(x: torch.Tensor, m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``masked_whiten`` with the mean and unbiased variance of the valid entries of *all*
     data-parallel ranks (one all-reduce of three sums)."""
-    t = engine.sum_stats(
+    t = distributed.sum_stats(
         {"n": float(m.sum()), "s": float((x * m).sum()), "s2": float((x * x * m).sum())}
     )
     mean = t["s"] / t["n"]
@@ -290,9 +290,9 @@ class PPOTrainer:
             ).to(self.device)
             self.trained["value"] = self.value
         self.params = list(self.trained.parameters())
-        self.dm: engine.DistributedModel | None = None
+        self.dm: distributed.DistributedModel | None = None
         if run.dist.distributed:  # FSDP2 over dp_shard; rollouts on a gathered replica
-            self.dm = engine.DistributedModel(self.trained, self.params, run.dist)
+            self.dm = distributed.DistributedModel(self.trained, self.params, run.dist)
             self.params = self.dm.params
         self.opt = build_optimizer(self.params, tcfg)
         total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
@@ -404,7 +404,7 @@ class PPOTrainer:
         ids, mask = gen.full()
         P = gen.prompt_ids_BP.shape[1]
         resp_mask = gen.response_mask_BR.float()
-        self.run.cost.add_tokens(int(engine.sum_stats({"n": float(mask.sum())})["n"]))
+        self.run.cost.add_tokens(int(distributed.sum_stats({"n": float(mask.sum())})["n"]))
         completions = decode_responses(self.tok, gen)
         old_logprobs, old_values, ref_logprobs, ref_lsm = self._policy_passes(gen, ids, mask, P)
         with torch.no_grad():
@@ -535,7 +535,7 @@ class PPOTrainer:
                 idx = perm[mb * mb_size : (mb + 1) * mb_size]
                 # losses are normalized by the minibatch's token count over all ranks, and FSDP2
                 # sums gradients: the update is the one-process update of the global minibatch
-                mb_tokens = engine.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
+                mb_tokens = distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
                 self.opt.zero_grad(set_to_none=True)
                 for j in range(0, mb_size, self.micro):
                     want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
@@ -561,7 +561,7 @@ class PPOTrainer:
 
     def update_kl(self, exp: Experience) -> float:
         """Step 6: the KL controller sees the global batch's mean summed KL; returns that mean."""
-        mean_kl = engine.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
+        mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
         self.kl_ctl.update(mean_kl, self.B)
         return mean_kl
 
@@ -594,9 +594,9 @@ class PPOTrainer:
             "lr": self.sched.get_last_lr()[0],
         }
         if self.dm is not None:  # per-rank means -> means over ranks (equal rows per rank)
-            metrics = {k: v / self.dp for k, v in engine.sum_stats(metrics).items()}
+            metrics = {k: v / self.dp for k, v in distributed.sum_stats(metrics).items()}
             metrics["kl/seq_k1"] = mean_kl
-        metrics["tokens"] = engine.sum_stats({"n": float(m.sum())})["n"]
+        metrics["tokens"] = distributed.sum_stats({"n": float(m.sum())})["n"]
         return metrics
 
     def gold_eval(self, prompts: list[str], gold: Reward) -> dict[str, float]:
