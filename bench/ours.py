@@ -254,7 +254,7 @@ def bench_ppo(
     if value_model == "shared":
         value_head = ValueHead(d)
         params = list(policy.parameters()) + list(value_head.parameters())
-    else:  # stages/ppo.py _Critic: a copy of the RM trunk + a value head
+    else:  # models/value.py Critic: a copy of the RM trunk + a value head
         critic_lm = copy.deepcopy(rm.backbone)
         critic_lm.requires_grad_(True)
         critic_head = ValueHead(d)

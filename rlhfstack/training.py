@@ -82,6 +82,100 @@ def preemption_flag(enabled: bool = True) -> Iterator[dict[str, bool]]:
             signal.signal(s, h)
 
 
+class Checkpointer:
+    """Checkpoints of one training loop: save, resume from the newest, save-and-exit on preemption.
+
+    ``run_dir/ckpt-NNNNNN/`` (``distributed.save_checkpoint``) holds ``model``'s trainable parameters
+    and ``optimizer``'s state (``torch.distributed.checkpoint``, sharded as trained) and
+    ``extra.pt``: the step, ``scheduler``'s state, the global RNG states and whatever the loop
+    adds (``extra``: its data position, a KL controller); ``rank_extra`` (state that differs
+    between ranks, such as a sampling generator) goes to ``rank-R.pt`` per rank.
+
+    A loop calls :meth:`restore` once, after building everything that draws from the global RNG;
+    runs its steps inside ``with ckpt.watch():`` (SIGTERM / SIGUSR1 then only set a flag); and
+    calls :meth:`end_of_step` after each step's metrics are logged. ``enabled=False`` (a loop that
+    cannot checkpoint) restores nothing and lets the signals kill the process.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        model: nn.Module | None,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        *,
+        save_every: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler
+        self.save_every, self.enabled = save_every, enabled
+        self._preempt: dict[str, bool] = {"flag": False}
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint of ``run_dir`` (model, optimizer, scheduler,
+        global RNG) and drop the ``metrics.jsonl`` rows after its step. Returns its ``extra``
+        (with ``"step"``, and this rank's ``rank_extra`` under ``"rank_extra"``, None if absent),
+        or None for a fresh run."""
+        ckpt = distributed.latest_checkpoint(self.run.run_dir) if self.enabled else None
+        if ckpt is None:
+            return None
+        extra = distributed.load_checkpoint(ckpt, self.model, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        set_rng_state(extra["rng"])
+        extra["step"] = int(extra["step"])
+        extra["path"] = ckpt
+        self.run.logger.truncate_after(extra["step"])
+        log.info("resumed from %s at step %d", ckpt, extra["step"])
+        return extra
+
+    def save(
+        self,
+        step: int,
+        extra: dict[str, Any] | None = None,
+        rank_extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Write ``ckpt-<step>`` (collective under a process group)."""
+        state = {"step": step, "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        distributed.save_checkpoint(
+            distributed.checkpoint_path(self.run.run_dir, step),
+            self.model,
+            self.optimizer,
+            {**state, **(extra or {})},
+            rank_extra=rank_extra,
+        )
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        """Within: SIGTERM / SIGUSR1 set the preemption flag (see :func:`preemption_flag`)."""
+        with preemption_flag(self.enabled) as box:
+            self._preempt = box
+            try:
+                yield
+            finally:
+                self._preempt = {"flag": False}
+
+    def end_of_step(
+        self,
+        step: int,
+        last_step: int,
+        state: Any | None = None,
+    ) -> None:
+        """After step ``step`` (logged): nothing on the last step (the stage saves its model);
+        else, if any rank saw a preemption signal, save and raise :class:`Preempted`; else save
+        every ``save_every`` steps. ``state() -> (extra, rank_extra)`` supplies the loop's own
+        state (called only when a checkpoint is written)."""
+        if step >= last_step:
+            return
+        preempted = distributed.any_rank(self._preempt["flag"])
+        if preempted or (self.save_every and step % self.save_every == 0):
+            extra, rank_extra = state() if state is not None else (None, None)
+            self.save(step, extra, rank_extra)
+        if preempted:
+            log.warning("preempted: checkpoint at step %d saved; exiting for requeue", step)
+            self.run.logger.close()
+            raise Preempted(step)
+
+
 @dataclass
 class Run:
     """What a stage needs about its run: where to write, how to log, what it cost, which rank."""
@@ -409,25 +503,13 @@ def train_loop(
     micro = max(1, min(tcfg.micro_batch_size, bs // state.dp))
     warned_eval = False
 
-    start = 0
-    ckpt = distributed.latest_checkpoint(run.run_dir) if can_ckpt else None
-    if ckpt is not None:
-        extra = distributed.load_checkpoint(ckpt, model, opt)
-        sched.load_state_dict(extra["scheduler"])
-        set_rng_state(extra["rng"])
-        start = int(extra["step"])
-        for _ in range(start):  # the data position: replay the index stream (indices only)
-            next(batches)
-        run.logger.truncate_after(start)
-        log.info("resumed from %s at step %d", ckpt, start)
+    ckpt = Checkpointer(run, model, opt, sched, save_every=tcfg.save_every, enabled=can_ckpt)
+    resumed = ckpt.restore()
+    start = resumed["step"] if resumed is not None else 0
+    for _ in range(start):  # the data position: replay the index stream (indices only)
+        next(batches)
 
-    def save(step: int) -> None:
-        extra = {"step": step, "scheduler": sched.state_dict(), "rng": rng_state()}
-        distributed.save_checkpoint(
-            distributed.checkpoint_path(run.run_dir, step), model, opt, extra
-        )
-
-    with preemption_flag(can_ckpt) as preempt:
+    with ckpt.watch():
         for step in range(start + 1, steps + 1):
             idx = next(batches)
             batch = to_device(collate([items[i] for i in idx]), run.device)
@@ -478,11 +560,5 @@ def train_loop(
                 log.info("step %d/%d loss %.4f", step, steps, agg["loss"])
             if step == steps:
                 break
-            if distributed.any_rank(preempt["flag"]):
-                save(step)
-                log.warning("preempted: checkpoint at step %d saved; exiting for requeue", step)
-                run.logger.close()
-                raise Preempted(step)
-            if tcfg.save_every and step % tcfg.save_every == 0:
-                save(step)
+            ckpt.end_of_step(step, steps)
     return steps

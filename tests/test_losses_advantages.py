@@ -186,3 +186,27 @@ def test_explained_variance_hand_computed():
     # R - V = [0, 0, -1]: var = 2/9; Var[R] = 2/3 -> 1 - (2/9)/(2/3) = 2/3
     assert close(explained_variance(torch.tensor([[1.0, 2.0, 4.0, 0.0]]), R, m), 2.0 / 3.0)
     assert torch.isnan(explained_variance(R, torch.ones(1, 4), m.new_tensor([[1, 0, 0, 0]])))
+
+
+def test_estimator_registry_names_and_token_broadcast():
+    from rlhfstack.losses import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS
+
+    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "rloo"}
+    assert set(CRITIC_FREE_ESTIMATORS) == {"grpo", "rloo"}
+    # 2 responses of one prompt (G = 2); response 0 has 2 tokens, response 1 has 1 (+ padding)
+    rewards = torch.tensor([[0.5, 1.5, 9.0], [2.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # sequence rewards over valid tokens: 0.5 + 1.5 = 2, 2 -> equal: grpo 0 / (0 + eps) = 0
+    adv, ret = ADVANTAGE_ESTIMATORS["grpo"](rewards, None, mask, group_size=2)
+    assert ret is None and close(adv, [[0, 0, 0], [0, 0, 0]])
+    # rloo with sequence rewards [3, 2] (first row 1 + 2): 3 - 2 = 1, 2 - 3 = -1, on valid tokens
+    rewards2 = torch.tensor([[1.0, 2.0, 9.0], [2.0, 9.0, 9.0]])
+    adv, ret = ADVANTAGE_ESTIMATORS["rloo"](rewards2, None, mask, group_size=2)
+    assert ret is None and close(adv, [[1, 1, 0], [-1, 0, 0]])
+    # gae with gamma = lam = 1, V = 0: A_t = sum of the rewards from t on; returns = A + V
+    adv, ret = ADVANTAGE_ESTIMATORS["gae"](
+        rewards2, torch.zeros(2, 3), mask, group_size=2, gamma=1.0, lam=1.0
+    )
+    assert close(adv, [[3, 2, 0], [2, 0, 0]]) and close(ret, [[3, 2, 0], [2, 0, 0]])
+    with pytest.raises(ValueError, match="value"):
+        ADVANTAGE_ESTIMATORS["gae"](rewards2, None, mask)

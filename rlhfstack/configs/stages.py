@@ -213,6 +213,12 @@ class PPOConfig(StageConfig):
     """Stage name."""
     reward_model_path: str = "${artifacts_dir}/rm/model"
     """Frozen reward model directory."""
+    reward_input: str = "auto"
+    """How the reward model reads each response (``rlhfstack.rewards.RewardModelReward``): auto
+    (the policy's token ids when the RM is a causal LM whose tokenizer equals the policy's: same
+    vocabulary and BOS / EOS ids; else the decoded text re-tokenized with the RM's own tokenizer
+    and input layout, e.g. an encoder RM) | ids (insist on the token ids: an error naming both
+    tokenizers when they differ) | text (always re-tokenize)."""
     ref_path: str | None = None
     """Reference model; None = the starting policy (``model.path``), frozen (or adapter-disabled with LoRA)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

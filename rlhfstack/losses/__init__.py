@@ -6,6 +6,8 @@ controllers), :mod:`.advantages` (KL-shaped rewards, GAE, GRPO, RLOO), :mod:`.pp
 """
 
 from rlhfstack.losses.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    CRITIC_FREE_ESTIMATORS,
     explained_variance,
     gae,
     group_normalized_advantages,
@@ -41,6 +43,8 @@ from rlhfstack.losses.preference import (
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "CRITIC_FREE_ESTIMATORS",
     "AdaptiveKLController",
     "DPO_LOSS_TYPES",
     "FixedKLController",

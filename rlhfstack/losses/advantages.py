@@ -1,5 +1,9 @@
 """Rewards shaping and advantage estimators: KL-shaped token rewards, GAE, GRPO, RLOO.
 
+:data:`ADVANTAGE_ESTIMATORS` names the token-level estimators PPO chooses from
+(``ppo.advantage_estimator``); each maps per-token rewards (and values, for ``gae``) to per-token
+advantages and, where a value model is trained, its return targets.
+
 Shape legend: B = batch (number of sampled responses), T = response tokens, G = group size
 (responses sampled per prompt).
 
@@ -9,6 +13,8 @@ prompt's samples in each row.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -22,6 +28,11 @@ __all__ = [
     "group_normalized_advantages",
     "leave_one_out_advantages",
     "explained_variance",
+    "ADVANTAGE_ESTIMATORS",
+    "CRITIC_FREE_ESTIMATORS",
+    "gae_advantages",
+    "grpo_advantages",
+    "rloo_advantages",
 ]
 
 
@@ -225,3 +236,80 @@ def explained_variance(
     var_resid = masked_var(returns - values, mask, unbiased=False)
     ev = 1.0 - var_resid / var_returns  # 1 - Var[R - V] / Var[R]
     return torch.where(var_returns > 0, ev, torch.full_like(ev, float("nan")))
+
+
+# ----------------------------------------------------------------------------- estimator registry
+
+
+@torch.no_grad()
+def gae_advantages(
+    rewards_BT: torch.Tensor,
+    values_BT: torch.Tensor | None,
+    mask_BT: torch.Tensor,
+    *,
+    group_size: int = 1,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`gae` in the registry's signature (``group_size`` unused); needs ``values_BT``."""
+    if values_BT is None:
+        raise ValueError("the gae estimator needs the value model's values (got None)")
+    return gae(rewards_BT, values_BT, mask_BT, gamma, lam)
+
+
+def _sequence_advantages(
+    fn: Callable[[torch.Tensor, int], torch.Tensor],
+    rewards_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    mask = mask_BT.to(rewards_BT.dtype)
+    seq_reward_B = (rewards_BT * mask).sum(-1)  # r = score - beta * sum_t KL_t
+    return fn(seq_reward_B, group_size).unsqueeze(1) * mask  # the same A on every token
+
+
+@torch.no_grad()
+def grpo_advantages(
+    rewards_BT: torch.Tensor,
+    values_BT: torch.Tensor | None,
+    mask_BT: torch.Tensor,
+    *,
+    group_size: int = 1,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, None]:
+    """GRPO: the sequence reward ``sum_t r_t`` normalized within its group
+    (:func:`group_normalized_advantages`) on every valid token; no value model (``values_BT``,
+    ``gamma`` and ``lam`` unused), so no returns."""
+    return _sequence_advantages(group_normalized_advantages, rewards_BT, mask_BT, group_size), None
+
+
+@torch.no_grad()
+def rloo_advantages(
+    rewards_BT: torch.Tensor,
+    values_BT: torch.Tensor | None,
+    mask_BT: torch.Tensor,
+    *,
+    group_size: int = 2,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, None]:
+    """RLOO: the sequence reward ``sum_t r_t`` minus the mean of the other G-1 of its group
+    (:func:`leave_one_out_advantages`) on every valid token; no value model, so no returns."""
+    return _sequence_advantages(leave_one_out_advantages, rewards_BT, mask_BT, group_size), None
+
+
+AdvantageEstimator = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+"""``fn(rewards_BT, values_BT | None, mask_BT, *, group_size, gamma, lam) -> (advantages_BT,
+returns_BT | None)``: token-level advantages (0 on padding) and value targets (None for the
+critic-free estimators). Rows are group-contiguous (see the module docstring)."""
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "gae": gae_advantages,
+    "grpo": grpo_advantages,
+    "rloo": rloo_advantages,
+}
+"""Estimators by the name ``ppo.advantage_estimator`` takes."""
+
+CRITIC_FREE_ESTIMATORS = ("grpo", "rloo")
+"""Estimators that train no value model (their advantages come from the group of samples)."""

@@ -4,19 +4,28 @@ One iteration (Ziegler et al. 2019; Ouyang et al. 2022; the details of Huang et 
 
 1. rollout   sample responses for ``trainer.batch_size`` prompts with the current policy
 2. score     old log-probs and values (policy, no grad; taken from the rollout's own forward
-             passes by default), reference log-probs, RM score of the truncated response at its
-             last real token; a fixed penalty when no EOS was emitted
+             passes by default), reference log-probs, the reward's score of the truncated
+             response (:mod:`rlhfstack.rewards`); a fixed penalty when no EOS was emitted
 3. shape     r_t = -beta * KL_t on every response token, + score on the last one
 4. GAE       advantages and returns (gamma, lambda); returns = A + V before whitening A
 5. update    ``ppo.epochs`` passes of ``ppo.num_minibatches`` minibatches: clipped policy loss +
              vf_coef * clipped value loss - entropy_coef * entropy
 6. KL        the adaptive controller moves beta toward the target KL
 
+Steps 1-4 are :meth:`PPOTrainer.make_experience` (an :class:`~rlhfstack.rollout.experience.
+Experience`), step 5 :meth:`PPOTrainer.ppo_update`; :func:`train` orders them.
+
 Critic-free variants (``ppo.advantage_estimator``): ``grpo`` (Shao et al. 2024) and ``rloo``
 (Ahmadian et al. 2024) sample ``rollout.samples_per_prompt`` = G responses per prompt, train no
 value model, and replace step 4 by one advantage per response from its group: the sequence reward
 (score - beta * summed KL) normalized within the group (grpo) or minus the mean of the other G-1
-(rloo), on every token of the response. Steps 1-3, 5 (without the value loss) and 6 are PPO's.
+(rloo), on every token of the response (:data:`rlhfstack.losses.ADVANTAGE_ESTIMATORS`). Steps
+1-3, 5 (without the value loss) and 6 are PPO's.
+
+The reward model reads the policy's token ids when it shares the policy's tokenizer, else the
+decoded text re-tokenized with its own (``reward_input``; :class:`rlhfstack.rewards.
+RewardModelReward`). The value model (:mod:`rlhfstack.models.value`) is a head on the policy
+trunk (``shared``), a critic initialized from the reward model (``separate``), or none.
 
 Diagnostics are logged beside the loss every iteration; ``first_minibatch_ratio`` and
 ``first_minibatch_approx_kl`` must read 1 and 0 (the rollout and training passes agree).
@@ -42,78 +51,51 @@ from rlhfstack import distributed
 from rlhfstack.configs import PPOConfig
 from rlhfstack.data.loading import load_prompts
 from rlhfstack.losses import (
+    ADVANTAGE_ESTIMATORS,
+    CRITIC_FREE_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     explained_variance,
-    gae,
-    group_normalized_advantages,
     kl_estimate,
     kl_shaped_rewards,
-    leave_one_out_advantages,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )
 from rlhfstack.models.core import (
-    RewardEnsemble,
-    RewardModel,
-    ValueHead,
     adapter_disabled,
     causal_lm_parts,
     load_causal_lm,
-    load_reward_model,
     response_logprobs,
-    save_hf,
     tokenizer_for,
 )
+from rlhfstack.models.value import VALUE_MODELS, build_value_model
+from rlhfstack.rewards import INPUT_PATHS, FunctionReward, Reward, load_reward, reward_members
+from rlhfstack.rewards.base import tokenizer_label
+from rlhfstack.rollout.experience import Experience
 from rlhfstack.rollout.fast import supports_fast_decode
-from rlhfstack.rollout.generate import generate, left_pad_prompts, sample_texts, score_texts
-from rlhfstack.runtime import (
-    atomic_write_json,
-    plot_metrics,
-    release_free_heap,
-    rng_state,
-    set_rng_state,
-    write_stage_done,
+from rlhfstack.rollout.generate import (
+    Generation,
+    decode_responses,
+    generate,
+    left_pad_prompts,
+    sample_texts,
 )
+from rlhfstack.runtime import atomic_write_json, release_free_heap
 from rlhfstack.training import (
-    Preempted,
+    Checkpointer,
+    Run,
     build_optimizer,
     build_scheduler,
     clip_grad,
-    preemption_flag,
+    finish_stage,
+    load_policy,
+    load_train_eval,
     setup_run,
 )
 
 log = logging.getLogger("rlhfstack.ppo")
-
-
-class _Critic(torch.nn.Module):
-    """A separate value model: a trunk (initialized from the RM) and a value head."""
-
-    def __init__(self, rm: RewardModel) -> None:
-        super().__init__()
-        import copy
-
-        self.lm = copy.deepcopy(rm.backbone)
-        self.lm.requires_grad_(True)
-        self.head = ValueHead(rm.backbone.config.hidden_size)
-        with torch.no_grad():  # start from the RM's head (its first ensemble member)
-            self.head.linear.weight.copy_(rm.head.linear.weight[:1])
-            self.head.linear.bias.copy_(rm.head.linear.bias[:1])
-
-
-def _values(critic: _Critic, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
-    from rlhfstack.models.core import trunk_hidden
-
-    trunk, _ = causal_lm_parts(critic.lm)
-    h = trunk_hidden(trunk, ids, mask)[:, start - 1 : -1]
-    return critic.head(h).squeeze(-1).float()
-
-
-def _reward_members(rm: RewardModel | RewardEnsemble) -> list[RewardModel]:
-    return list(rm.members) if isinstance(rm, RewardEnsemble) else [rm]
 
 
 def _kl_controller(cfg: PPOConfig):
@@ -138,9 +120,13 @@ def _validate(cfg: PPOConfig) -> None:
             f"trainer.batch_size ({cfg.trainer.batch_size}) must be divisible by ppo.num_minibatches "
             f"({cfg.ppo.num_minibatches})"
         )
-    if cfg.ppo.value_model not in ("shared", "separate"):
+    if cfg.ppo.value_model not in VALUE_MODELS:
         raise ValueError(
-            f"ppo.value_model: unknown value {cfg.ppo.value_model!r} (shared | separate)"
+            f"ppo.value_model: unknown value {cfg.ppo.value_model!r} ({' | '.join(VALUE_MODELS)})"
+        )
+    if cfg.reward_input not in INPUT_PATHS:
+        raise ValueError(
+            f"reward_input: unknown value {cfg.reward_input!r} ({' | '.join(INPUT_PATHS)})"
         )
     est, G = cfg.ppo.advantage_estimator, cfg.rollout.samples_per_prompt
     if est not in ADVANTAGE_ESTIMATORS:
@@ -157,9 +143,6 @@ def _validate(cfg: PPOConfig) -> None:
             f"ppo.advantage_estimator={est} compares the samples of a prompt: "
             f"rollout.samples_per_prompt must be >= 2 (got {G})"
         )
-
-
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
 
 
 def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
@@ -195,398 +178,509 @@ def _global_whiten(x: torch.Tensor, m: torch.Tensor, eps: float = 1e-8) -> torch
     return torch.where(m.bool(), (x - mean) / (var + eps) ** 0.5, torch.zeros_like(x))
 
 
+class PromptStream:
+    """The training prompts in shuffled passes: each step takes ``n_prompts`` of them, each
+    repeated ``group_size`` times in a row (a prompt's group); a new permutation when a pass
+    runs out. Its state (generator, order, cursor) goes into checkpoints."""
+
+    def __init__(self, prompts: list[str], seed: int, n_prompts: int, group_size: int) -> None:
+        self.prompts, self.n_prompts, self.group_size = prompts, n_prompts, group_size
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(prompts)).tolist()
+        self.cursor = 0
+
+    def next(self) -> list[str]:
+        """The next step's ``n_prompts * group_size`` prompts (global: every rank draws all)."""
+        if self.cursor + self.n_prompts > len(self.order):
+            self.order = self.rng.permutation(len(self.prompts)).tolist()
+            self.cursor = 0
+        i = self.order[self.cursor : self.cursor + self.n_prompts]
+        self.cursor += self.n_prompts
+        return [self.prompts[j] for j in i for _ in range(self.group_size)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "order_rng": self.rng.bit_generator.state,
+            "order": self.order,
+            "cursor": self.cursor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["order_rng"]
+        self.order, self.cursor = state["order"], state["cursor"]
+
+
+class PPOTrainer:
+    """The models, optimizer and samplers of one PPO run, and its two phases.
+
+    ``trained`` (a ``ModuleDict``: ``policy`` and, for gae, ``value``) is what the optimizer
+    updates and checkpoints hold; under FSDP2 it is sharded in place (``dm``) and ``rollout`` is a
+    full replica of it that generation and the no-grad scoring passes run on (in one process,
+    ``rollout`` is ``trained`` itself).
+    """
+
+    def __init__(self, cfg: PPOConfig, run: Run) -> None:
+        self.cfg, self.run, self.device = cfg, run, run.device
+        pcfg, tcfg = cfg.ppo, cfg.trainer
+        self.critic_free = pcfg.advantage_estimator in CRITIC_FREE_ESTIMATORS
+        self.G = cfg.rollout.samples_per_prompt
+        self.dp, self.rank = run.dist.dp, run.dist.dp_rank
+        self.B = tcfg.batch_size  # global responses; this rank rolls out Bl = B / dp of them
+        self.Bl = self.B // self.dp
+        self.mb_size = self.Bl // pcfg.num_minibatches
+        self.micro = max(1, min(tcfg.micro_batch_size, self.mb_size))
+        self.T = cfg.rollout.temperature
+        self.tok = tokenizer_for(cfg.model)
+        self.policy = load_policy(cfg, run)
+        self.use_lora = bool(cfg.model.lora.enabled)
+        self.ref = None  # with LoRA the reference is the policy with its adapter switched off
+        if not self.use_lora:
+            self.ref = load_causal_lm(
+                cfg.ref_path or cfg.model.path,
+                dtype=cfg.model.dtype,
+                trainable=False,
+                device=self.device,
+            )
+        self.reward = load_reward(
+            cfg.reward_model_path,
+            self.tok,
+            input_path=cfg.reward_input,
+            dtype=cfg.model.dtype,
+            device=self.device,
+        )
+        log.info(
+            "reward model %s: %s path (policy tokenizer %s, reward tokenizer %s)",
+            cfg.reward_model_path,
+            "token-id" if self.reward.uses_policy_ids else "text",
+            tokenizer_label(self.tok),
+            tokenizer_label(self.reward.tokenizer),
+        )
+        rm_template = getattr(self.reward.rm, "template", None)
+        if rm_template and rm_template != cfg.data.template:  # prompts arrive rendered as text
+            log.warning(
+                "the reward model was trained on template %r, the prompts are rendered with "
+                "data.template=%r: it scores them as rendered",
+                rm_template,
+                cfg.data.template,
+            )
+        if pcfg.reward_uncertainty_coef > 0 and not self.reward.has_spread:
+            raise ValueError(
+                f"ppo.reward_uncertainty_coef={pcfg.reward_uncertainty_coef} penalizes the std "
+                f"over reward heads, but {cfg.reward_model_path} has {self.reward.num_heads}: "
+                "train it with rm.ensemble_size >= 2 or point reward_model_path at an ensemble "
+                "directory"
+            )
+        self.trained = torch.nn.ModuleDict({"policy": self.policy})
+        self.value = None  # the trained value model (gae only): SharedValueHead | Critic
+        if not self.critic_free:
+            if pcfg.value_model == "separate" and not self.reward.uses_policy_ids:
+                raise ValueError(
+                    "ppo.value_model=separate runs a copy of the reward model's trunk on the "
+                    f"policy's token ids, but the reward model ({cfg.reward_model_path}) reads "
+                    "another tokenizer or input layout: use ppo.value_model=shared"
+                )
+            self.value = build_value_model(
+                pcfg.value_model,
+                policy_hidden_size=causal_lm_parts(self.policy)[0].config.hidden_size,
+                reward_model=reward_members(self.reward.rm)[0],
+            ).to(self.device)
+            self.trained["value"] = self.value
+        self.params = list(self.trained.parameters())
+        self.dm: distributed.DistributedModel | None = None
+        if run.dist.distributed:  # FSDP2 over dp_shard; rollouts on a gathered replica
+            self.dm = distributed.DistributedModel(self.trained, self.params, run.dist)
+            self.params = self.dm.params
+        self.opt = build_optimizer(self.params, tcfg)
+        total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
+        self.sched = build_scheduler(self.opt, tcfg, total_updates)
+        self.kl_ctl = _kl_controller(cfg)
+        self.gen_rng = torch.Generator().manual_seed(cfg.seed + self.rank)  # per-rank sampling
+
+    def start_rollouts(self) -> None:
+        """Build the rollout side (after a resume: the replica copies the restored weights)."""
+        cfg = self.cfg
+        self.rollout = self.dm.replica() if self.dm is not None else self.trained
+        self.r_policy = self.rollout["policy"]
+        self.r_value = self.rollout["value"] if "value" in self.rollout else None
+        # old log-probs (and the shared value head's values) come with the rollout (the KV-cache
+        # pass computes the same log softmax(logits / T) as the training pass, up to float
+        # rounding) instead of a second forward over the whole batch
+        self.from_rollout = (
+            cfg.ppo.logprobs_from_rollout
+            and cfg.rollout.backend == "native"
+            and supports_fast_decode(self.r_policy)
+        )
+        self.vllm_engine = None
+        if cfg.rollout.backend == "vllm":
+            from rlhfstack.rollout.vllm_backend import VLLMRollout
+
+            self.vllm_engine = VLLMRollout(cfg.model.path, dtype="bfloat16", seed=cfg.seed)
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def checkpoint_state(self, stream: PromptStream) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(extra, rank_extra)`` for :meth:`Checkpointer.save`."""
+        extra = {"kl_controller": self.kl_ctl.state_dict(), **stream.state_dict()}
+        return extra, {"gen_rng": self.gen_rng.get_state()}
+
+    def load_checkpoint_state(self, extra: dict[str, Any], stream: PromptStream) -> None:
+        if extra["rank_extra"] is None:
+            raise ValueError(
+                f"{extra['path']}: no sampling state for rank {self.run.dist.rank} "
+                "(written by fewer processes?)"
+            )
+        self.kl_ctl.load_state_dict(extra["kl_controller"])
+        self.gen_rng.set_state(extra["rank_extra"]["gen_rng"])
+        stream.load_state_dict(extra)
+
+    # ------------------------------------------------------------------ steps 1-4
+
+    def _generate(self, prompts: list[str], step: int) -> Generation:
+        cfg, tok = self.cfg, self.tok
+        p_ids, p_mask = left_pad_prompts(tok, prompts, cfg.data.max_prompt_tokens, self.device)
+        self.r_policy.eval()
+        common = dict(
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            temperature=self.T,
+        )
+        if self.vllm_engine is not None:  # GPU-only path (not exercised in CI)
+            self.vllm_engine.sync_weights(self.policy)
+            return self.vllm_engine.generate(p_ids, p_mask, **common, seed=cfg.seed + step)
+        return generate(
+            self.r_policy,
+            p_ids,
+            p_mask,
+            **common,
+            generator=self.gen_rng,
+            return_logprobs=self.from_rollout,
+            return_hidden=self.from_rollout
+            and self.r_value is not None
+            and self.r_value.shares_policy_trunk,
+            compile_steps=cfg.rollout.compile,
+            packed_weights=cfg.rollout.packed_weights,
+            prompt_group_size=self.G,
+        )
+
+    @torch.no_grad()
+    def _policy_passes(self, gen: Generation, ids, mask, P: int):
+        """Old log-probs and values (the rollout's, or one scoring pass), reference log-probs."""
+        r_value = self.r_value
+        shared = r_value is not None and r_value.shares_policy_trunk
+        old_values = None  # critic-free estimators
+        if gen.logprobs_BR is not None:  # old log-probs (and values) from the rollout
+            old_logprobs = gen.logprobs_BR
+            if r_value is not None:
+                old_values = r_value.values(ids, mask, P, hidden_BRD=gen.hidden_BRD)
+        else:  # a separate scoring pass (vLLM rollouts, non-HF models)
+            out = response_logprobs(
+                self.r_policy, ids, mask, P, self.T, value_head=r_value if shared else None
+            )
+            old_logprobs = out["logprobs"]
+            if shared:
+                old_values = out["values"]
+            elif r_value is not None:
+                old_values = r_value.values(ids, mask, P)
+        full_ref = self.cfg.ppo.kl_loss_coef > 0  # the reference's whole distribution, too
+        if self.use_lora:
+            with adapter_disabled(self.r_policy):
+                ref_out = response_logprobs(
+                    self.r_policy, ids, mask, P, self.T, return_log_softmax=full_ref
+                )
+        else:
+            ref_out = response_logprobs(self.ref, ids, mask, P, self.T, return_log_softmax=full_ref)
+        return old_logprobs, old_values, ref_out["logprobs"], ref_out.get("log_softmax")
+
+    def make_experience(self, prompts: list[str], step: int) -> Experience:
+        """Steps 1-4 for this rank's ``prompts``: rollout, policy / reference / value passes,
+        reward and its shaping, KL-shaped token rewards, advantages."""
+        pcfg = self.cfg.ppo
+        gen = self._generate(prompts, step)
+        ids, mask = gen.full()
+        P = gen.prompt_ids_BP.shape[1]
+        resp_mask = gen.response_mask_BR.float()
+        self.run.cost.add_tokens(int(distributed.sum_stats({"n": float(mask.sum())})["n"]))
+        completions = decode_responses(self.tok, gen)
+        old_logprobs, old_values, ref_logprobs, ref_lsm = self._policy_passes(gen, ids, mask, P)
+        with torch.no_grad():
+            rm_out = self.reward.score(prompts, completions, ids, mask)
+            raw_scores = rm_out.scores_B
+            std = rm_out.spread_B if rm_out.spread_B is not None else torch.zeros_like(raw_scores)
+            scores = raw_scores.clone()
+            if pcfg.reward_uncertainty_coef:  # mean - coef * std over heads / members
+                scores = scores - pcfg.reward_uncertainty_coef * std
+            if pcfg.missing_eos_penalty:
+                scores = scores - pcfg.missing_eos_penalty * (~gen.ended_B).float()
+            if pcfg.reward_clip:
+                scores = scores.clamp(-pcfg.reward_clip, pcfg.reward_clip)
+            if pcfg.whiten_rewards:  # over the global batch (all ranks)
+                scores = _global_whiten(scores, torch.ones_like(scores))
+            beta = self.kl_ctl.value
+            rewards, kl_BT = kl_shaped_rewards(
+                scores, old_logprobs, ref_logprobs, resp_mask, beta, estimator=self.cfg.kl.estimator
+            )
+            advantages, returns = ADVANTAGE_ESTIMATORS[pcfg.advantage_estimator](
+                rewards, old_values, resp_mask, group_size=self.G, gamma=pcfg.gamma, lam=pcfg.lam
+            )
+            if pcfg.whiten_advantages and pcfg.advantage_estimator != "grpo":
+                advantages = (
+                    _global_whiten(advantages, resp_mask)
+                    if self.dm is not None
+                    else masked_whiten(advantages, resp_mask)
+                )
+        seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * resp_mask).sum(-1)
+        return Experience(
+            prompts=prompts,
+            completions=completions,
+            ids_BT=ids,
+            mask_BT=mask,
+            response_start=P,
+            response_mask_BR=resp_mask,
+            ended_B=gen.ended_B,
+            old_logprobs_BR=old_logprobs,
+            ref_logprobs_BR=ref_logprobs,
+            ref_logsoftmax_BRV=ref_lsm,
+            values_BR=old_values,
+            raw_scores_B=raw_scores,
+            score_std_B=std,
+            scores_B=scores,
+            kl_coef=beta,
+            kl_BR=kl_BT,
+            rewards_BR=rewards,
+            seq_kl_B=seq_kl,
+            advantages_BR=advantages,
+            returns_BR=returns,
+        )
+
+    # ------------------------------------------------------------------ step 5
+
+    def _train_forward(self, ids, mask, start: int, entropy: bool, ref_lsm_BRV=None):
+        """The policy pass with grad (log-probs, entropy, exact KL) and the value model's."""
+        value = self.value
+        shared = value is not None and value.shares_policy_trunk
+        o = response_logprobs(
+            self.policy,
+            ids,
+            mask,
+            start,
+            self.T,
+            value_head=value if shared else None,
+            return_entropy=entropy,
+            ref_logprobs_BRV=ref_lsm_BRV,
+        )
+        if value is None:
+            return o, None
+        return o, (o["values"] if shared else value.values(ids, mask, start))
+
+    def _micro_step(self, exp: Experience, sub, mb_tokens: float, want_entropy: bool):
+        """Loss and backward of one micro-batch; returns its statistics and the forward's output."""
+        pcfg = self.cfg.ppo
+        lsm = exp.ref_logsoftmax_BRV
+        args = (exp.ids_BT[sub], exp.mask_BT[sub], exp.response_start, want_entropy)
+        args += (None if lsm is None else lsm[sub],)
+        o, v = self.dm.call(self._train_forward, *args) if self.dm else self._train_forward(*args)
+        m = exp.response_mask_BR[sub]
+        pg_loss, pg_stats = ppo_policy_loss(
+            o["logprobs"],
+            exp.old_logprobs_BR[sub],
+            exp.advantages_BR[sub],
+            m,
+            pcfg.clip_eps,
+            normalizer=mb_tokens,
+        )
+        loss, vf_loss, vf_stats = pg_loss, None, {}
+        if v is not None:
+            vf_loss, vf_stats = ppo_value_loss(
+                v,
+                exp.values_BR[sub],
+                exp.returns_BR[sub],
+                m,
+                pcfg.value_clip,
+                normalizer=mb_tokens,
+            )
+            loss = loss + pcfg.vf_coef * vf_loss
+        stats: dict[str, float] = {}
+        if pcfg.entropy_coef > 0:
+            loss = loss - pcfg.entropy_coef * (o["entropy"] * m).sum() / mb_tokens
+        if pcfg.kl_loss_coef > 0:  # exact KL to the reference, every token
+            kl_term = (o["kl_full"] * m).sum() / mb_tokens
+            loss = loss + pcfg.kl_loss_coef * kl_term
+            stats["kl/full_in_loss"] = float(kl_term.detach()) / (float(m.sum()) / mb_tokens or 1.0)
+        loss.backward()
+        w = float(m.sum()) / mb_tokens  # this micro-batch's share of the minibatch's tokens
+        stats["loss/policy"] = float(pg_loss.detach()) / w if w else 0.0
+        if vf_loss is not None:
+            stats["loss/value"] = float(vf_loss.detach()) / w if w else 0.0
+        stats.update({f"ppo/{k}": float(v2) for k, v2 in pg_stats.items()})
+        stats.update({f"ppo/{k}": float(v2) for k, v2 in vf_stats.items()})
+        return stats, pg_stats, o, m
+
+    def ppo_update(self, exp: Experience) -> dict[str, float]:
+        """Step 5: ``ppo.epochs`` x ``ppo.num_minibatches`` optimizer steps, each over
+        micro-batches; returns the mean of each statistic and the first micro-batch's checks."""
+        pcfg, tcfg, dm = self.cfg.ppo, self.cfg.trainer, self.dm
+        release_free_heap()  # the rollout's freed tensors: no resident holes (runtime.py)
+        self.policy.train()
+        stats: dict[str, list[float]] = {}
+        first: dict[str, float] = {}
+        mb_size, resp_mask = self.mb_size, exp.response_mask_BR
+        for epoch in range(pcfg.epochs):
+            perm = torch.randperm(self.Bl, generator=self.gen_rng)
+            for mb in range(pcfg.num_minibatches):
+                idx = perm[mb * mb_size : (mb + 1) * mb_size]
+                # losses are normalized by the minibatch's token count over all ranks, and FSDP2
+                # sums gradients: the update is the one-process update of the global minibatch
+                mb_tokens = distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
+                self.opt.zero_grad(set_to_none=True)
+                for j in range(0, mb_size, self.micro):
+                    want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
+                    sub = idx[j : j + self.micro]
+                    st, pg_stats, o, m = self._micro_step(exp, sub, mb_tokens, want_entropy)
+                    for k, val in st.items():
+                        stats.setdefault(k, []).append(val)
+                    if epoch == 0 and mb == 0 and j == 0:
+                        first["first_minibatch_ratio"] = float(pg_stats["ratio_mean"])
+                        first["first_minibatch_approx_kl"] = float(pg_stats["approx_kl"])
+                        first["entropy"] = float(masked_mean(o["entropy"].detach(), m))
+                gnorm = (
+                    dm.clip_grad(tcfg.grad_clip) if dm else clip_grad(self.params, tcfg.grad_clip)
+                )
+                stats.setdefault("grad_norm", []).append(gnorm)
+                self.opt.step()
+                self.sched.step()
+        if dm is not None:
+            dm.sync_replica(self.rollout)  # the next rollout samples from the updated policy
+        return {**{k: float(np.mean(v)) for k, v in stats.items()}, **first}
+
+    # ------------------------------------------------------------------ step 6, metrics, end
+
+    def update_kl(self, exp: Experience) -> float:
+        """Step 6: the KL controller sees the global batch's mean summed KL; returns that mean."""
+        mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
+        self.kl_ctl.update(mean_kl, self.B)
+        return mean_kl
+
+    def metrics(self, exp: Experience, stats: dict[str, float], mean_kl: float) -> dict[str, float]:
+        """The logged row of one iteration (means over ranks under FSDP2)."""
+        m = exp.response_mask_BR
+        if self.critic_free:  # no value model: no value loss and no value diagnostics
+            value_metrics = {"advantages/abs_mean": float(masked_mean(exp.advantages_BR.abs(), m))}
+        else:
+            value_metrics = {
+                "returns/mean": float(masked_mean(exp.returns_BR, m)),
+                "values/mean": float(masked_mean(exp.values_BR, m)),
+                "values/explained_variance": float(
+                    explained_variance(exp.values_BR, exp.returns_BR, m)
+                ),
+            }
+        metrics = {
+            "loss": stats["loss/policy"] + self.cfg.ppo.vf_coef * stats.get("loss/value", 0.0),
+            **stats,  # the update's means, then its first-micro-batch checks
+            "reward/rm_score": float(exp.raw_scores_B.mean()),
+            "reward/rm_score_std": float(exp.score_std_B.mean()),
+            "reward/shaped_score": float(exp.scores_B.mean()),
+            "reward/total": float((exp.rewards_BR * m).sum(-1).mean()),
+            "kl/seq_k1": mean_kl,
+            "kl/token_estimator_mean": float(masked_mean(exp.kl_BR, m)),
+            "kl/beta": exp.kl_coef,
+            **value_metrics,
+            "response/length": float(m.sum(-1).mean()),
+            "response/ended_frac": float(exp.ended_B.float().mean()),
+            "lr": self.sched.get_last_lr()[0],
+        }
+        if self.dm is not None:  # per-rank means -> means over ranks (equal rows per rank)
+            metrics = {k: v / self.dp for k, v in distributed.sum_stats(metrics).items()}
+            metrics["kl/seq_k1"] = mean_kl
+        metrics["tokens"] = distributed.sum_stats({"n": float(m.sum())})["n"]
+        return metrics
+
+    def gold_eval(self, prompts: list[str], gold: Reward) -> dict[str, float]:
+        """Sample held-out completions (a fixed seed) and score them with the hidden ``gold``
+        reward and the proxy reward model, both through the reward interface (text)."""
+        cfg = self.cfg
+        texts, _, _ = sample_texts(
+            self.r_policy,
+            self.tok,
+            prompts,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            temperature=cfg.rollout.temperature,
+            seed=cfg.seed + 12345,
+            device=self.device,
+        )
+        gold_B = gold.score(prompts, texts).scores_B.double()
+        proxy_B = self.reward.score(prompts, texts).scores_B
+        return {
+            "eval/gold_reward": float(gold_B.mean()),
+            "eval/proxy_reward": float(proxy_B.mean()),
+        }
+
+    def finish(self) -> Path:
+        """Rank 0 writes the policy (HF), the value model's weights (gae), the KL controller and
+        ``done.json``; the other ranks leave in ``dm.finalize``."""
+        run, cfg = self.run, self.cfg
+        if self.dm is not None:  # rank 0 gets the full, plain modules back
+            self.dm.finalize()
+            self.policy = self.trained["policy"]
+            self.value = self.trained["value"] if "value" in self.trained else None
+        if self.value is not None:  # gae only
+            torch.save(self.value.state_dict(), run.run_dir / "value_head.pt")
+        atomic_write_json(run.run_dir / "kl_controller.json", self.kl_ctl.state_dict())
+        return finish_stage(
+            run, "ppo", cfg.trainer.max_steps, model=self.policy, tokenizer=self.tok
+        )
+
+
+def _prompts(cfg: PPOConfig) -> tuple[list[str], list[str]]:
+    """Training prompts and the held-out prompts of the gold evaluation (``data.eval_path``)."""
+    prompts, heldout = load_train_eval(load_prompts, cfg, "PPO prompts")
+    heldout = heldout[: cfg.gold_eval_prompts]
+    log.info(
+        "PPO: %d train prompts, %d held-out for the gold evaluation", len(prompts), len(heldout)
+    )
+    return [p.prompt for p in prompts], [p.prompt for p in heldout]
+
+
 def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     """Run PPO; returns ``run_dir``. ``gold_scorer(prompts, completions) -> np.ndarray`` (optional)
     scores held-out samples with a hidden gold reward every ``gold_eval_every`` iterations."""
     _validate(cfg)
     run = setup_run(cfg)
-    device = run.device
-    tcfg, pcfg = cfg.trainer, cfg.ppo
-    estimator, G = pcfg.advantage_estimator, cfg.rollout.samples_per_prompt
-    critic_free = estimator != "gae"  # grpo / rloo: advantages from the group, no value model
-    ps = run.dist  # data-parallel ranks each roll out and train on B / dp prompts
-    dp, rank = ps.dp, ps.dp_rank
-    if ps.distributed:
-        _validate_distributed(cfg, dp, ps.tp, ps.pp)
-    tok = tokenizer_for(cfg.model)
-    policy = load_causal_lm(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        lora=cfg.model.lora,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        device=device,
+    if run.dist.distributed:
+        _validate_distributed(cfg, run.dist.dp, run.dist.tp, run.dist.pp)
+    tcfg = cfg.trainer
+    trainer = PPOTrainer(cfg, run)  # models, reward, value model, optimizer, KL controller
+    train_prompts, heldout = _prompts(cfg)
+    G = trainer.G
+    stream = PromptStream(train_prompts, cfg.seed, tcfg.batch_size // G, G)
+    ckpt = Checkpointer(
+        run, trainer.trained, trainer.opt, trainer.sched, save_every=tcfg.save_every
     )
-    use_lora = bool(cfg.model.lora.enabled)
-    ref = None
-    if not use_lora:  # with LoRA the reference is the policy with its adapter switched off
-        ref = load_causal_lm(
-            cfg.ref_path or cfg.model.path, dtype=cfg.model.dtype, trainable=False, device=device
-        )
-    # one reward model or an ensemble directory (ensemble.json): mean and std over every head
-    rm = load_reward_model(cfg.reward_model_path, dtype=cfg.model.dtype, device=device)
-    n_heads = sum(m.head.linear.out_features for m in _reward_members(rm))
-    if pcfg.reward_uncertainty_coef > 0 and n_heads < 2:
-        raise ValueError(
-            f"ppo.reward_uncertainty_coef={pcfg.reward_uncertainty_coef} penalizes the std over "
-            f"reward heads, but {cfg.reward_model_path} has {n_heads}: train it with "
-            "rm.ensemble_size >= 2 or point reward_model_path at an ensemble directory"
-        )
-    d_model = causal_lm_parts(policy)[0].config.hidden_size
-    critic: _Critic | None = None
-    value_head: ValueHead | None = None
-    if not critic_free and pcfg.value_model == "shared":
-        value_head = ValueHead(d_model).to(device)
-    elif not critic_free:
-        critic = _Critic(_reward_members(rm)[0]).to(device)
-    # what is trained (and checkpointed): {policy, value head or critic (gae only)}
-    trained = torch.nn.ModuleDict({"policy": policy})
-    if not critic_free:
-        trained["value"] = value_head or critic
-    params = list(trained.parameters())
-    dm: distributed.DistributedModel | None = None
-    if ps.distributed:  # FSDP2 over dp_shard; rollouts on a gathered replica (see below)
-        dm = distributed.DistributedModel(trained, params, ps)
-        params = dm.params
-    opt = build_optimizer(params, tcfg)
-    total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
-    sched = build_scheduler(opt, tcfg, total_updates)
-    kl_ctl = _kl_controller(cfg)
-
-    prompts, report = load_prompts(
-        cfg.data.train_path,
-        adapter=cfg.data.adapter,
-        template=cfg.data.template,
-        on_error=cfg.data.on_error,
-        data_root=cfg.data_root,
-    )
-    train_prompts = [p.prompt for p in prompts]
-    heldout: list[str] = []
-    if cfg.data.eval_path:
-        ev, _ = load_prompts(
-            cfg.data.eval_path,
-            adapter=cfg.data.adapter,
-            template=cfg.data.template,
-            on_error=cfg.data.on_error,
-            data_root=cfg.data_root,
-        )
-        heldout = [p.prompt for p in ev][: cfg.gold_eval_prompts]
-    log.info(
-        "PPO: %d train prompts, %d held-out; %s", len(train_prompts), len(heldout), report.summary()
-    )
-
-    gen_rng = torch.Generator().manual_seed(cfg.seed + rank)  # each rank samples its own rows
-    order_rng = np.random.default_rng(cfg.seed)
-    order = order_rng.permutation(len(train_prompts)).tolist()
-    cursor = 0
-    start_step = 0
-
-    # ---- checkpoints (distributed.save_checkpoint: torch.distributed.checkpoint + extra.pt) and resume
-    ckpt = distributed.latest_checkpoint(run.run_dir)
-    if ckpt is not None:
-        state = distributed.load_checkpoint(ckpt, trained, opt)
-        if state["rank_extra"] is None:
-            raise ValueError(
-                f"{ckpt}: no sampling state for rank {ps.rank} (written by fewer processes?)"
-            )
-        sched.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl_controller"])
-        set_rng_state(state["rng"])
-        gen_rng.set_state(state["rank_extra"]["gen_rng"])
-        order_rng.bit_generator.state = state["order_rng"]
-        order, cursor, start_step = state["order"], state["cursor"], state["step"]
-        run.logger.truncate_after(start_step)
-        log.info("resumed from %s at step %d", ckpt, start_step)
-
-    def save_checkpoint(step: int) -> None:
-        extra = {
-            "scheduler": sched.state_dict(),
-            "kl_controller": kl_ctl.state_dict(),
-            "rng": rng_state(),
-            "order_rng": order_rng.bit_generator.state,
-            "order": order,
-            "cursor": cursor,
-            "step": step,
-        }
-        distributed.save_checkpoint(
-            distributed.checkpoint_path(run.run_dir, step),
-            trained,
-            opt,
-            extra,
-            rank_extra={"gen_rng": gen_rng.get_state()},
-        )
-
-    # Rollouts (generation and the no-grad scoring passes) run on ``rollout``: the trained
-    # modules themselves in one process; under FSDP2 a full replica on each rank, refreshed
-    # after every update, so that each rank decodes its own rows without collectives.
-    rollout = dm.replica() if dm is not None else trained
-    r_policy = rollout["policy"]
-    r_value = rollout["value"] if "value" in rollout else None
-
-    def train_forward(ids_, mask_, start: int, entropy: bool, ref_lsm_BRV=None):
-        o = response_logprobs(
-            policy,
-            ids_,
-            mask_,
-            start,
-            T,
-            value_head=value_head,
-            return_entropy=entropy,
-            ref_logprobs_BRV=ref_lsm_BRV,
-        )
-        if critic_free:
-            return o, None
-        v = o["values"] if critic is None else _values(critic, ids_, mask_, start)
-        return o, v
-
-    B = tcfg.batch_size  # global responses; this rank rolls out and trains on Bl = B / dp of them
-    Bl = B // dp
-    NP = B // G  # prompts per step (G responses each)
-    mb_size = Bl // pcfg.num_minibatches
-    micro = max(1, min(tcfg.micro_batch_size, mb_size))
-    T = cfg.rollout.temperature
-
-    # old log-probs (and the shared value head's values) come with the rollout (the KV-cache
-    # pass computes the same log softmax(logits / T) as the training pass, up to float
-    # rounding) instead of a second forward over the whole batch
-    from_rollout = (
-        pcfg.logprobs_from_rollout
-        and cfg.rollout.backend == "native"
-        and supports_fast_decode(r_policy)
-    )
-    vllm_engine = None
-    if cfg.rollout.backend == "vllm":
-        from rlhfstack.rollout.vllm_backend import VLLMRollout
-
-        vllm_engine = VLLMRollout(cfg.model.path, dtype="bfloat16", seed=cfg.seed)
-
-    with preemption_flag() as preempt:
-        for step in range(start_step + 1, tcfg.max_steps + 1):
-            # ---------------------------------------------------------------- 1. rollout
-            if cursor + NP > len(order):
-                order = order_rng.permutation(len(train_prompts)).tolist()
-                cursor = 0
-            # each prompt G times in a row (its group); a rank's rows hold whole groups
-            batch_prompts = [
-                train_prompts[i] for i in order[cursor : cursor + NP] for _ in range(G)
-            ]
-            cursor += NP
-            batch_prompts = batch_prompts[rank * Bl : (rank + 1) * Bl]  # this rank's rows
-            p_ids, p_mask = left_pad_prompts(tok, batch_prompts, cfg.data.max_prompt_tokens, device)
-            r_policy.eval()
-            if vllm_engine is not None:  # GPU-only path (not exercised in CI)
-                vllm_engine.sync_weights(policy)
-                gen = vllm_engine.generate(
-                    p_ids,
-                    p_mask,
-                    max_new_tokens=cfg.rollout.max_new_tokens,
-                    eos_id=tok.eos_token_id,
-                    pad_id=tok.pad_token_id,
-                    temperature=T,
-                    seed=cfg.seed + step,
-                )
-            else:
-                gen = generate(
-                    r_policy,
-                    p_ids,
-                    p_mask,
-                    max_new_tokens=cfg.rollout.max_new_tokens,
-                    eos_id=tok.eos_token_id,
-                    pad_id=tok.pad_token_id,
-                    temperature=T,
-                    generator=gen_rng,
-                    return_logprobs=from_rollout,
-                    return_hidden=from_rollout and value_head is not None,
-                    compile_steps=cfg.rollout.compile,
-                    packed_weights=cfg.rollout.packed_weights,
-                    prompt_group_size=G,
-                )
-            ids, mask = gen.full()
-            P = p_ids.shape[1]
-            resp_mask = gen.response_mask_BR.float()
-            run.cost.add_tokens(int(distributed.sum_stats({"n": float(mask.sum())})["n"]))
-            # ---------------------------------------------------------------- 2. score
-            with torch.no_grad():
-                shared = value_head is not None
-                old_values = None  # critic-free estimators
-                if gen.logprobs_BR is not None:  # old log-probs (and values) from the rollout
-                    old_logprobs = gen.logprobs_BR
-                    if shared:
-                        old_values = r_value(gen.hidden_BRD).squeeze(-1).float()
-                    elif critic is not None:
-                        old_values = _values(r_value, ids, mask, P)
-                else:  # a separate scoring pass (vLLM rollouts, non-HF models)
-                    out = response_logprobs(
-                        r_policy, ids, mask, P, T, value_head=r_value if shared else None
-                    )
-                    old_logprobs = out["logprobs"]
-                    if shared:
-                        old_values = out["values"]
-                    elif critic is not None:
-                        old_values = _values(r_value, ids, mask, P)
-                full_ref = pcfg.kl_loss_coef > 0  # the reference's whole distribution, too
-                if use_lora:
-                    with adapter_disabled(r_policy):
-                        ref_out = response_logprobs(
-                            r_policy, ids, mask, P, T, return_log_softmax=full_ref
-                        )
-                else:
-                    ref_out = response_logprobs(ref, ids, mask, P, T, return_log_softmax=full_ref)
-                ref_logprobs = ref_out["logprobs"]
-                ref_logsoftmax_BRV = ref_out.get("log_softmax")
-                rm_out = rm.score(ids, mask)
-                raw_scores = rm_out["mean"]
-                scores = raw_scores.clone()
-                if pcfg.reward_uncertainty_coef:  # mean - coef * std over heads / members
-                    scores = scores - pcfg.reward_uncertainty_coef * rm_out["std"]
-                if pcfg.missing_eos_penalty:
-                    scores = scores - pcfg.missing_eos_penalty * (~gen.ended_B).float()
-                if pcfg.reward_clip:
-                    scores = scores.clamp(-pcfg.reward_clip, pcfg.reward_clip)
-                if pcfg.whiten_rewards:  # over the global batch (all ranks)
-                    scores = _global_whiten(scores, torch.ones_like(scores))
-                # ------------------------------------------------------------ 3-4. shape, GAE
-                beta = kl_ctl.value
-                rewards, kl_BT = kl_shaped_rewards(
-                    scores, old_logprobs, ref_logprobs, resp_mask, beta, estimator=cfg.kl.estimator
-                )
-                if critic_free:
-                    # one advantage per response from its group: r = score - beta * sum_t KL_t
-                    seq_reward_B = (rewards * resp_mask).sum(-1)
-                    adv_B = (
-                        group_normalized_advantages(seq_reward_B, G)
-                        if estimator == "grpo"
-                        else leave_one_out_advantages(seq_reward_B, G)
-                    )
-                    advantages, returns = adv_B.unsqueeze(1) * resp_mask, None
-                else:
-                    advantages, returns = gae(rewards, old_values, resp_mask, pcfg.gamma, pcfg.lam)
-                if pcfg.whiten_advantages and estimator != "grpo":
-                    advantages = (
-                        _global_whiten(advantages, resp_mask)
-                        if dm is not None
-                        else masked_whiten(advantages, resp_mask)
-                    )
-            seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * resp_mask).sum(-1)
-            # ---------------------------------------------------------------- 5. update
-            release_free_heap()  # the rollout's freed tensors: no resident holes (runtime.py)
-            policy.train()
-            stats: dict[str, list[float]] = {}
-            first: dict[str, float] = {}
-            n_tokens_total = distributed.sum_stats({"n": float(resp_mask.sum())})["n"]
-            for epoch in range(pcfg.epochs):
-                perm = torch.randperm(Bl, generator=gen_rng)
-                for mb in range(pcfg.num_minibatches):
-                    idx = perm[mb * mb_size : (mb + 1) * mb_size]
-                    # losses are normalized by the minibatch's token count over all ranks, and
-                    # FSDP2 sums gradients: the update is the one-process update of the global
-                    # minibatch
-                    mb_tokens = (
-                        distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
-                    )
-                    opt.zero_grad(set_to_none=True)
-                    for j in range(0, mb_size, micro):
-                        sub = idx[j : j + micro]
-                        want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
-                        ref_lsm = None if ref_logsoftmax_BRV is None else ref_logsoftmax_BRV[sub]
-                        args = (ids[sub], mask[sub], P, want_entropy, ref_lsm)
-                        o, v = dm.call(train_forward, *args) if dm else train_forward(*args)
-                        m = resp_mask[sub]
-                        pg_loss, pg_stats = ppo_policy_loss(
-                            o["logprobs"],
-                            old_logprobs[sub],
-                            advantages[sub],
-                            m,
-                            pcfg.clip_eps,
-                            normalizer=mb_tokens,
-                        )
-                        loss = pg_loss
-                        if v is not None:
-                            vf_loss, vf_stats = ppo_value_loss(
-                                v,
-                                old_values[sub],
-                                returns[sub],
-                                m,
-                                pcfg.value_clip,
-                                normalizer=mb_tokens,
-                            )
-                            loss = loss + pcfg.vf_coef * vf_loss
-                        else:
-                            vf_loss, vf_stats = None, {}
-                        if pcfg.entropy_coef > 0:
-                            loss = loss - pcfg.entropy_coef * (o["entropy"] * m).sum() / mb_tokens
-                        if pcfg.kl_loss_coef > 0:  # exact KL to the reference, every token
-                            kl_term = (o["kl_full"] * m).sum() / mb_tokens
-                            loss = loss + pcfg.kl_loss_coef * kl_term
-                            stats.setdefault("kl/full_in_loss", []).append(
-                                float(kl_term.detach()) / (float(m.sum()) / mb_tokens or 1.0)
-                            )
-                        loss.backward()
-                        w = float(m.sum()) / mb_tokens
-                        for k, val in {
-                            "loss/policy": float(pg_loss.detach()) / w if w else 0.0,
-                            **(
-                                {"loss/value": float(vf_loss.detach()) / w if w else 0.0}
-                                if vf_loss is not None
-                                else {}
-                            ),
-                            **{f"ppo/{k2}": float(v2) for k2, v2 in pg_stats.items()},
-                            **{f"ppo/{k2}": float(v2) for k2, v2 in vf_stats.items()},
-                        }.items():
-                            stats.setdefault(k, []).append(val)
-                        if epoch == 0 and mb == 0 and j == 0:
-                            first["first_minibatch_ratio"] = float(pg_stats["ratio_mean"])
-                            first["first_minibatch_approx_kl"] = float(pg_stats["approx_kl"])
-                            first["entropy"] = float(masked_mean(o["entropy"].detach(), m))
-                    gnorm = (
-                        dm.clip_grad(tcfg.grad_clip) if dm else clip_grad(params, tcfg.grad_clip)
-                    )
-                    stats.setdefault("grad_norm", []).append(gnorm)
-                    opt.step()
-                    sched.step()
-            if dm is not None:
-                dm.sync_replica(rollout)  # the next rollout samples from the updated policy
-            # ---------------------------------------------------------------- 6. KL controller
-            mean_kl = distributed.sum_stats({"kl": float(seq_kl.sum())})["kl"] / B
-            kl_ctl.update(mean_kl, B)
-            lengths = resp_mask.sum(-1)
-            if critic_free:  # no value model: no value loss and no value diagnostics
-                value_metrics = {
-                    "advantages/abs_mean": float(masked_mean(advantages.abs(), resp_mask))
-                }
-            else:
-                value_metrics = {
-                    "returns/mean": float(masked_mean(returns, resp_mask)),
-                    "values/mean": float(masked_mean(old_values, resp_mask)),
-                    "values/explained_variance": float(
-                        explained_variance(old_values, returns, resp_mask)
-                    ),
-                }
-            vf_mean = float(np.mean(stats["loss/value"])) if "loss/value" in stats else 0.0
-            metrics = {
-                "loss": float(np.mean(stats["loss/policy"])) + pcfg.vf_coef * vf_mean,
-                **{k: float(np.mean(v)) for k, v in stats.items()},
-                **first,
-                "reward/rm_score": float(raw_scores.mean()),
-                "reward/rm_score_std": float(rm_out["std"].mean()),
-                "reward/shaped_score": float(scores.mean()),
-                "reward/total": float((rewards * resp_mask).sum(-1).mean()),
-                "kl/seq_k1": mean_kl,
-                "kl/token_estimator_mean": float(masked_mean(kl_BT, resp_mask)),
-                "kl/beta": beta,
-                **value_metrics,
-                "response/length": float(lengths.mean()),
-                "response/ended_frac": float(gen.ended_B.float().mean()),
-                "lr": sched.get_last_lr()[0],
-            }
-            if dm is not None:  # per-rank means -> means over ranks (equal rows per rank)
-                metrics = {k: v / dp for k, v in distributed.sum_stats(metrics).items()}
-                metrics["kl/seq_k1"] = mean_kl
-            metrics["tokens"] = n_tokens_total
-            gold_now = bool(gold_scorer is not None and heldout and cfg.gold_eval_every) and (
+    resumed = ckpt.restore()
+    if resumed is not None:
+        trainer.load_checkpoint_state(resumed, stream)
+    start = resumed["step"] if resumed is not None else 0
+    trainer.start_rollouts()
+    gold = FunctionReward(gold_scorer, "gold") if gold_scorer is not None else None
+    rows = slice(trainer.rank * trainer.Bl, (trainer.rank + 1) * trainer.Bl)  # this rank's rows
+    with ckpt.watch():
+        for step in range(start + 1, tcfg.max_steps + 1):
+            # 1. the next prompts (every rank draws the global batch, keeps its rows)
+            prompts = stream.next()[rows]
+            # 2. rollout, scoring, shaping, advantages
+            exp = trainer.make_experience(prompts, step)
+            # 3. PPO update
+            stats = trainer.ppo_update(exp)
+            # 4. KL controller
+            mean_kl = trainer.update_kl(exp)
+            # 5. log (the gold evaluation on rank 0, on the updated policy)
+            metrics = trainer.metrics(exp, stats, mean_kl)
+            gold_now = bool(gold is not None and heldout and cfg.gold_eval_every) and (
                 step % cfg.gold_eval_every == 0 or step == tcfg.max_steps or step == 1
             )
-            if gold_now and ps.is_main:  # on the (replica of the) updated policy, rank 0 only
-                metrics.update(_gold_eval(r_policy, tok, heldout, gold_scorer, rm, cfg, device))
+            if gold_now and run.is_main:
+                metrics.update(trainer.gold_eval(heldout, gold))
             if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
             log.info(
@@ -594,54 +688,12 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 step,
                 metrics["reward/rm_score"],
                 mean_kl,
-                beta,
+                exp.kl_coef,
                 metrics["response/length"],
                 metrics["loss/policy"],
-                vf_mean,
-                first.get("first_minibatch_ratio", float("nan")),
+                stats.get("loss/value", 0.0),
+                stats.get("first_minibatch_ratio", float("nan")),
             )
-            if step < tcfg.max_steps and distributed.any_rank(preempt["flag"]):
-                save_checkpoint(step)
-                log.warning("preempted: checkpoint at step %d saved; exiting for requeue", step)
-                run.logger.close()
-                raise Preempted(step)
-            if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.max_steps:
-                save_checkpoint(step)
-
-    # ---- final artifacts
-    if dm is not None:  # rank 0 gets the full, plain modules back; the other ranks exit here
-        dm.finalize()
-        policy, value_head, critic = trained["policy"], None, None
-        if "value" in trained and pcfg.value_model == "shared":
-            value_head = trained["value"]
-        elif "value" in trained:
-            critic = trained["value"]
-    policy.eval()
-    save_hf(policy, tok, run.run_dir / "model")
-    head = value_head if value_head is not None else critic
-    if head is not None:  # gae only
-        torch.save(head.state_dict(), run.run_dir / "value_head.pt")
-    run.logger.close()
-    if cfg.logging.plots:
-        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
-    cost = run.cost.summary()
-    write_stage_done(run.run_dir, {"stage": "ppo", "steps": tcfg.max_steps, "cost": cost})
-    atomic_write_json(run.run_dir / "kl_controller.json", kl_ctl.state_dict())
-    return run.run_dir
-
-
-def _gold_eval(policy, tok, prompts, gold_scorer, rm, cfg: PPOConfig, device) -> dict[str, float]:
-    """Greedy-free evaluation: sample held-out completions, score with gold and the proxy RM."""
-    texts, ended, _ = sample_texts(
-        policy,
-        tok,
-        prompts,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        temperature=cfg.rollout.temperature,
-        seed=cfg.seed + 12345,
-        device=device,
-    )
-    gold = np.asarray(gold_scorer(prompts, texts), dtype=float)
-    proxy = score_texts(rm, tok, prompts, texts, device=device).numpy()
-    return {"eval/gold_reward": float(gold.mean()), "eval/proxy_reward": float(proxy.mean())}
+            # 6. checkpoint (every trainer.save_every steps, and on preemption: save and exit)
+            ckpt.end_of_step(step, tcfg.max_steps, lambda: trainer.checkpoint_state(stream))
+    return trainer.finish()

@@ -1,0 +1,80 @@
+"""The reward interface: (prompts, completions [+ the policy's token ids]) -> scores.
+
+Every reward here (a causal-LM reward model on the policy's tokenizer, a reward model with its own
+tokenizer, an ensemble, a plain Python function of text) satisfies :class:`Reward`, so PPO, the
+critic-free estimators, best-of-n and evaluation call one method whatever scores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class RewardOutput:
+    """What a reward returns for B (prompt, completion) pairs.
+
+    scores_B: ``[B]`` float32 scores (for reward models: the normalized reward; for an ensemble:
+        the mean over its heads / members).
+    spread_B: ``[B]`` disagreement of an ensemble (the unbiased std over its heads / members), or
+        None for a reward with a single opinion.
+    components: named ``[B]`` parts of the score (the terms of a weighted sum, a function's own
+        output); empty when the score has one part.
+    """
+
+    scores_B: torch.Tensor
+    spread_B: torch.Tensor | None = None
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Scores of (prompt, completion) pairs.
+
+    ``score(prompts, completions)`` scores text. Callers that hold the policy's token ids (PPO's
+    rollout) also pass ``ids_BT`` / ``mask_BT`` (prompt + response, left-padded prompt,
+    right-padded response): a reward that reads the policy's tokenizer (``uses_policy_ids``) scores
+    those ids directly; every other reward ignores them and reads the text.
+    """
+
+    name: str
+    """Short label for logs and the keys of ``components``."""
+
+    @property
+    def uses_policy_ids(self) -> bool:
+        """True if ``score`` reads ``ids_BT`` / ``mask_BT`` when they are given."""
+        ...
+
+    @property
+    def has_spread(self) -> bool:
+        """True if ``score`` returns a ``spread_B`` (an ensemble of two heads / members or more)."""
+        ...
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        ids_BT: torch.Tensor | None = None,
+        mask_BT: torch.Tensor | None = None,
+    ) -> RewardOutput: ...
+
+
+def tokenizer_label(tok: Any) -> str:
+    """``name (vocab N)`` of a tokenizer, for messages."""
+    name = getattr(tok, "name_or_path", "") or type(tok).__name__
+    return f"{name} (vocab {len(tok)})"
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two HF tokenizers map text to the same ids: the same vocabulary (every token string
+    with the same id, added tokens included) and the same BOS / EOS ids. The names are not compared
+    (an SFT directory and the reward model trained from it hold one tokenizer under two paths)."""
+    if a is b:
+        return True
+    if len(a) != len(b) or (a.bos_token_id, a.eos_token_id) != (b.bos_token_id, b.eos_token_id):
+        return False
+    return a.get_vocab() == b.get_vocab()
