@@ -106,7 +106,7 @@ def bench_rm(model_dir: str, steps: int, shared_prompt: bool = False) -> list[fl
         timer.tick()
         mb = trim(mb)
         if shared_prompt:
-            from rlhfstack.rollout.fast import shared_prompt_pair_scores
+            from rlhfstack.models.pairs import shared_prompt_pair_scores
 
             c, r = shared_prompt_pair_scores(rm, mb, C.PAD_ID)
         else:
@@ -153,7 +153,7 @@ def bench_dpo(model_dir: str, steps: int, mode: str = "shared_prompt") -> tuple[
 
     def pair_logps(model, b):
         if mode == "shared_prompt":
-            from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
+            from rlhfstack.models.pairs import shared_prompt_pair_logprob_sums
 
             return shared_prompt_pair_logprob_sums(model, b, C.PAD_ID)
         B = b["chosen_input_ids"].shape[0]
@@ -161,7 +161,7 @@ def bench_dpo(model_dir: str, steps: int, mode: str = "shared_prompt") -> tuple[
         att = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]])
         lm = torch.cat([b["chosen_loss_mask"], b["rejected_loss_mask"]])
         if mode == "masked_head":
-            from rlhfstack.rollout.fast import masked_logprob_sums
+            from rlhfstack.models.pairs import masked_logprob_sums
 
             lp = masked_logprob_sums(model, ids, att, lm)
         else:
@@ -380,7 +380,7 @@ def bench_grpo(model_dir: str, steps: int, shared_prompt: bool = False) -> list[
         policy.train()
         opt.zero_grad(set_to_none=True)
         if shared_prompt:
-            from rlhfstack.rollout.fast import shared_prefix_response_logprobs
+            from rlhfstack.models.pairs import shared_prefix_response_logprobs
 
             o = shared_prefix_response_logprobs(
                 policy, p_ids[::G], p_mask[::G], gen.response_ids_BR, gen.response_mask_BR

@@ -10,7 +10,7 @@ See conf/mmlu.yaml; logic in rlhfstack/evaluation/mmlu.py.
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.config import CONF_DIR, to_object
+from rlhfstack.configs import CONF_DIR, to_object
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="mmlu", version_base="1.3")

@@ -9,7 +9,7 @@ See conf/overoptimization.yaml; logic in rlhfstack/evaluation/overopt.py.
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.config import CONF_DIR, to_object
+from rlhfstack.configs import CONF_DIR, to_object
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="overoptimization", version_base="1.3")

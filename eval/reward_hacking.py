@@ -11,7 +11,7 @@ See conf/reward_hacking.yaml; logic in rlhfstack/evaluation/detectors.py.
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.config import CONF_DIR, to_object
+from rlhfstack.configs import CONF_DIR, to_object
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="reward_hacking", version_base="1.3")

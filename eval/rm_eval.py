@@ -13,7 +13,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.config import CONF_DIR, to_object
+from rlhfstack.configs import CONF_DIR, to_object
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="rm_eval", version_base="1.3")

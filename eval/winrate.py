@@ -8,7 +8,7 @@ See conf/winrate.yaml; logic in rlhfstack/evaluation/{winrate,judges}.py.
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.config import CONF_DIR, to_object
+from rlhfstack.configs import CONF_DIR, to_object
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="winrate", version_base="1.3")

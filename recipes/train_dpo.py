@@ -6,7 +6,7 @@ python recipes/train_dpo.py +experiment=demo [key=value ...]
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.config import CONF_DIR, to_object
+from rlhfstack.configs import CONF_DIR, to_object
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="dpo", version_base="1.3")

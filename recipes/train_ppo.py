@@ -6,7 +6,7 @@ python recipes/train_ppo.py +experiment=demo [run_dir=DIR trainer.max_steps=N ..
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.config import CONF_DIR, to_object
+from rlhfstack.configs import CONF_DIR, to_object
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="ppo", version_base="1.3")

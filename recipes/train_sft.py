@@ -6,7 +6,7 @@ python recipes/train_sft.py +experiment=demo [key=value ...]
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.config import CONF_DIR, to_object
+from rlhfstack.configs import CONF_DIR, to_object
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sft", version_base="1.3")

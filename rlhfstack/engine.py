@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-log = logging.getLogger("rlhfstack.engine")
+log = logging.getLogger("rlhfstack.distributed")
 
 MIXED_PRECISION = ("none", "bf16")
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhfstack.config import PipelineConfig, load_config, to_object
+from rlhfstack.configs import PipelineConfig, load_config, to_object
 
 log = logging.getLogger("rlhfstack.pipeline")
 

@@ -315,6 +315,6 @@ def write_stage_done(run_dir: str | os.PathLike, info: dict[str, Any]) -> None:
 
 def save_resolved_config(cfg: Any, run_dir: str | os.PathLike) -> None:
     """Write the fully resolved config to ``run_dir/config.yaml``."""
-    from rlhfstack.config import resolved_yaml
+    from rlhfstack.configs import resolved_yaml
 
     atomic_write_text(Path(run_dir) / "config.yaml", resolved_yaml(cfg))

@@ -2,8 +2,8 @@
 
 Stages import this module; no stage imports another stage. Distributed runs (``torchrun`` /
 ``srun`` with ``parallel.dp_shard``, ``parallel.tp``, ``parallel.pp``) go through
-``rlhfstack.engine``: ``setup_run`` starts the process group, ``train_loop`` shards each global
-batch over the data-parallel ranks and hands the model to ``engine.DistributedModel``. Only
+``rlhfstack.distributed``: ``setup_run`` starts the process group, ``train_loop`` shards each global
+batch over the data-parallel ranks and hands the model to ``distributed.DistributedModel``. Only
 rank 0 writes (config, metrics, checkpoints); after the loop only rank 0 goes on.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfstack import engine
+from rlhfstack import distributed
 from rlhfstack.data.collate import pairs_share_prompts
 from rlhfstack.runtime import (
     CostMeter,
@@ -57,7 +57,7 @@ class Preempted(SystemExit):
 def preemption_flag(enabled: bool = True) -> Iterator[dict[str, bool]]:
     """``{"flag": bool}`` set to True when SIGTERM / SIGUSR1 arrives; handlers restored on exit.
 
-    The training loop polls it once per step (all ranks agree through ``engine.any_rank``), so a
+    The training loop polls it once per step (all ranks agree through ``distributed.any_rank``), so a
     signal never interrupts a step half-way. ``enabled=False`` leaves the default handlers (the
     process dies), for loops that cannot checkpoint."""
     box = {"flag": False}
@@ -86,7 +86,7 @@ class Run:
     logger: RunLogger
     cost: CostMeter
     device: str
-    dist: engine.ParallelState = field(default_factory=engine.ParallelState)
+    dist: distributed.ParallelState = field(default_factory=distributed.ParallelState)
 
     @property
     def is_main(self) -> bool:
@@ -102,7 +102,7 @@ def setup_run(cfg: Any) -> Run:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     parallel = getattr(cfg, "parallel", None)
-    _, world, _ = engine.launch_env()
+    _, world, _ = distributed.launch_env()
     stage = getattr(cfg, "stage", None)
     if stage not in DISTRIBUTED_STAGES:
         if world > 1:
@@ -114,9 +114,9 @@ def setup_run(cfg: Any) -> Run:
             log.warning("stage %r runs in one process: parallel.* is ignored", stage)
         parallel = None
     state = (
-        engine.init_distributed(parallel, cfg.cluster.device, cfg.cluster.backend)
+        distributed.init_distributed(parallel, cfg.cluster.device, cfg.cluster.backend)
         if parallel is not None
-        else engine.ParallelState(device=cfg.cluster.device)
+        else distributed.ParallelState(device=cfg.cluster.device)
     )
     if not state.is_main:  # one copy of the run log: rank 0's (others still warn)
         logging.getLogger("rlhfstack").setLevel(logging.WARNING)
@@ -141,7 +141,7 @@ def setup_run(cfg: Any) -> Run:
     )
     # a fresh run starts a fresh metrics file; a resumed one (a complete ckpt-* in run_dir)
     # keeps it, and the stage drops the rows after the checkpoint (RunLogger.truncate_after)
-    if state.is_main and logger.path.exists() and engine.latest_checkpoint(run_dir) is None:
+    if state.is_main and logger.path.exists() and distributed.latest_checkpoint(run_dir) is None:
         logger.path.unlink()
     return Run(cfg=cfg, run_dir=run_dir, logger=logger, cost=CostMeter(), device=device, dist=state)
 
@@ -183,7 +183,10 @@ def build_scheduler(
 
 
 def shared_prompt_pad(
-    enabled: bool, pad_id: int, items: Iterable[dict[str, list[int]]], state: engine.ParallelState
+    enabled: bool,
+    pad_id: int,
+    items: Iterable[dict[str, list[int]]],
+    state: distributed.ParallelState,
 ) -> int | None:
     """The ``pad_id`` that turns on a stage's shared-prompt pair pass, or None for the plain one.
 
@@ -264,7 +267,7 @@ def train_loop(
 
     ``model``: the module ``loss_fn`` runs (``params`` are some of its parameters). Required
     for distributed runs, for ``parallel.mixed_precision`` and for checkpoints; it is sharded /
-    split in place (``engine.DistributedModel``). Every rank draws the same global batch, collates
+    split in place (``distributed.DistributedModel``). Every rank draws the same global batch, collates
     it the same way (so counts such as SFT's ``step_tokens`` are global) and takes its
     data-parallel slice; ``n_in_step`` stays the global batch size, so gradients summed over ranks
     equal the one-process gradients. After the last step the trained model is gathered back into
@@ -292,7 +295,7 @@ def train_loop(
             "trainer.save_every: checkpoints need model= and parallel.pp=1 "
             f"(got model={'set' if model is not None else 'None'}, pp={state.pp})"
         )
-    dm: engine.DistributedModel | None = None
+    dm: distributed.DistributedModel | None = None
     if state.distributed or mixed != "none":
         if model is None:
             raise ValueError(
@@ -302,7 +305,7 @@ def train_loop(
             raise ValueError(
                 f"trainer.batch_size={bs} (global) must be divisible by parallel.dp_shard={state.dp}"
             )
-        dm = engine.DistributedModel(model, params, state, mixed)
+        dm = distributed.DistributedModel(model, params, state, mixed)
         params = dm.params
     opt = build_optimizer(params, tcfg)
     sched = build_scheduler(opt, tcfg, steps)
@@ -312,9 +315,9 @@ def train_loop(
     warned_eval = False
 
     start = 0
-    ckpt = engine.latest_checkpoint(run.run_dir) if can_ckpt else None
+    ckpt = distributed.latest_checkpoint(run.run_dir) if can_ckpt else None
     if ckpt is not None:
-        extra = engine.load_checkpoint(ckpt, model, opt)
+        extra = distributed.load_checkpoint(ckpt, model, opt)
         sched.load_state_dict(extra["scheduler"])
         set_rng_state(extra["rng"])
         start = int(extra["step"])
@@ -325,7 +328,9 @@ def train_loop(
 
     def save(step: int) -> None:
         extra = {"step": step, "scheduler": sched.state_dict(), "rng": rng_state()}
-        engine.save_checkpoint(engine.checkpoint_path(run.run_dir, step), model, opt, extra)
+        distributed.save_checkpoint(
+            distributed.checkpoint_path(run.run_dir, step), model, opt, extra
+        )
 
     with preemption_flag(can_ckpt) as preempt:
         for step in range(start + 1, steps + 1):
@@ -343,7 +348,7 @@ def train_loop(
                         agg[k] = agg.get(k, 0.0) + float(v) * n_mb / len(idx)
                 agg["grad_norm"] = clip_grad(params, tcfg.grad_clip)
             else:
-                local = engine.shard_batch(batch, state.dp_rank, state.dp)
+                local = distributed.shard_batch(batch, state.dp_rank, state.dp)
                 loss_sum, stats = dm.forward_backward(local, loss_fn, len(idx), micro)
                 agg = {"loss": loss_sum, **stats}
                 agg["grad_norm"] = dm.clip_grad(tcfg.grad_clip)
@@ -378,7 +383,7 @@ def train_loop(
                 log.info("step %d/%d loss %.4f", step, steps, agg["loss"])
             if step == steps:
                 break
-            if engine.any_rank(preempt["flag"]):
+            if distributed.any_rank(preempt["flag"]):
                 save(step)
                 log.warning("preempted: checkpoint at step %d saved; exiting for requeue", step)
                 run.logger.close()

@@ -53,7 +53,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory, data_root) -> Path:
     """The whole demo pipeline at minimum sizes (``+experiment=demo_smoke``), run once per session."""
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.pipeline import run_pipeline
 
     art = tmp_path_factory.mktemp("smoke") / "demo_smoke"

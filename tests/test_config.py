@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from rlhfstack.config import (
+from rlhfstack.configs import (
     STAGE_SCHEMAS,
     PPOConfig,
     SFTConfig,

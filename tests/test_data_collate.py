@@ -173,7 +173,7 @@ def test_truncated_pairs_keep_one_prompt_for_both_rows(tok):
 
 
 def test_pairs_share_prompts_and_the_shared_prompt_switch(tok):
-    from rlhfstack.engine import ParallelState
+    from rlhfstack.distributed import ParallelState
     from rlhfstack.training import shared_prompt_pad
 
     pairs = [PreferenceExample("\n\nHuman: Q\n\nAssistant:", "A long and detailed answer.", "No.")]

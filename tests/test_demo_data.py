@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfstack.config import load_config, to_object
+from rlhfstack.configs import load_config, to_object
 from rlhfstack.runtime import read_jsonl
 
 DATA_OVERRIDES = [

@@ -259,7 +259,7 @@ def _write_jsonl(path, texts, prompts=None):
 
 def test_entry_point_config_end_to_end(tmp_path, data_root):
     """Hydra config -> run_reward_hacking -> reward_hacking.json (no model: sycophancy skipped)."""
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.evaluation.detectors import run_reward_hacking
 
     samples = _write_jsonl(tmp_path / "s.jsonl", looping_texts(30, 1))
@@ -303,7 +303,7 @@ def test_entry_point_config_end_to_end(tmp_path, data_root):
 
 
 def test_entry_point_with_model_generates_xstest_and_probes(tmp_path, stories_hf):
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.evaluation.detectors import run_reward_hacking
 
     samples = _write_jsonl(tmp_path / "s.jsonl", clean_texts(20, 1))

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhfstack import engine
+from rlhfstack import distributed
 
 WORLD = 2
 B = 8  # global batch (sequences or pairs)
@@ -125,14 +125,14 @@ def make_loss(kind: str, model):
 
 def train(model, kind: str, state, steps: int, micro: int, mixed: str = "none", eval_at: int = 0):
     """The train_loop recipe in miniature: shard, accumulate, clip, AdamW. Returns per-step numbers."""
-    dm = engine.DistributedModel(model, list(model.parameters()), state, mixed)
+    dm = distributed.DistributedModel(model, list(model.parameters()), state, mixed)
     opt = torch.optim.AdamW(dm.params, lr=1e-2)
     batch = make_batch(kind)
     loss_fn = make_loss(kind, model)
     losses, norms, evals = [], [], []
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
-        local = engine.shard_batch(batch, state.dp_rank, state.dp)
+        local = distributed.shard_batch(batch, state.dp_rank, state.dp)
         loss, _ = dm.forward_backward(local, loss_fn, B, micro)
         norms.append(dm.clip_grad(1.0))
         opt.step()
@@ -157,11 +157,11 @@ def _max_rel(a: list[float], b: list[float]) -> float:
 def part_fsdp() -> dict:
     """dp_shard=2, 5 steps, micro-batches of 2 (2 per rank), grad clipping, a mid-run eval."""
     ref_model = build("sft")
-    _, ref = train(ref_model, "sft", engine.ParallelState(), 5, 2, eval_at=3)
-    st = engine.init_distributed(_par(dp=2))
+    _, ref = train(ref_model, "sft", distributed.ParallelState(), 5, 2, eval_at=3)
+    st = distributed.init_distributed(_par(dp=2))
     model = build("sft")
     dm, got = train(model, "sft", st, 5, 2, eval_at=3)
-    sd = engine.gather_full_state_dict(model)
+    sd = distributed.gather_full_state_dict(model)
     diff = (
         max((sd[k] - v).abs().max().item() for k, v in ref_model.state_dict().items())
         if sd
@@ -178,8 +178,8 @@ def part_fsdp() -> dict:
 
 def part_fsdp_ac_bf16() -> dict:
     """Activation checkpointing (exact) and bf16 mixed precision (approximate) under FSDP2."""
-    _, ref = train(build("sft"), "sft", engine.ParallelState(), 3, 2)
-    st = engine.init_distributed(_par(dp=2))
+    _, ref = train(build("sft"), "sft", distributed.ParallelState(), 3, 2)
+    st = distributed.init_distributed(_par(dp=2))
     _, ac = train(build("sft", activation_checkpointing=True), "sft", st, 3, 2)
     _, bf = train(build("sft"), "sft", st, 3, 4, mixed="bf16")
     return {
@@ -190,8 +190,8 @@ def part_fsdp_ac_bf16() -> dict:
 
 def part_dpo_fsdp() -> dict:
     """DPO-shaped loss (pairs, fp32 reference log-probs in the batch) under FSDP2."""
-    _, ref = train(build("dpo"), "dpo", engine.ParallelState(), 3, 4)
-    st = engine.init_distributed(_par(dp=2))
+    _, ref = train(build("dpo"), "dpo", distributed.ParallelState(), 3, 4)
+    st = distributed.init_distributed(_par(dp=2))
     _, got = train(build("dpo"), "dpo", st, 3, 4)
     return {"loss_rel": _max_rel(got["losses"], ref["losses"])}
 
@@ -207,7 +207,7 @@ def part_dpo_fsdp_shared_prompt() -> dict:
     """The stage's shared-prompt DPO pass (prompt run once, then the responses through its KV
     cache: two trunk calls per micro-batch) under FSDP2 against the plain pass in one process."""
     from rlhfstack.losses import dpo_loss
-    from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
+    from rlhfstack.models.pairs import shared_prompt_pair_logprob_sums
 
     def shared_loss(model):
         def fn(mb, n):
@@ -218,20 +218,20 @@ def part_dpo_fsdp_shared_prompt() -> dict:
         return fn
 
     def run(model, state, loss_fn):
-        dm = engine.DistributedModel(model, list(model.parameters()), state)
+        dm = distributed.DistributedModel(model, list(model.parameters()), state)
         opt = torch.optim.AdamW(dm.params, lr=1e-2)
         batch, losses = _shared_prompt_batch(), []
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
-            local = engine.shard_batch(batch, state.dp_rank, state.dp)
+            local = distributed.shard_batch(batch, state.dp_rank, state.dp)
             losses.append(dm.forward_backward(local, loss_fn, B, 2)[0])
             dm.clip_grad(1.0)
             opt.step()
         return losses
 
     ref_model = build("dpo")
-    ref = run(ref_model, engine.ParallelState(), make_loss("dpo", ref_model))
-    st = engine.init_distributed(_par(dp=2))
+    ref = run(ref_model, distributed.ParallelState(), make_loss("dpo", ref_model))
+    st = distributed.init_distributed(_par(dp=2))
     model = build("dpo")
     got = run(model, st, shared_loss(model))
     return {"loss_rel": _max_rel(got, ref), "losses": got, "ref_losses": ref}
@@ -243,10 +243,10 @@ def part_tp() -> dict:
     ref_model = build("sft")
     with torch.no_grad():
         ref_logits = ref_model(input_ids=ids, attention_mask=att).logits
-    _, ref = train(build("sft"), "sft", engine.ParallelState(), 3, 4)
-    st = engine.init_distributed(_par(tp=2))
+    _, ref = train(build("sft"), "sft", distributed.ParallelState(), 3, 4)
+    st = distributed.init_distributed(_par(tp=2))
     model = build("sft")
-    engine.apply_tp(model, st.mesh["tp"])
+    distributed.apply_tp(model, st.mesh["tp"])
     q = model.model.layers[0].self_attn.q_proj.weight
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=att).logits
@@ -262,16 +262,16 @@ def part_pp() -> dict:
     """pp=2 (1F1B over 4 micro-batches; GPipe over 1 for ``sft_gpipe``): loss and every gradient
     equal pp=1, for SFT, RM and DPO."""
     out = {}
-    st = engine.init_distributed(_par(pp=2))
+    st = distributed.init_distributed(_par(pp=2))
     for name in ("sft", "rm", "dpo", "sft_gpipe"):
         kind, micro = name.split("_")[0], (B if name.endswith("gpipe") else 2)
         ref_model = build(kind)
-        ref_loss, _ = engine.DistributedModel(
-            ref_model, list(ref_model.parameters()), engine.ParallelState()
+        ref_loss, _ = distributed.DistributedModel(
+            ref_model, list(ref_model.parameters()), distributed.ParallelState()
         ).forward_backward(make_batch(kind), make_loss(kind, ref_model), B, 2)
         ref_grads = {n: p.grad for n, p in ref_model.named_parameters(remove_duplicate=False)}
         model = build(kind)
-        dm = engine.DistributedModel(model, list(model.parameters()), st)
+        dm = distributed.DistributedModel(model, list(model.parameters()), st)
         loss, stats = dm.forward_backward(make_batch(kind), make_loss(kind, model), B, micro)
         checked, gdiff = [], 0.0
         for n, p in model.named_parameters(remove_duplicate=False):
@@ -291,8 +291,8 @@ def part_pp() -> dict:
 def part_finalize() -> dict:
     """After training, rank 0 holds the full plain model (same object); rank 1 leaves."""
     ref_model = build("sft")
-    train(ref_model, "sft", engine.ParallelState(), 2, 4)
-    st = engine.init_distributed(_par(dp=2))
+    train(ref_model, "sft", distributed.ParallelState(), 2, 4)
+    st = distributed.init_distributed(_par(dp=2))
     model = build("sft")
     dm, _ = train(model, "sft", st, 2, 4)
     obj = id(model)
@@ -340,8 +340,8 @@ def _combo(
 ) -> dict:
     out = {}
     for kind in kinds:
-        _, ref = train(build(kind), kind, engine.ParallelState(), steps, micro)
-        st = engine.init_distributed(par)
+        _, ref = train(build(kind), kind, distributed.ParallelState(), steps, micro)
+        st = distributed.init_distributed(par)
         _, got = train(build(kind, ac), kind, st, steps, micro, mixed=mixed)
         out[kind] = {
             "loss_rel": _max_rel(got["losses"], ref["losses"]),
@@ -353,8 +353,8 @@ def _combo(
 def part_finalize_pp_dp() -> dict:
     """pp=2 x dp_shard=2: the gathered model on rank 0 equals one process; ranks 1-3 leave."""
     ref_model = build("sft")
-    train(ref_model, "sft", engine.ParallelState(), 2, 2)
-    st = engine.init_distributed(_par(dp=2, pp=2))
+    train(ref_model, "sft", distributed.ParallelState(), 2, 2)
+    st = distributed.init_distributed(_par(dp=2, pp=2))
     model = build("sft")
     dm, _ = train(model, "sft", st, 2, 2)
     try:
@@ -383,7 +383,7 @@ PARTS4 = {
 
 def _battery(out_dir: str, world: int = WORLD) -> None:
     torch.set_num_threads(1)
-    st = engine.init_distributed(_par(dp=world))
+    st = distributed.init_distributed(_par(dp=world))
     res: dict = {}
     for name, fn in (PARTS if world == WORLD else PARTS4).items():
         t0 = time.perf_counter()
@@ -393,7 +393,7 @@ def _battery(out_dir: str, world: int = WORLD) -> None:
             res[name] = {"error": traceback.format_exc()}
         res[name]["seconds"] = round(time.perf_counter() - t0, 2)
     Path(out_dir, f"rank{st.rank}.json").write_text(json.dumps(res))
-    engine.teardown()
+    distributed.teardown()
 
 
 # ----------------------------------------------------------------------------- tests
@@ -402,7 +402,7 @@ def _battery(out_dir: str, world: int = WORLD) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist")
-    engine.launch_local(_battery, WORLD, str(out))
+    distributed.launch_local(_battery, WORLD, str(out))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -470,7 +470,7 @@ def test_finalize_gathers_on_rank0_and_releases_others(results):
 @pytest.fixture(scope="module")
 def results4(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist4")
-    engine.launch_local(_battery, 4, str(out), 4)
+    distributed.launch_local(_battery, 4, str(out), 4)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
 
 

@@ -1,4 +1,4 @@
-"""rlhfstack.engine without a process group: launch variables, degrees, batch sharding,
+"""rlhfstack.distributed without a process group: launch variables, degrees, batch sharding,
 layer splits, the meta-shadow restore, and the single-process pass-through."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhfstack import engine
+from rlhfstack import distributed
 
 
 def _par(dp=1, tp=1, pp=1):
@@ -40,16 +40,16 @@ def tiny_llama(tie: bool = True, seed: int = 0):
 def test_launch_env_torchrun_slurm_and_single(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
         monkeypatch.delenv(k, raising=False)
-    assert engine.launch_env() == (0, 1, 0)
+    assert distributed.launch_env() == (0, 1, 0)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert engine.launch_env() == (5, 8, 1)
+    assert distributed.launch_env() == (5, 8, 1)
     # torchrun (e.g. torchrun inside an sbatch script) wins over SLURM's variables
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert engine.launch_env() == (3, 4, 3)
+    assert distributed.launch_env() == (3, 4, 3)
 
 
 def test_single_task_sbatch_is_not_distributed(monkeypatch):
@@ -57,7 +57,7 @@ def test_single_task_sbatch_is_not_distributed(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert engine.launch_env() == (0, 1, 0)
+    assert distributed.launch_env() == (0, 1, 0)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_single_task_sbatch_is_not_distributed(monkeypatch):
     [("gpu[012-015,020],cpu3", "gpu012"), ("node7", "node7"), ("a[3,5]", "a3"), ("x1,x2", "x1")],
 )
 def test_first_slurm_host(nodelist, first):
-    assert engine._first_slurm_host(nodelist) == first
+    assert distributed.launch._first_slurm_host(nodelist) == first
 
 
 def test_rendezvous_env_from_slurm(monkeypatch):
@@ -74,7 +74,7 @@ def test_rendezvous_env_from_slurm(monkeypatch):
         monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[04-05]")
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
-    engine._ensure_rendezvous_env()
+    distributed.launch._ensure_rendezvous_env()
     import os
 
     assert os.environ["MASTER_ADDR"] == "gpu04"
@@ -85,31 +85,31 @@ def test_rendezvous_env_from_slurm(monkeypatch):
 
 
 def test_resolve_degrees():
-    assert engine.resolve_degrees(_par(), 1) == (1, 1, 1)
-    assert engine.resolve_degrees(_par(dp=2, tp=2), 4) == (2, 2, 1)
-    assert engine.resolve_degrees(_par(dp=-1, tp=2), 8) == (4, 2, 1)
+    assert distributed.resolve_degrees(_par(), 1) == (1, 1, 1)
+    assert distributed.resolve_degrees(_par(dp=2, tp=2), 4) == (2, 2, 1)
+    assert distributed.resolve_degrees(_par(dp=-1, tp=2), 8) == (4, 2, 1)
     with pytest.raises(ValueError, match="torchrun --nproc_per_node=2"):
-        engine.resolve_degrees(_par(dp=2), 1)
+        distributed.resolve_degrees(_par(dp=2), 1)
     with pytest.raises(ValueError, match="product is the world size"):
-        engine.resolve_degrees(_par(dp=2), 4)
+        distributed.resolve_degrees(_par(dp=2), 4)
     with pytest.raises(ValueError, match=">= 1"):
-        engine.resolve_degrees(_par(tp=0), 1)
+        distributed.resolve_degrees(_par(tp=0), 1)
 
 
 def test_init_single_process_starts_nothing(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
-    st = engine.init_distributed(_par(), "cpu")
+    st = distributed.init_distributed(_par(), "cpu")
     assert not st.distributed and st.is_main and st.dp_rank == 0 and st.mesh is None
-    assert engine.is_main()
+    assert distributed.is_main()
     assert not torch.distributed.is_initialized()
     # collectives are no-ops
     t = torch.ones(2)
-    assert engine.all_reduce_sum(t) is t and engine.sum_stats({"a": 1.0}) == {"a": 1.0}
+    assert distributed.all_reduce_sum(t) is t and distributed.sum_stats({"a": 1.0}) == {"a": 1.0}
 
 
 def test_setup_run_refuses_unlaunched_parallel(tmp_path, monkeypatch):
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.training import setup_run
 
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
@@ -141,29 +141,29 @@ def test_shard_batch_contiguous_slices():
         "scalar": torch.tensor(3.0),
         "x": "keep",
     }
-    s0, s1 = engine.shard_batch(b, 0, 2), engine.shard_batch(b, 1, 2)
+    s0, s1 = distributed.shard_batch(b, 0, 2), distributed.shard_batch(b, 1, 2)
     assert s0["ids"].tolist() == [[0, 1], [2, 3], [4, 5]] and s1["n"].tolist() == [3, 4, 5]
     assert s0["scalar"] is b["scalar"] and s1["x"] == "keep"
-    assert engine.shard_batch(b, 0, 1) is b
+    assert distributed.shard_batch(b, 0, 1) is b
     with pytest.raises(ValueError, match="not divisible"):
-        engine.shard_batch(b, 0, 4)
+        distributed.shard_batch(b, 0, 4)
 
 
 def test_split_layers():
-    assert [list(r) for r in engine.split_layers(5, 2)] == [[0, 1, 2], [3, 4]]
-    assert [len(r) for r in engine.split_layers(8, 4)] == [2, 2, 2, 2]
+    assert [list(r) for r in distributed.split_layers(5, 2)] == [[0, 1, 2], [3, 4]]
+    assert [len(r) for r in distributed.split_layers(8, 4)] == [2, 2, 2, 2]
     with pytest.raises(ValueError, match="exceeds"):
-        engine.split_layers(2, 3)
+        distributed.split_layers(2, 3)
 
 
 def test_find_trunk_and_blocks():
     m = tiny_llama()
-    assert engine.find_trunk(m) is m.model
-    assert len(engine.decoder_layers(m)) == 2
+    assert distributed.find_trunk(m) is m.model
+    assert len(distributed.decoder_layers(m)) == 2
     with pytest.raises(ValueError, match="Llama-style"):
-        engine.find_trunk(torch.nn.Linear(2, 2))
+        distributed.find_trunk(torch.nn.Linear(2, 2))
     enc = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)]))
-    assert len(engine.decoder_layers(enc)) == 3
+    assert len(distributed.decoder_layers(enc)) == 3
 
 
 # ----------------------------------------------------------------------------- shadow restore
@@ -172,14 +172,14 @@ def test_find_trunk_and_blocks():
 def test_meta_copy_and_restore_plain_keep_identity_and_tying():
     m = tiny_llama(tie=True)
     assert m.lm_head.weight is m.model.embed_tokens.weight
-    shadow = engine.meta_copy(m)
+    shadow = distributed.meta_copy(m)
     assert shadow.lm_head.weight is shadow.model.embed_tokens.weight
     assert shadow.lm_head.weight.is_meta
     target = tiny_llama(tie=True, seed=1).state_dict()
     obj_id = id(m)
     # damage the live model as sharding would (swap a layer out)
     m.model.layers[0] = torch.nn.Identity()
-    engine.restore_plain(m, shadow, target, "cpu")
+    distributed.restore_plain(m, shadow, target, "cpu")
     assert id(m) == obj_id and type(m).__name__ == "LlamaForCausalLM"
     assert m.lm_head.weight is m.model.embed_tokens.weight
     for k, v in m.state_dict().items():
@@ -230,7 +230,7 @@ def test_distributed_model_single_process_matches_plain_loop():
         loss, _ = loss_fn(mb, 8)
         loss.backward()
         total += float(loss.detach())
-    dm = engine.DistributedModel(m2, list(m2.parameters()), engine.ParallelState())
+    dm = distributed.DistributedModel(m2, list(m2.parameters()), distributed.ParallelState())
     loss2, stats = dm.forward_backward(b, _sft_loss(m2), 8, 3)
     assert loss2 == pytest.approx(total, rel=1e-6)
     for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
@@ -248,18 +248,18 @@ def test_bf16_autocast_single_process():
     m = tiny_llama()
     ref, _ = _sft_loss(m)(b, 8)
     m.zero_grad()
-    dm = engine.DistributedModel(
-        m, list(m.parameters()), engine.ParallelState(), mixed_precision="bf16"
+    dm = distributed.DistributedModel(
+        m, list(m.parameters()), distributed.ParallelState(), mixed_precision="bf16"
     )
     loss, _ = dm.forward_backward(b, _sft_loss(m), 8, 8)
     assert loss == pytest.approx(float(ref.detach()), rel=2e-2)
     assert all(p.grad.dtype == torch.float32 for p in m.parameters())
     with pytest.raises(ValueError, match="mixed_precision"):
-        engine.DistributedModel(m, [], engine.ParallelState(), mixed_precision="fp8")
+        distributed.DistributedModel(m, [], distributed.ParallelState(), mixed_precision="fp8")
 
 
 def test_clip_grad_norm_plain_tensors():
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([3.0, 4.0, 0.0])
-    assert engine.clip_grad_norm([p], 1.0) == pytest.approx(5.0)
+    assert distributed.clip_grad_norm([p], 1.0) == pytest.approx(5.0)
     assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)

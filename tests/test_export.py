@@ -153,13 +153,13 @@ def test_export_without_adapter_casts(base_dir, tmp_path):
 
 
 def _write_ckpt(run_dir: Path, step: int, policy: torch.nn.Module) -> Path:
-    """A checkpoint as rlhfstack.stages.ppo writes it: {policy, value} through engine.save_checkpoint."""
-    from rlhfstack import engine
+    """A checkpoint as rlhfstack.stages.ppo writes it: {policy, value} through distributed.save_checkpoint."""
+    from rlhfstack import distributed
 
     trained = torch.nn.ModuleDict({"policy": policy, "value": torch.nn.Linear(32, 1)})
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-3)
-    path = engine.checkpoint_path(run_dir, step)
-    engine.save_checkpoint(path, trained, opt, {"step": step, "order": [0, 1]})
+    path = distributed.checkpoint_path(run_dir, step)
+    distributed.save_checkpoint(path, trained, opt, {"step": step, "order": [0, 1]})
     return path
 
 

@@ -294,7 +294,7 @@ def _pref_batch(pad_id: int) -> dict[str, torch.Tensor]:
 def test_training_pass_shortcuts_match_the_plain_passes(stories_hf):
     """Response-only LM head and shared-prompt passes: same log-probs, scores and gradients."""
     from rlhfstack.models.core import RewardModel, sequence_logprob_sums
-    from rlhfstack.rollout import fast as F
+    from rlhfstack.models import pairs as F
 
     torch.manual_seed(0)
     model, tok = load_causal_lm(str(stories_hf)), load_tokenizer(str(stories_hf))

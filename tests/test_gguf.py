@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rlhfstack.models.gguf as gg
-from rlhfstack.models.encoders import resolve_model_path
+from rlhfstack.models.paths import resolve_model_path
 
 
 def _chunks(tmp_path: Path, data: bytes, n: int) -> list[Path]:

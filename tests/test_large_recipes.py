@@ -3,8 +3,8 @@
 Each recipe is composed exactly as ``recipes/train_<stage>.py +experiment=NAME`` would, its model
 is built on the meta device from ``model.arch`` (no memory, no weights), LoRA is attached where
 enabled, and the engine's own parallel plan is applied on a fake process group of the recipe's
-world size (``nodes * gpus_per_node``): tensor parallelism (``engine.apply_tp``) and FSDP2
-(``engine.apply_fsdp2``). A typo in a module name, an architecture number or a parallel degree
+world size (``nodes * gpus_per_node``): tensor parallelism (``distributed.apply_tp``) and FSDP2
+(``distributed.apply_fsdp2``). A typo in a module name, an architecture number or a parallel degree
 that does not divide the model fails here instead of on a GPU cluster.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfstack.config import CONF_DIR, load_config, to_object
+from rlhfstack.configs import CONF_DIR, load_config, to_object
 
 RECIPES = sorted(
     p.stem
@@ -165,7 +165,7 @@ def test_recipe_composes_and_documents_sources(name):
     if cfg.stage != "sft":  # later stages start from this recipe's SFT output
         assert cfg.model.path == f"{cfg.artifacts_dir}/sft/model"
     try:
-        from rlhfstack.engine import resolve_degrees
+        from rlhfstack.distributed import resolve_degrees
     except ImportError:
         pass
     else:
@@ -189,7 +189,7 @@ def test_recipe_model_on_meta_with_parallel_plan(name):
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     if world == 1:
         return
-    engine = pytest.importorskip("rlhfstack.engine")
+    distributed = pytest.importorskip("rlhfstack.distributed")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -198,12 +198,12 @@ def test_recipe_model_on_meta_with_parallel_plan(name):
             "cpu", (p.pp, p.dp_shard, p.tp), mesh_dim_names=("pp", "dp_shard", "tp")
         )
         if p.tp > 1:
-            engine.apply_tp(model, mesh["tp"])
-            q = engine.decoder_layers(model)[0].self_attn.q_proj.weight
+            distributed.apply_tp(model, mesh["tp"])
+            q = distributed.decoder_layers(model)[0].self_attn.q_proj.weight
             assert isinstance(q, DTensor) and q.to_local().shape[0] == q.shape[0] // p.tp
         if p.dp_shard > 1:
-            root = engine.apply_fsdp2(model, mesh["dp_shard"])
-            w = engine.decoder_layers(model)[0].mlp.down_proj
+            root = distributed.apply_fsdp2(model, mesh["dp_shard"])
+            w = distributed.decoder_layers(model)[0].mlp.down_proj
             w = getattr(w, "base_layer", w).weight
             assert isinstance(w, DTensor)
             assert w.to_local().numel() * p.dp_shard * p.tp == w.numel()
@@ -228,12 +228,12 @@ def test_plan_errors_are_caught(name, overrides, error):
         if cfg.model.lora.enabled:
             _attach_lora(model, cfg.model.lora)
         else:
-            engine = pytest.importorskip("rlhfstack.engine")
+            distributed = pytest.importorskip("rlhfstack.distributed")
             from torch.distributed.device_mesh import init_device_mesh
 
             with _fake_world(8):
                 mesh = init_device_mesh("cpu", (1, 1, 8), mesh_dim_names=("pp", "dp_shard", "tp"))
-                engine.apply_tp(model, mesh["tp"])
+                distributed.apply_tp(model, mesh["tp"])
 
 
 def test_arch_typo_changes_parameter_count():

@@ -127,7 +127,7 @@ def test_alignment_tax_paired_and_unpaired():
 
 
 def test_config_composes():
-    from rlhfstack.config import MMLUEvalConfig, load_config, to_object
+    from rlhfstack.configs import MMLUEvalConfig, load_config, to_object
 
     cfg = to_object(load_config("mmlu", ["model_path=/m", "subjects=[anatomy]", "limit=3"]))
     assert isinstance(cfg, MMLUEvalConfig)
@@ -140,7 +140,7 @@ def test_mmlu_end_to_end_on_tiny_model(stories_hf, mmlu_dir, tmp_path):
     """2 subjects x 3 questions through HFLM on the converted stories260K (512 positions), with
     an earlier run's results as the baseline."""
     pytest.importorskip("lm_eval")
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.evaluation.mmlu import run_mmlu
 
     # a fabricated earlier baseline run that got every question right

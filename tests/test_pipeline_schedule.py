@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlhfstack import pipeline
-from rlhfstack.config import load_config, to_object
+from rlhfstack.configs import load_config, to_object
 
 DURATION = {"data": 1, "sft": 1, "rm": 3, "ppo": 3, "dpo": 4, "eval": 1}  # in is_alive() polls
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfstack.config import load_config, to_object
+from rlhfstack.configs import load_config, to_object
 from rlhfstack.runtime import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent

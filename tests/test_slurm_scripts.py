@@ -195,7 +195,7 @@ def test_hydra_submitit_launcher_config():
 
 def test_default_composition_ignores_launcher_config():
     """conf/hydra/ only adds an option: the stages still compose without the plugin."""
-    from rlhfstack.config import load_config
+    from rlhfstack.configs import load_config
 
     cfg = load_config("sft", [])
     assert cfg.stage == "sft"

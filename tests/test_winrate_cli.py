@@ -84,7 +84,7 @@ def test_winrate_cli_llm_judges_cache_and_secret(tmp_path, data_root):
         assert SECRET not in proc.stdout + proc.stderr
 
         # rerun (in process, same config): everything comes from the cache -> 0 requests
-        from rlhfstack.config import load_config, to_object
+        from rlhfstack.configs import load_config, to_object
         from rlhfstack.evaluation.winrate import run_winrate
 
         os.environ["JUDGE_TEST_KEY"] = SECRET

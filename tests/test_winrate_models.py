@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhfstack.config import load_config, to_object
+from rlhfstack.configs import load_config, to_object
 from rlhfstack.evaluation.judges import JudgmentCache, RMJudge
 from rlhfstack.evaluation.winrate import run_generate_samples, run_hh_eval, run_winrate
 

@@ -318,7 +318,7 @@ def tokenize_preference(
 def pairs_share_prompts(items: Iterable[Mapping[str, Sequence[int]]]) -> bool:
     """True if every tokenized pair's chosen and rejected rows begin with the same prompt (their
     leading ``loss_mask == 0`` tokens): the condition under which the shared-prompt passes
-    (``rlhfstack.rollout.fast.split_pairs``) never fall back to the plain pass."""
+    (``rlhfstack.models.pairs.split_pairs``) never fall back to the plain pass."""
     for it in items:
         prompts = []
         for name in ("chosen", "rejected"):

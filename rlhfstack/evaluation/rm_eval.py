@@ -116,7 +116,7 @@ def evaluate_rm_on_pairs(
 def run_rm_eval(cfg: Any) -> dict:
     """Score ``cfg.rm_path`` on ``cfg.data_path``; write ``rm_eval.json``, ``reliability.png`` and
     ``rm_eval_scores.jsonl`` into ``cfg.output_dir`` (and ``MODEL_CARD.md`` into the RM directory
-    when it has none and ``cfg.model_card``). ``cfg`` is an :class:`rlhfstack.config.RMEvalConfig`."""
+    when it has none and ``cfg.model_card``). ``cfg`` is an :class:`rlhfstack.configs.RMEvalConfig`."""
     import torch
 
     from rlhfstack.data.loading import load_preferences

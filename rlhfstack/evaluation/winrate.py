@@ -397,7 +397,7 @@ def _llm_config(cfg: Any, name: str) -> Any:
     """The ``llm`` block, with ``llm_judges[name]`` merged on top (unknown keys raise)."""
     from omegaconf import OmegaConf
 
-    from rlhfstack.config import LLMJudgeConfig
+    from rlhfstack.configs import LLMJudgeConfig
 
     base = OmegaConf.structured(cfg.llm if cfg.llm is not None else LLMJudgeConfig())
     if name == "llm" and name not in (cfg.llm_judges or {}):
@@ -550,7 +550,7 @@ def evaluate_samples(
     max_pairs: int | None = None,
 ) -> dict[str, Any]:
     """Pair, judge and write ``output_dir/judgments.jsonl``; returns the results (the caller
-    writes them). ``cfg`` is a :class:`rlhfstack.config.JudgingConfig` (or subclass); the
+    writes them). ``cfg`` is a :class:`rlhfstack.configs.JudgingConfig` (or subclass); the
     judges are built from it (with their own cache) unless ``judges`` is given."""
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -640,7 +640,7 @@ def generate_completions(
 ) -> list[str]:
     """One completion per prompt from a local HF model directory (``sample_texts``, batched
     KV-cache sampling) or an OpenAI-compatible endpoint (chat completions, one user message per
-    prompt). ``gen`` is a :class:`rlhfstack.config.GenerationConfig`; completions are cut at
+    prompt). ``gen`` is a :class:`rlhfstack.configs.GenerationConfig`; completions are cut at
     ``gen.stop``."""
     if is_endpoint(model):
         from concurrent.futures import ThreadPoolExecutor

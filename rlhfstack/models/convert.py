@@ -655,7 +655,7 @@ def megatron_to_hf(
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` itself when it is a complete checkpoint, else the newest ``ckpt-*`` under it."""
-    from rlhfstack.engine import CKPT_EXTRA, latest_checkpoint
+    from rlhfstack.distributed import CKPT_EXTRA, latest_checkpoint
 
     path = Path(path)
     if (path / CKPT_EXTRA).exists() and (path / ".metadata").exists():
@@ -693,7 +693,7 @@ def ckpt_to_hf(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhfstack.engine import read_checkpoint_tensors
+    from rlhfstack.distributed import read_checkpoint_tensors
     from rlhfstack.models.core import DTYPES
     from rlhfstack.runtime import atomic_dir
 

@@ -57,7 +57,7 @@ def load_tokenizer(path: str, pad_token: str | None = None) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from rlhfstack.models.encoders import resolve_model_path
+    from rlhfstack.models.paths import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
     if pad_token is not None and (tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id):
@@ -110,7 +110,7 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=_dtype(dtype) if dtype != "float32" else torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )
-    from rlhfstack.models.encoders import resolve_model_path
+    from rlhfstack.models.paths import resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
     disable_dropout(model)

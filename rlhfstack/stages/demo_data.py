@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhfstack.config import DemoDataConfig
+from rlhfstack.configs import DemoDataConfig
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
 from rlhfstack.rollout.generate import sample_texts
 from rlhfstack.runtime import atomic_write_json, atomic_write_jsonl, write_stage_done

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rlhfstack.config import DPOConfig
+from rlhfstack.configs import DPOConfig
 from rlhfstack.data.collate import (
     IGNORE_INDEX,
     collate_preference,
@@ -33,7 +33,7 @@ from rlhfstack.data.loading import load_preferences, load_unpaired
 from rlhfstack.data.schemas import PreferenceExample, SFTExample
 from rlhfstack.losses import DPO_LOSS_TYPES, dpo_loss, kto_loss
 from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
-from rlhfstack.rollout.fast import shared_prompt_pair_logprob_sums
+from rlhfstack.models.pairs import shared_prompt_pair_logprob_sums
 from rlhfstack.runtime import plot_metrics, write_stage_done
 from rlhfstack.training import setup_run, shared_prompt_pad, train_loop
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhfstack.config import EvalConfig
+from rlhfstack.configs import EvalConfig
 from rlhfstack.data.collate import collate_sft, tokenize_sft
 from rlhfstack.data.schemas import SFTExample
 from rlhfstack.evaluation.metrics import (

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhfstack import engine
-from rlhfstack.config import PPOConfig
+from rlhfstack import distributed
+from rlhfstack.configs import PPOConfig
 from rlhfstack.data.loading import load_prompts
 from rlhfstack.losses import (
     AdaptiveKLController,
@@ -187,7 +187,7 @@ def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
 def _global_whiten(x: torch.Tensor, m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``masked_whiten`` with the mean and unbiased variance of the valid entries of *all*
     data-parallel ranks (one all-reduce of three sums)."""
-    t = engine.sum_stats(
+    t = distributed.sum_stats(
         {"n": float(m.sum()), "s": float((x * m).sum()), "s2": float((x * x * m).sum())}
     )
     mean = t["s"] / t["n"]
@@ -243,9 +243,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     if not critic_free:
         trained["value"] = value_head or critic
     params = list(trained.parameters())
-    dm: engine.DistributedModel | None = None
+    dm: distributed.DistributedModel | None = None
     if ps.distributed:  # FSDP2 over dp_shard; rollouts on a gathered replica (see below)
-        dm = engine.DistributedModel(trained, params, ps)
+        dm = distributed.DistributedModel(trained, params, ps)
         params = dm.params
     opt = build_optimizer(params, tcfg)
     total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
@@ -280,10 +280,10 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     cursor = 0
     start_step = 0
 
-    # ---- checkpoints (engine.save_checkpoint: torch.distributed.checkpoint + extra.pt) and resume
-    ckpt = engine.latest_checkpoint(run.run_dir)
+    # ---- checkpoints (distributed.save_checkpoint: torch.distributed.checkpoint + extra.pt) and resume
+    ckpt = distributed.latest_checkpoint(run.run_dir)
     if ckpt is not None:
-        state = engine.load_checkpoint(ckpt, trained, opt)
+        state = distributed.load_checkpoint(ckpt, trained, opt)
         if state["rank_extra"] is None:
             raise ValueError(
                 f"{ckpt}: no sampling state for rank {ps.rank} (written by fewer processes?)"
@@ -307,8 +307,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             "cursor": cursor,
             "step": step,
         }
-        engine.save_checkpoint(
-            engine.checkpoint_path(run.run_dir, step),
+        distributed.save_checkpoint(
+            distributed.checkpoint_path(run.run_dir, step),
             trained,
             opt,
             extra,
@@ -403,7 +403,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             ids, mask = gen.full()
             P = p_ids.shape[1]
             resp_mask = gen.response_mask_BR.float()
-            run.cost.add_tokens(int(engine.sum_stats({"n": float(mask.sum())})["n"]))
+            run.cost.add_tokens(int(distributed.sum_stats({"n": float(mask.sum())})["n"]))
             # ---------------------------------------------------------------- 2. score
             with torch.no_grad():
                 shared = value_head is not None
@@ -472,7 +472,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             policy.train()
             stats: dict[str, list[float]] = {}
             first: dict[str, float] = {}
-            n_tokens_total = engine.sum_stats({"n": float(resp_mask.sum())})["n"]
+            n_tokens_total = distributed.sum_stats({"n": float(resp_mask.sum())})["n"]
             for epoch in range(pcfg.epochs):
                 perm = torch.randperm(Bl, generator=gen_rng)
                 for mb in range(pcfg.num_minibatches):
@@ -480,7 +480,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                     # losses are normalized by the minibatch's token count over all ranks, and
                     # FSDP2 sums gradients: the update is the one-process update of the global
                     # minibatch
-                    mb_tokens = engine.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
+                    mb_tokens = (
+                        distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
+                    )
                     opt.zero_grad(set_to_none=True)
                     for j in range(0, mb_size, micro):
                         sub = idx[j : j + micro]
@@ -544,7 +546,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             if dm is not None:
                 dm.sync_replica(rollout)  # the next rollout samples from the updated policy
             # ---------------------------------------------------------------- 6. KL controller
-            mean_kl = engine.sum_stats({"kl": float(seq_kl.sum())})["kl"] / B
+            mean_kl = distributed.sum_stats({"kl": float(seq_kl.sum())})["kl"] / B
             kl_ctl.update(mean_kl, B)
             lengths = resp_mask.sum(-1)
             if critic_free:  # no value model: no value loss and no value diagnostics
@@ -577,7 +579,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 "lr": sched.get_last_lr()[0],
             }
             if dm is not None:  # per-rank means -> means over ranks (equal rows per rank)
-                metrics = {k: v / dp for k, v in engine.sum_stats(metrics).items()}
+                metrics = {k: v / dp for k, v in distributed.sum_stats(metrics).items()}
                 metrics["kl/seq_k1"] = mean_kl
             metrics["tokens"] = n_tokens_total
             gold_now = bool(gold_scorer is not None and heldout and cfg.gold_eval_every) and (
@@ -598,7 +600,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 vf_mean,
                 first.get("first_minibatch_ratio", float("nan")),
             )
-            if step < tcfg.max_steps and engine.any_rank(preempt["flag"]):
+            if step < tcfg.max_steps and distributed.any_rank(preempt["flag"]):
                 save_checkpoint(step)
                 log.warning("preempted: checkpoint at step %d saved; exiting for requeue", step)
                 run.logger.close()

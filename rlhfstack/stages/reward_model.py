@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhfstack.config import RMConfig
+from rlhfstack.configs import RMConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.loading import load_preferences
 from rlhfstack.evaluation.calibration import plot_reliability
@@ -45,7 +45,7 @@ from rlhfstack.models.encoders import (
     score_texts,
     score_token_ids,
 )
-from rlhfstack.rollout.fast import shared_prompt_pair_scores
+from rlhfstack.models.pairs import shared_prompt_pair_scores
 from rlhfstack.runtime import atomic_dir, atomic_write_json, plot_metrics, write_stage_done
 from rlhfstack.training import setup_run, shared_prompt_pad, train_loop
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfstack.config import SFTConfig
+from rlhfstack.configs import SFTConfig
 from rlhfstack.data.collate import IGNORE_INDEX, collate_sft, tokenize_sft
 from rlhfstack.data.loading import load_sft
 from rlhfstack.models.core import (
