@@ -57,11 +57,44 @@ def test_results_keys_and_finite(smoke: Path):
     assert _finite(res)
 
 
-def test_samples_cover_the_same_heldout_prompts(smoke: Path):
+def test_samples_cover_the_same_test_prompts(smoke: Path):
     rows = {n: read_jsonl(smoke / "samples" / f"{n}.jsonl") for n in ("sft", "dpo", "ppo")}
     assert all(len(r) >= 256 for r in rows.values())
     prompts = [[r["prompt"] for r in rs] for rs in rows.values()]
-    assert prompts[0] == prompts[1] == prompts[2]
+    test = [r["prompt"] for r in read_jsonl(smoke / "data" / "prompts_test.jsonl")]
+    assert prompts[0] == prompts[1] == prompts[2] == test
+
+
+def test_dev_winrates_beside_the_test_ones(smoke: Path):
+    res = json.loads((smoke / "results.json").read_text())
+    dev = [r["prompt"] for r in read_jsonl(smoke / "data" / "prompts_dev.jsonl")]
+    assert res["n_prompts_dev"] == len(dev) > 0
+    assert res["winrate_dev"].keys() == res["winrate"].keys()
+    assert all(w["n"] == len(dev) for w in res["winrate_dev"].values())
+    assert res["n_prompts"] == res["winrate"]["ppo_vs_sft"]["n"]
+    report = (smoke / "EVAL_REPORT.md").read_text()
+    assert f"Dev split ({len(dev)} prompts" in report
+
+
+def test_eval_scores_exactly_the_sampled_tokens(smoke: Path):
+    """No EOS that was not sampled: a response cut by the budget ends without one, and the
+    length is the number of sampled tokens."""
+    from rlhfstack.models.core import load_tokenizer
+
+    eos = load_tokenizer(str(smoke / "sft" / "model")).eos_token_id
+    res = json.loads((smoke / "results.json").read_text())
+    for name in ("sft", "dpo", "ppo"):
+        rows = read_jsonl(smoke / "samples" / f"{name}.jsonl")
+        assert not all(r["ended"] for r in rows)  # 8 new tokens: most do not end
+        for r in rows:
+            assert (r["response_ids"][-1] == eos) == r["ended"]
+            assert eos not in r["response_ids"][:-1] and 1 <= len(r["response_ids"]) <= 8
+        n_sampled = sum(len(r["response_ids"]) for r in rows) / len(rows)
+        assert res["policies"][name]["length_tokens"] == pytest.approx(n_sampled)
+        assert res["policies"][name]["ended_frac"] == pytest.approx(
+            sum(r["ended"] for r in rows) / len(rows)
+        )
+    assert res["policies"]["sft"]["kl_to_sft"]["mean"] == 0.0
 
 
 def test_ppo_first_minibatch_ratio_is_one_and_kl_zero(smoke: Path):

@@ -47,7 +47,8 @@ def test_left_padding_does_not_change_greedy_continuation(model_tok):
 
 
 def test_rollout_logprobs_equal_training_pass_logprobs(model_tok):
-    """Sampling is from softmax(logits/T); the training pass must give the same log-probs."""
+    """Sampling is from softmax(logits/T): the log-probs the rollout returns (what PPO uses as
+    old log-probs) equal those of a separate training-style pass over the same tokens."""
     model, tok = model_tok
     ids, mask = left_pad_prompts(
         tok, ["Tom had a cat.", "Once upon a time, there was a big tree"], 64
@@ -62,12 +63,17 @@ def test_rollout_logprobs_equal_training_pass_logprobs(model_tok):
         pad_id=tok.pad_token_id,
         temperature=0.7,
         generator=g,
+        return_logprobs=True,
     )
     full, fmask = gen.full()
-    a = response_logprobs(model, full, fmask, ids.shape[1], temperature=0.7)["logprobs"]
-    b = response_logprobs(model, full, fmask, ids.shape[1], temperature=0.7)["logprobs"]
-    assert torch.equal(a, b)  # deterministic, no dropout
-    assert torch.isfinite(a[gen.response_mask_BR.bool()]).all()
+    rollout = gen.logprobs_BR
+    train = response_logprobs(model, full, fmask, ids.shape[1], temperature=0.7)["logprobs"]
+    m = gen.response_mask_BR.bool()
+    assert rollout is not None and rollout.shape == train.shape
+    assert m.sum() > 0 and torch.isfinite(rollout[m]).all()
+    assert (rollout[m] < 0).all()  # real log-probs, not the zeros of a missing value
+    torch.testing.assert_close(rollout[m], train[m], atol=1e-4, rtol=0)
+    assert (rollout[~m] == 0).all()  # no log-prob after the first EOS
 
 
 def test_response_mask_stops_after_first_stop_token():

@@ -23,8 +23,6 @@ class RMHyperparams:
     """causal_lm (scalar head read at the last non-pad token) | encoder (BERT-style, pooled scalar head)."""
     head_init_std: float | None = None
     """Std of the scalar head init; None = 1/sqrt(d_model + 1) (Stiennon et al. 2020; Huang et al. 2024)."""
-    use_margin: bool = False
-    """Subtract a per-pair margin in the BT loss when the data carries one (Touvron et al. 2023, eq. 2)."""
     ensemble_size: int = 1
     """Number of scalar heads on a shared trunk; reward = mean, uncertainty = std across heads."""
     normalize: bool = True
@@ -230,7 +228,7 @@ class PPOConfig(StageConfig):
     gold_eval_every: int = 0
     """Score held-out prompts with the task's gold reward every N steps (embedded task only); 0 = never."""
     gold_eval_prompts: int = 64
-    """Held-out prompts for the periodic gold evaluation."""
+    """Dev prompts (the first N of ``data.eval_path``) for the periodic gold evaluation."""
     gold_task: str | None = "stories"
     """Task whose hidden gold reward is tracked during training (``stories`` = the embedded demo); None = none."""
 
@@ -240,9 +238,13 @@ class DemoDataConfig(StageConfig):
     stage: str = "data"
     """Stage name."""
     n_prompts: int = 3000
-    """Story openings generated (train + held-out)."""
-    n_heldout: int = 256
-    """Held-out prompts for evaluation (never trained on)."""
+    """Story openings generated for training and dev (``n_prompts - n_dev`` train prompts)."""
+    n_dev: int = 256
+    """Dev prompts, split off the ``n_prompts``: PPO's periodic gold evaluation and any tuning
+    (never trained on)."""
+    n_test: int = 256
+    """Test prompts, generated after the ``n_prompts`` by the same generator (so train and dev do
+    not depend on it): the evaluation report only, nothing is tuned on them."""
     completions_per_prompt: int = 4
     """Samples per training prompt from the base model, paired for labeling."""
     pairs_per_prompt: int = 3
@@ -265,6 +267,11 @@ class EvalConfig(StageConfig):
     """Stage name."""
     policies: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
     """Policies evaluated, read from ``artifacts_dir/<name>/model``."""
+    test_prompts_path: str = "${abspath:${artifacts_dir}}/data/prompts_test.jsonl"
+    """Test split: every metric, win-rate and target of the report (nothing is tuned on it)."""
+    dev_prompts_path: str | None = "${data.eval_path}"
+    """Dev split (PPO's periodic gold evaluation, tuning): gold win-rates only, reported as
+    ``winrate_dev`` beside the test split's; None skips it."""
     max_new_tokens: int = 48
     """Completion length cap for evaluation samples."""
     temperature: float = 1.0

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rlhfstack.runtime import atomic_write_text, read_jsonl
 
 
@@ -18,8 +20,60 @@ def _wr(d: dict) -> str:
     return f"{d['rate']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}] (n={d['n']})"
 
 
+NOT_MEASURED = "n/a (not measured)"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    """``value`` formatted, or :data:`NOT_MEASURED` when it is missing (never a made-up 0)."""
+    return NOT_MEASURED if value is None else format(value, fmt)
+
+
+def _resolved_config(run_dir: Path) -> dict[str, Any]:
+    """A stage's resolved ``config.yaml`` ({} when the stage did not run)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def parameter_count(model_dir: str | os.PathLike) -> int | None:
+    """Parameters stored in an HF model directory's ``*.safetensors`` files (read from the file
+    headers, no weights loaded); None when there are none."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    n = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                n += int(np.prod(shape)) if shape else 1
+    return n
+
+
+def task_facts(art: str | os.PathLike) -> dict[str, Any]:
+    """The task facts the report states, read from the run: the data stage's and the eval
+    stage's resolved ``config.yaml`` and the base model's weights. A fact the run does not record
+    is None."""
+    art = Path(art)
+    data, ev = _resolved_config(art / "data"), _resolved_config(art / "eval")
+    model = data.get("model") or {}
+    base = Path(model["path"]) if model.get("path") else art / "base_model"
+    if not base.exists():  # a run directory moved since: its own base_model/
+        base = art / base.name
+    return {
+        "base_model": model.get("name"),
+        "base_model_parameters": parameter_count(base) if base.is_dir() else None,
+        "label_flip_prob": data.get("flip_prob"),
+        "temperature": ev.get("temperature"),
+        "max_new_tokens": ev.get("max_new_tokens"),
+    }
+
+
 def _plot_gold_vs_proxy(art: Path) -> str | None:
-    """PPO's periodic held-out gold and proxy reward against sqrt(KL) (Gao et al. 2022's axis)."""
+    """PPO's periodic gold and proxy reward on the dev prompts against sqrt(KL) (Gao et al. 2022's axis)."""
     mpath = art / "ppo" / "metrics.jsonl"
     if not mpath.exists():
         return None
@@ -36,7 +90,7 @@ def _plot_gold_vs_proxy(art: Path) -> str | None:
     axes[0].plot(steps, [r["eval/gold_reward"] for r in rows], "o-", label="gold (hidden)")
     axes[0].plot(steps, [r["eval/proxy_reward"] for r in rows], "s-", label="proxy RM")
     axes[0].set_xlabel("PPO step")
-    axes[0].set_ylabel("mean reward, held-out prompts")
+    axes[0].set_ylabel("mean reward, dev prompts")
     axes[0].legend()
     axes[0].grid(alpha=0.3)
     d = [max(0.0, r["kl/seq_k1"]) ** 0.5 for r in rows]
@@ -55,26 +109,44 @@ def _plot_gold_vs_proxy(art: Path) -> str | None:
     return "plots/gold_vs_proxy.png"
 
 
+def _winrate_table(L: list[str], winrate: dict, judge_winrate: dict) -> None:
+    L.append("| pair | gold win-rate | judge-pool win-rate (noiseless annotators) |")
+    L.append("|---|---|---|")
+    for k, v in winrate.items():
+        j = judge_winrate.get(k)
+        L.append(f"| {k.replace('_vs_', ' vs ')} | {_wr(v)} | {_wr(j) if j else '-'} |")
+    L.append("")
+
+
 def render_report(art: Path, results: dict[str, Any]) -> str:
     per = results["policies"]
     names = [n for n in ("sft", "dpo", "ppo") if n in per]
     L: list[str] = []
     L.append("# Evaluation report: pi_sft vs pi_dpo vs pi_ppo (embedded demo)\n")
     L.append(f"Commit `{results['commit']}`; command: `{results['command'] or 'make demo'}`.\n")
+    task = results.get("task") or task_facts(art)
+    n_params = task.get("base_model_parameters")
+    flip = task.get("label_flip_prob")
     L.append(
         "Task: continue a TinyStories opening positively while staying fluent (Ziegler et al. 2019), "
-        "base model stories260K (260K parameters), simulated annotators with 25% label noise "
+        f"base model {task.get('base_model') or NOT_MEASURED} "
+        f"({_num(n_params, ',')} parameters), simulated annotators with "
+        f"{_num(None if flip is None else 100 * flip, '.0f')}% label noise "
         "(AlpacaFarm), hidden gold reward = VADER sentiment + fluency under the frozen base model - "
-        f"repetition (Gao et al. 2022 setup). {results['n_prompts']} held-out prompts, one sample "
-        "per prompt and policy, temperature 1.\n"
+        f"repetition (Gao et al. 2022 setup). {results['n_prompts']} test prompts (nothing was "
+        "tuned on them), one sample per prompt and policy, temperature "
+        f"{_num(task.get('temperature'), 'g')}, at most {_num(task.get('max_new_tokens'), 'd')} "
+        "new tokens.\n"
     )
     L.append("## Win-rates (gold judge, ties count half, 95% paired bootstrap CI)\n")
-    L.append("| pair | gold win-rate | judge-pool win-rate (noiseless annotators) |")
-    L.append("|---|---|---|")
-    for k, v in results["winrate"].items():
-        j = results["judge_winrate"].get(k)
-        L.append(f"| {k.replace('_vs_', ' vs ')} | {_wr(v)} | {_wr(j) if j else '-'} |")
-    L.append("")
+    L.append(f"Test split ({results['n_prompts']} prompts: every number and target below):\n")
+    _winrate_table(L, results["winrate"], results["judge_winrate"])
+    if results.get("winrate_dev"):
+        L.append(
+            f"Dev split ({results.get('n_prompts_dev', NOT_MEASURED)} prompts: PPO's periodic gold "
+            "evaluation and any tuning used these, so they may flatter the tuned policy):\n"
+        )
+        _winrate_table(L, results["winrate_dev"], results.get("judge_winrate_dev", {}))
     L.append("## Metrics by policy\n")
     L.append("| metric | " + " | ".join(f"pi_{n}" for n in names) + " |")
     L.append("|---|" + "---|" * len(names))
@@ -90,7 +162,7 @@ def render_report(art: Path, results: dict[str, Any]) -> str:
         ("distinct-2", lambda d: f"{d['distinct_2']:.3f}"),
         ("repeated 3-grams", lambda d: f"{d['repetition_3gram']:.3f}"),
         ("held-out base-text NLL/token", lambda d: f"{d['heldout_nll_per_token']:.3f}"),
-        ("alignment tax (NLL - SFT's)", lambda d: f"{d.get('alignment_tax_nll', 0.0):+.3f}"),
+        ("alignment tax (NLL - SFT's)", lambda d: _num(d.get("alignment_tax_nll"), "+.3f")),
     ]
     for label, f in rows:
         L.append(f"| {label} | " + " | ".join(f(per[n]) for n in names) + " |")
@@ -106,7 +178,7 @@ def render_report(art: Path, results: dict[str, Any]) -> str:
     L.append("## Reward model\n")
     L.append(
         f"Held-out accuracy against the noisy labels: {rm['heldout_accuracy']:.3f}; against the gold "
-        f"reward: {rm['heldout_accuracy_gold']:.3f}; ECE {rm['heldout_ece']:.3f}. Normalization "
+        f"reward: {_num(rm.get('heldout_accuracy_gold'), '.3f')}; ECE {rm['heldout_ece']:.3f}. Normalization "
         f"(SFT samples -> mean 0, std 1): gain {rm['normalization']['gain']:.3f}, bias "
         f"{rm['normalization']['bias']:.3f}.\n"
     )
@@ -144,7 +216,7 @@ def render_report(art: Path, results: dict[str, Any]) -> str:
         if (art / "ppo" / "plots" / f"{key}.png").exists():
             L.append(f"![{key}](ppo/plots/{key}.png)")
     L.append("")
-    L.append("## Samples (first 5 held-out prompts)\n")
+    L.append("## Samples (first 5 test prompts)\n")
     samples = {n: read_jsonl(art / "samples" / f"{n}.jsonl") for n in names}
     for i in range(min(5, len(samples[names[0]]))):
         L.append(f"**Prompt:** {samples[names[0]][i]['prompt']}\n")

@@ -485,7 +485,7 @@ def load_reward_model(
 
 
 class ValueHead(nn.Module):
-    """Scalar value head on the policy trunk (``[..., D] -> [..., 1]``), zero-initialized output."""
+    """Value head ``[..., D] -> [..., 1]`` on the policy trunk: weight std 1/sqrt(D+1), bias 0."""
 
     def __init__(self, d_model: int) -> None:
         super().__init__()

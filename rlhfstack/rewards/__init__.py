@@ -1,7 +1,8 @@
 """One reward interface: (prompts, completions as text [+ the policy's token ids]) -> scores
 [+ spread, named components].
 
-* :class:`Reward` / :class:`RewardOutput` (:mod:`.base`): the protocol and its result.
+* :class:`Reward` / :class:`RewardOutput` (:mod:`.base`): the protocol and its result;
+  :func:`score_samples` scores sampled completions on exactly their sampled tokens.
 * :class:`RewardModelReward` / :func:`load_reward` (:mod:`.models`): a trained reward model or
   ensemble directory, on the policy's token ids when it shares the policy's tokenizer, else
   through text re-tokenized with its own tokenizer.
@@ -9,7 +10,13 @@
   :class:`WeightedSum` (:mod:`.combine`): functions of text, ensembles of any rewards, sums.
 """
 
-from rlhfstack.rewards.base import Reward, RewardOutput, same_tokenizer, tokenizer_label
+from rlhfstack.rewards.base import (
+    Reward,
+    RewardOutput,
+    same_tokenizer,
+    score_samples,
+    tokenizer_label,
+)
 from rlhfstack.rewards.combine import EnsembleReward, FunctionReward, WeightedSum, length_penalty
 from rlhfstack.rewards.models import (
     INPUT_PATHS,
@@ -32,5 +39,6 @@ __all__ = [
     "reward_members",
     "reward_tokenizer_path",
     "same_tokenizer",
+    "score_samples",
     "tokenizer_label",
 ]

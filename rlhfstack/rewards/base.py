@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from rlhfstack.rollout.generate import SampledTokens
+
 
 @dataclass
 class RewardOutput:
@@ -78,3 +80,27 @@ def same_tokenizer(a: Any, b: Any) -> bool:
     if len(a) != len(b) or (a.bos_token_id, a.eos_token_id) != (b.bos_token_id, b.eos_token_id):
         return False
     return a.get_vocab() == b.get_vocab()
+
+
+@torch.no_grad()
+def score_samples(
+    reward: Reward,
+    prompts: Sequence[str],
+    samples: SampledTokens,
+    pad_id: int,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """``reward``'s scores ``[N]`` of sampled completions, on exactly the tokens that were sampled.
+
+    A reward on the policy's tokenizer reads the sampled prompt + response ids at the last sampled
+    token (the EOS where one was sampled, none appended where the length budget cut the response):
+    what PPO's rollout scoring reads. Any other reward reads the decoded texts."""
+    out = []
+    for i in range(0, len(samples), batch_size):
+        ids, mask, _ = samples.batch(i, i + batch_size, pad_id, device)
+        j = min(i + batch_size, len(samples))
+        r = reward.score(prompts[i:j], samples.texts[i:j], ids_BT=ids, mask_BT=mask)
+        out.append(r.scores_B.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from rlhfstack.data.collate import collate_prompts
-from rlhfstack.models.core import position_ids_from_mask
+from rlhfstack.models.core import position_ids_from_mask, response_logprobs
+from rlhfstack.rollout.fast import fast_decode, sample_categorical, supports_fast_decode
 
 
 @dataclass
@@ -85,7 +87,6 @@ def generate(
     of Llama-family trunks with static shapes (:func:`rlhfstack.rollout.fast.fast_decode`);
     ``packed_weights`` runs their eager steps on oneDNN-packed weight copies (CPU float32).
     """
-    from rlhfstack.rollout.fast import fast_decode, supports_fast_decode
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -191,9 +192,6 @@ def _plain_decode(
     stops: torch.Tensor,
 ) -> torch.Tensor:
     """The reference loop: the model's own forward with a ``DynamicCache``. Returns ``[B, N]``."""
-    from transformers import DynamicCache
-
-    from rlhfstack.rollout.fast import sample_categorical
 
     B = prompt_ids_BP.shape[0]
     device = prompt_ids_BP.device
@@ -252,7 +250,47 @@ def decode_responses(tokenizer, gen: Generation) -> list[str]:
     return texts
 
 
-def sample_texts(
+@dataclass
+class SampledTokens:
+    """One sample per prompt, kept as the token ids that were sampled (unpadded lists).
+
+    prompt_ids: the prompt as the policy saw it (after the cut to ``max_prompt_tokens``).
+    response_ids: the sampled response tokens, ending with the stop token iff ``ended``
+        (a response cut by the length budget gets no EOS).
+    ended: True where the response emitted a stop token within the budget.
+    texts: the decoded responses (EOS, BOS and PAD dropped).
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    ended: list[bool]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def n_tokens(self) -> int:
+        """Prompt + response tokens over all samples."""
+        return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids))
+
+    def batch(
+        self, start: int, stop: int, pad_id: int, device: str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Rows ``[start, stop)`` in the rollout's layout: ``(input_ids_BT, attention_mask_BT, P)``
+        with the prompts left-padded to ``P`` tokens and the responses right-padded after them."""
+        prompts, responses = self.prompt_ids[start:stop], self.response_ids[start:stop]
+        P = max(len(p) for p in prompts)
+        R = max(len(r) for r in responses)
+        ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), P + R), dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            mask[i, P - len(p) : P + len(r)] = 1
+        return ids.to(device), mask.to(device), P
+
+
+def sample_tokens(
     model: nn.Module,
     tokenizer,
     prompts: list[str],
@@ -265,12 +303,10 @@ def sample_texts(
     seed: int = 0,
     device: str = "cpu",
     stop_ids: tuple[int, ...] | None = None,
-) -> tuple[list[str], list[bool], int]:
-    """Sample one completion per prompt. Returns (texts, ended flags, tokens generated)."""
+) -> SampledTokens:
+    """Sample one completion per prompt; keeps the sampled token ids beside the decoded texts."""
     g = torch.Generator(device=device).manual_seed(seed)
-    texts: list[str] = []
-    ended: list[bool] = []
-    n_tokens = 0
+    out = SampledTokens(prompt_ids=[], response_ids=[], ended=[], texts=[])
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad_prompts(
             tokenizer, prompts[i : i + batch_size], max_prompt_tokens, device
@@ -287,37 +323,67 @@ def sample_texts(
             generator=g,
             stop_ids=stop_ids,
         )
-        texts.extend(decode_responses(tokenizer, gen))
-        ended.extend(gen.ended_B.tolist())
-        n_tokens += int(gen.response_mask_BR.sum()) + int(mask.sum())
-    return texts, ended, n_tokens
+        out.texts.extend(decode_responses(tokenizer, gen))
+        out.ended.extend(gen.ended_B.tolist())
+        for p, pm, r, rm in zip(
+            ids.tolist(), mask.tolist(), gen.response_ids_BR.tolist(), gen.response_mask_BR.tolist()
+        ):
+            out.prompt_ids.append([t for t, k in zip(p, pm) if k])
+            out.response_ids.append([t for t, k in zip(r, rm) if k])
+    return out
+
+
+def sample_texts(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int = 64,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
+    stop_ids: tuple[int, ...] | None = None,
+) -> tuple[list[str], list[bool], int]:
+    """Sample one completion per prompt. Returns (texts, ended flags, tokens generated)."""
+    s = sample_tokens(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        temperature=temperature,
+        greedy=greedy,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        stop_ids=stop_ids,
+    )
+    return s.texts, s.ended, s.n_tokens
 
 
 @torch.no_grad()
-def score_texts(
-    rm,
-    tokenizer,
-    prompts: list[str],
-    completions: list[str],
+def sampled_logprob_sums(
+    model: nn.Module,
+    samples: SampledTokens,
+    pad_id: int,
     *,
-    max_len: int = 512,
     batch_size: int = 64,
     device: str = "cpu",
-) -> torch.Tensor:
-    """Normalized reward-model scores ``[N]`` of prompt + completion + EOS, tokenized exactly as
-    the reward model's training pairs were (``tokenize_sft`` = ``[BOS] prompt completion EOS``)."""
-    from rlhfstack.data.collate import collate_sft, tokenize_sft
-    from rlhfstack.data.schemas import SFTExample
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_t log pi(y_t | x, y_<t)`` over exactly the sampled response tokens (temperature 1;
+    an EOS counts only where it was sampled) and the number of those tokens, each ``[N]``.
 
-    ex = [
-        SFTExample(prompt=p, completion=c if c.strip() else ".")
-        for p, c in zip(prompts, completions)
-    ]
-    items = tokenize_sft(ex, tokenizer, max_len)
-    out = []
-    for i in range(0, len(items), batch_size):
-        b = collate_sft(items[i : i + batch_size], tokenizer.pad_token_id)
-        out.append(
-            rm.score(b["input_ids"].to(device), b["attention_mask"].to(device))["mean"].cpu()
-        )
-    return torch.cat(out)
+    The difference of two models' sums on one model's samples is the k1 estimate of their
+    sequence KL; the scoring pass is the training pass of PPO (``response_logprobs``)."""
+
+    sums, counts = [], []
+    for i in range(0, len(samples), batch_size):
+        ids, mask, P = samples.batch(i, i + batch_size, pad_id, device)
+        lp_BR = response_logprobs(model, ids, mask, P)["logprobs"]
+        m_BR = mask[:, P:].to(lp_BR.dtype)
+        sums.append((lp_BR * m_BR).sum(-1).cpu())
+        counts.append(mask[:, P:].sum(-1).cpu())
+    return torch.cat(sums), torch.cat(counts)

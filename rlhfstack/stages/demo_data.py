@@ -1,11 +1,13 @@
 """The embedded task's data: story openings, base-model samples, simulated labels.
 
 Writes into ``run_dir`` (``runs/demo/data``):
-    prompts_train.jsonl / prompts_heldout.jsonl   story openings (held-out never trained on)
+    prompts_train.jsonl                           story openings PPO trains on
+    prompts_dev.jsonl                             dev openings: PPO's periodic gold evaluation, tuning
+    prompts_test.jsonl                            test openings: the evaluation report only
     prefs_train.jsonl / prefs_val.jsonl           pairs labeled by the noisy annotator pool
     prefs_val_gold.jsonl                          the same validation pairs ordered by the gold reward
     sft_train.jsonl / sft_val.jsonl               chosen completions (SFT targets, as in the DPO paper)
-    heldout_text.jsonl                            base-model text on held-out prompts (alignment tax)
+    heldout_text.jsonl                            base-model text on the test prompts (alignment tax)
     gold.json                                     the gold reward's fluency calibration
     labelers.json                                 each labeler's agreement with gold
 """
@@ -44,10 +46,15 @@ def train(cfg: DemoDataConfig) -> Path:
     tok = load_tokenizer(cfg.model.path)
     base = load_causal_lm(cfg.model.path, trainable=False, device=run.device)
 
-    prompts = make_story_prompts(cfg.n_prompts, seed=cfg.seed)
-    train_p, held_p = split_prompts(prompts, cfg.n_heldout, seed=cfg.seed)
+    # three disjoint prompt sets (the generator never repeats a prompt): train and dev split the
+    # first n_prompts, test is the next n_test of the same stream, so train and dev are the same
+    # whatever n_test is
+    prompts = make_story_prompts(cfg.n_prompts + cfg.n_test, seed=cfg.seed)
+    train_p, dev_p = split_prompts(prompts[: cfg.n_prompts], cfg.n_dev, seed=cfg.seed)
+    test_p = prompts[cfg.n_prompts :]
     atomic_write_jsonl(out / "prompts_train.jsonl", [{"prompt": p} for p in train_p])
-    atomic_write_jsonl(out / "prompts_heldout.jsonl", [{"prompt": p} for p in held_p])
+    atomic_write_jsonl(out / "prompts_dev.jsonl", [{"prompt": p} for p in dev_p])
+    atomic_write_jsonl(out / "prompts_test.jsonl", [{"prompt": p} for p in test_p])
 
     # ---- k base-model samples per labeled prompt (stop at EOS or BOS: TinyStories separates
     # stories with BOS), cut at the last sentence end
@@ -69,11 +76,11 @@ def train(cfg: DemoDataConfig) -> Path:
         run.cost.add_tokens(n_tok)
         for i, t in enumerate(texts):
             per_prompt[i].append(cut_at_sentence(t))
-    # held-out base text for the alignment-tax NLL
+    # held-out base text (on the test prompts) for the alignment-tax NLL
     held_texts, _, _ = sample_texts(
         base,
         tok,
-        held_p,
+        test_p,
         max_new_tokens=cfg.max_new_tokens,
         temperature=1.0,
         seed=cfg.seed + 777,
@@ -83,7 +90,7 @@ def train(cfg: DemoDataConfig) -> Path:
     )
     atomic_write_jsonl(
         out / "heldout_text.jsonl",
-        [{"prompt": p, "completion": cut_at_sentence(t)} for p, t in zip(held_p, held_texts)],
+        [{"prompt": p, "completion": cut_at_sentence(t)} for p, t in zip(test_p, held_texts)],
     )
 
     # ---- gold reward, calibrated on the base samples
@@ -161,9 +168,10 @@ def train(cfg: DemoDataConfig) -> Path:
         },
     )
     log.info(
-        "data: %d train prompts, %d held-out, %d labeled pairs; label/gold agreement %.3f %s",
+        "data: %d train / %d dev / %d test prompts, %d labeled pairs; label/gold agreement %.3f %s",
         len(train_p),
-        len(held_p),
+        len(dev_p),
+        len(test_p),
         len(labels),
         overall,
         {k: round(v, 3) for k, v in agree.items()},

@@ -1,9 +1,13 @@
-"""Evaluate pi_sft, pi_dpo and pi_ppo on held-out prompts; write results.json and EVAL_REPORT.md.
+"""Evaluate pi_sft, pi_dpo and pi_ppo on the test prompts; write results.json and EVAL_REPORT.md.
 
-For each policy: one sample per held-out prompt (same prompts, same sampling settings), scored
-by the hidden gold reward, the noiseless judge pool and the proxy RM; KL to the SFT policy on the
-policy's own samples (k1, an unbiased estimate of KL(pi || pi_sft) per sequence); length,
-distinct-n, repetition; the alignment tax as NLL per token of held-out base-model text.
+For each policy: one sample per test prompt (same prompts, same sampling settings), kept as the
+sampled token ids, scored by the hidden gold reward, the noiseless judge pool and the proxy RM
+(read at the last sampled token, as PPO's rollout scoring reads it); KL to the SFT policy on the
+policy's own sampled tokens (k1, an unbiased estimate of KL(pi || pi_sft) per sequence; an EOS
+counts only where it was sampled); length in sampled tokens, distinct-n, repetition; the
+alignment tax as NLL per token of held-out base-model text. The dev prompts (PPO's periodic gold
+evaluation, any tuning) get gold win-rates only (``winrate_dev``): the test split is the one
+nothing was tuned on.
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ from rlhfstack.configs import EvalConfig
 from rlhfstack.data.collate import collate_sft, tokenize_sft
 from rlhfstack.data.schemas import SFTExample
 from rlhfstack.data.text_stats import repetition_rate
-from rlhfstack.evaluation.metrics import bootstrap_mean_ci, distinct_n, winrate_from_outcomes
-from rlhfstack.evaluation.report import write_eval_report
-from rlhfstack.models.core import RewardModel, load_causal_lm, load_tokenizer, sequence_logprob_sums
-from rlhfstack.rollout.generate import sample_texts, score_texts
+from rlhfstack.evaluation.metrics import (
+    bootstrap_mean_ci,
+    distinct_n,
+    winrate_from_outcomes,
+)
+from rlhfstack.evaluation.report import task_facts, write_eval_report
+from rlhfstack.models.core import load_causal_lm, load_tokenizer, sequence_logprob_sums
+from rlhfstack.rewards import load_reward, score_samples
+from rlhfstack.rollout.generate import sample_tokens, sampled_logprob_sums
 from rlhfstack.runtime import atomic_write_json, atomic_write_jsonl, read_jsonl, write_stage_done
 from rlhfstack.tasks.demo import load_gold
 from rlhfstack.tasks.stories import judge_outcomes
@@ -38,7 +47,8 @@ PAIRS = (("ppo", "sft"), ("dpo", "sft"), ("ppo", "dpo"))
 def _seq_logprobs(
     model, tok, prompts, completions, device, max_len=160
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of completion-token log-probs (with EOS) and the token counts, per example."""
+    """Sum of completion-token log-probs (EOS appended) and the token counts, per example: for
+    texts that were not sampled by ``model`` (the alignment tax's base-model text)."""
     ex = [
         SFTExample(prompt=p, completion=c if c.strip() else ".")
         for p, c in zip(prompts, completions)
@@ -73,18 +83,37 @@ def git_commit() -> str:
     return f"{head} + uncommitted changes" if dirty else head
 
 
+def _winrates(
+    prompts: list[str], samples: dict[str, list[str]], gold, n_bootstrap: int, seed: int
+) -> tuple[dict, dict]:
+    """Gold and noiseless-judge-pool win-rates of each pair in :data:`PAIRS` that was sampled."""
+    winrate, judge_winrate = {}, {}
+    for a, b in PAIRS:
+        if a in samples and b in samples:
+            out = judge_outcomes(prompts, samples[a], samples[b], gold)
+            winrate[f"{a}_vs_{b}"] = winrate_from_outcomes(out["gold"], n_bootstrap, seed)
+            judge_winrate[f"{a}_vs_{b}"] = winrate_from_outcomes(out["judge"], n_bootstrap, seed)
+    return winrate, judge_winrate
+
+
 def train(cfg: EvalConfig, command: str = "") -> Path:
     run = setup_run(cfg)
     art = Path(cfg.artifacts_dir)
     device = run.device
-    prompts = [r["prompt"] for r in read_jsonl(art / "data" / "prompts_heldout.jsonl")]
+    prompts = [r["prompt"] for r in read_jsonl(cfg.test_prompts_path)]
+    dev_prompts = (
+        [r["prompt"] for r in read_jsonl(cfg.dev_prompts_path)] if cfg.dev_prompts_path else []
+    )
     gold = load_gold(art, device)
-    rm = RewardModel.load(art / "rm" / "model", device=device)
     held_text = read_jsonl(art / "data" / "heldout_text.jsonl")
     sft_model = load_causal_lm(str(art / "sft" / "model"), trainable=False, device=device)
     tok = load_tokenizer(str(art / "sft" / "model"))
+    reward = load_reward(art / "rm" / "model", tok, device=device)  # the proxy, as PPO reads it
+    pad = tok.pad_token_id
+    sample_kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, device=device)
 
     samples: dict[str, list[str]] = {}
+    dev_samples: dict[str, list[str]] = {}
     per: dict[str, dict] = {}
     for name in cfg.policies:
         mdir = art / name / "model"
@@ -93,25 +122,27 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
             if name == "sft"
             else load_causal_lm(str(mdir), trainable=False, device=device)
         )
-        texts, ended, n_tok = sample_texts(
-            model,
-            tok,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.seed + 4242,
-            device=device,
-        )
-        run.cost.add_tokens(n_tok)
+        sampled = sample_tokens(model, tok, prompts, seed=cfg.seed + 4242, **sample_kw)
+        run.cost.add_tokens(sampled.n_tokens)
+        texts = sampled.texts
         samples[name] = texts
         atomic_write_jsonl(
             art / "samples" / f"{name}.jsonl",
-            [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)],
+            [
+                {"prompt": p, "completion": t, "ended": e, "prompt_ids": pi, "response_ids": ri}
+                for p, t, e, pi, ri in zip(
+                    prompts, texts, sampled.ended, sampled.prompt_ids, sampled.response_ids
+                )
+            ],
         )
+        if dev_prompts:
+            dev = sample_tokens(model, tok, dev_prompts, seed=cfg.seed + 4343, **sample_kw)
+            run.cost.add_tokens(dev.n_tokens)
+            dev_samples[name] = dev.texts
         feats = gold.features(prompts, texts)
-        proxy = score_texts(rm, tok, prompts, texts, device=device).numpy()
-        lp_pi, n_pi = _seq_logprobs(model, tok, prompts, texts, device)
-        lp_sft, _ = _seq_logprobs(sft_model, tok, prompts, texts, device)
+        proxy = score_samples(reward, prompts, sampled, pad, device=device).numpy()
+        lp_pi, n_pi = (x.numpy() for x in sampled_logprob_sums(model, sampled, pad, device=device))
+        lp_sft, _ = sampled_logprob_sums(sft_model, sampled, pad, device=device)
         tax_lp, tax_n = _seq_logprobs(
             model,
             tok,
@@ -124,17 +155,15 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
             "sentiment": float(np.mean(feats["sentiment"])),
             "fluency": float(np.mean(feats["fluency"])),
             "proxy_reward": bootstrap_mean_ci(proxy, cfg.n_bootstrap, cfg.seed),
-            "kl_to_sft": bootstrap_mean_ci(lp_pi - lp_sft, cfg.n_bootstrap, cfg.seed),
+            "kl_to_sft": bootstrap_mean_ci(lp_pi - lp_sft.numpy(), cfg.n_bootstrap, cfg.seed),
             "length_tokens": float(np.mean(n_pi)),
             "length_words": float(np.mean(feats["length_words"])),
-            "ended_frac": float(np.mean(ended)),
+            "ended_frac": float(np.mean(sampled.ended)),
             "distinct_1": distinct_n(texts, 1),
             "distinct_2": distinct_n(texts, 2),
             "repetition_3gram": float(np.mean([repetition_rate(t, 3) for t in texts])),
             "heldout_nll_per_token": float(-tax_lp.sum() / max(1, tax_n.sum())),
         }
-        per[name]["_gold_scores"] = feats["gold"]
-        per[name]["_feats"] = feats
         log.info(
             "%s: gold %.3f proxy %.3f kl %.2f len %.1f",
             name,
@@ -144,17 +173,10 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
             per[name]["length_tokens"],
         )
 
-    winrate, judge_winrate = {}, {}
-    for a, b in PAIRS:
-        if a in samples and b in samples:
-            out = judge_outcomes(prompts, samples[a], samples[b], gold)
-            winrate[f"{a}_vs_{b}"] = winrate_from_outcomes(out["gold"], cfg.n_bootstrap, cfg.seed)
-            judge_winrate[f"{a}_vs_{b}"] = winrate_from_outcomes(
-                out["judge"], cfg.n_bootstrap, cfg.seed
-            )
-    for name in per:
-        per[name].pop("_gold_scores")
-        per[name].pop("_feats")
+    winrate, judge_winrate = _winrates(prompts, samples, gold, cfg.n_bootstrap, cfg.seed)
+    winrate_dev, judge_winrate_dev = _winrates(
+        dev_prompts, dev_samples, gold, cfg.n_bootstrap, cfg.seed
+    )
     sft_nll = per.get("sft", {}).get("heldout_nll_per_token")
     for name in per:
         if sft_nll is not None:
@@ -172,8 +194,12 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
         "commit": git_commit(),
         "command": command,
         "n_prompts": len(prompts),
+        "n_prompts_dev": len(dev_prompts),
+        "task": task_facts(art),
         "winrate": winrate,
         "judge_winrate": judge_winrate,
+        "winrate_dev": winrate_dev,
+        "judge_winrate_dev": judge_winrate_dev,
         "policies": per,
         "rm": {
             "heldout_accuracy": rm_results["heldout_accuracy"],

@@ -71,8 +71,15 @@ from rlhfstack.models.core import (
     tokenizer_for,
 )
 from rlhfstack.models.value import VALUE_MODELS, build_value_model
-from rlhfstack.rewards import INPUT_PATHS, FunctionReward, Reward, load_reward, reward_members
-from rlhfstack.rewards.base import tokenizer_label
+from rlhfstack.rewards import (
+    INPUT_PATHS,
+    FunctionReward,
+    Reward,
+    load_reward,
+    reward_members,
+    score_samples,
+    tokenizer_label,
+)
 from rlhfstack.rollout.experience import Experience
 from rlhfstack.rollout.fast import supports_fast_decode
 from rlhfstack.rollout.generate import (
@@ -80,7 +87,7 @@ from rlhfstack.rollout.generate import (
     decode_responses,
     generate,
     left_pad_prompts,
-    sample_texts,
+    sample_tokens,
 )
 from rlhfstack.runtime import atomic_write_json, release_free_heap
 from rlhfstack.training import (
@@ -596,10 +603,10 @@ class PPOTrainer:
         return metrics
 
     def gold_eval(self, prompts: list[str], gold: Reward) -> dict[str, float]:
-        """Sample held-out completions (a fixed seed) and score them with the hidden ``gold``
-        reward and the proxy reward model, both through the reward interface (text)."""
+        """Sample completions of the dev prompts (a fixed seed) and score them with the hidden
+        ``gold`` reward (text) and the proxy reward model (the sampled tokens, as in training)."""
         cfg = self.cfg
-        texts, _, _ = sample_texts(
+        s = sample_tokens(
             self.r_policy,
             self.tok,
             prompts,
@@ -609,8 +616,8 @@ class PPOTrainer:
             seed=cfg.seed + 12345,
             device=self.device,
         )
-        gold_B = gold.score(prompts, texts).scores_B.double()
-        proxy_B = self.reward.score(prompts, texts).scores_B
+        gold_B = gold.score(prompts, s.texts).scores_B.double()
+        proxy_B = score_samples(self.reward, prompts, s, self.tok.pad_token_id, device=self.device)
         return {
             "eval/gold_reward": float(gold_B.mean()),
             "eval/proxy_reward": float(proxy_B.mean()),
@@ -633,25 +640,27 @@ class PPOTrainer:
 
 
 def _prompts(cfg: PPOConfig) -> tuple[list[str], list[str]]:
-    """Training prompts and the held-out prompts of the gold evaluation (``data.eval_path``)."""
-    prompts, heldout = load_train_eval(load_prompts, cfg, "PPO prompts")
-    heldout = heldout[: cfg.gold_eval_prompts]
+    """Training prompts and the dev prompts of the gold evaluation (``data.eval_path``)."""
+    prompts, dev_prompts = load_train_eval(load_prompts, cfg, "PPO prompts")
+    dev_prompts = dev_prompts[: cfg.gold_eval_prompts]
     log.info(
-        "PPO: %d train prompts, %d held-out for the gold evaluation", len(prompts), len(heldout)
+        "PPO: %d train prompts, %d dev prompts for the gold evaluation",
+        len(prompts),
+        len(dev_prompts),
     )
-    return [p.prompt for p in prompts], [p.prompt for p in heldout]
+    return [p.prompt for p in prompts], [p.prompt for p in dev_prompts]
 
 
 def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     """Run PPO; returns ``run_dir``. ``gold_scorer(prompts, completions) -> np.ndarray`` (optional)
-    scores held-out samples with a hidden gold reward every ``gold_eval_every`` iterations."""
+    scores samples of the dev prompts with a hidden gold reward every ``gold_eval_every`` iterations."""
     _validate(cfg)
     run = setup_run(cfg)
     if run.dist.distributed:
         _validate_distributed(cfg, run.dist.dp, run.dist.tp, run.dist.pp)
     tcfg = cfg.trainer
     trainer = PPOTrainer(cfg, run)  # models, reward, value model, optimizer, KL controller
-    train_prompts, heldout = _prompts(cfg)
+    train_prompts, dev_prompts = _prompts(cfg)
     G = trainer.G
     stream = PromptStream(train_prompts, cfg.seed, tcfg.batch_size // G, G)
     ckpt = Checkpointer(
@@ -676,11 +685,11 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             mean_kl = trainer.update_kl(exp)
             # 5. log (the gold evaluation on rank 0, on the updated policy)
             metrics = trainer.metrics(exp, stats, mean_kl)
-            gold_now = bool(gold is not None and heldout and cfg.gold_eval_every) and (
+            gold_now = bool(gold is not None and dev_prompts and cfg.gold_eval_every) and (
                 step % cfg.gold_eval_every == 0 or step == tcfg.max_steps or step == 1
             )
             if gold_now and run.is_main:
-                metrics.update(trainer.gold_eval(heldout, gold))
+                metrics.update(trainer.gold_eval(dev_prompts, gold))
             if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
             log.info(
