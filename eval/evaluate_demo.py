@@ -9,13 +9,12 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhfstack.configs import CONF_DIR, to_object
+from rlhfstack.evaluation.jobs.demo import run_demo_eval
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rlhfstack.stages.evaluate import train
-
-    train(to_object(cfg), command="python " + " ".join(sys.argv))
+    run_demo_eval(to_object(cfg), command="python " + " ".join(sys.argv))
 
 
 if __name__ == "__main__":

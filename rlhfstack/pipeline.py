@@ -30,7 +30,7 @@ STAGE_MODULES = {
     "rm": "rlhfstack.stages.reward_model",
     "ppo": "rlhfstack.stages.ppo",
     "dpo": "rlhfstack.stages.dpo",
-    "eval": "rlhfstack.stages.evaluate",
+    "eval": "rlhfstack.evaluation.jobs.demo",
 }
 
 #: the stages whose outputs each stage reads (only those listed in ``stages`` are waited for)
@@ -67,7 +67,7 @@ def run_stage(stage: str, scfg: Any, command: str = "") -> None:
         )
         mod.train(scfg, gold_scorer=gold)
     elif stage == "eval":
-        mod.train(scfg, command=command)
+        mod.run_demo_eval(scfg, command=command)
     else:
         mod.train(scfg)
 

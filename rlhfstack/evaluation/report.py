@@ -179,8 +179,10 @@ def render_report(art: Path, results: dict[str, Any]) -> str:
     L.append(
         f"Held-out accuracy against the noisy labels: {rm['heldout_accuracy']:.3f}; against the gold "
         f"reward: {_num(rm.get('heldout_accuracy_gold'), '.3f')}; ECE {rm['heldout_ece']:.3f}. Normalization "
-        f"(SFT samples -> mean 0, std 1): gain {rm['normalization']['gain']:.3f}, bias "
-        f"{rm['normalization']['bias']:.3f}.\n"
+        f"(SFT samples as text with an EOS appended -> mean 0, std 1): gain "
+        f"{rm['normalization']['gain']:.3f}, bias {rm['normalization']['bias']:.3f}. PPO and this "
+        "report read the reward model at the last sampled token instead (no EOS where the length "
+        "budget cut a sample), so pi_sft's proxy reward above is not 0.\n"
     )
     lab = results["labelers"]
     L.append(

@@ -96,7 +96,9 @@ def _winrates(
     return winrate, judge_winrate
 
 
-def train(cfg: EvalConfig, command: str = "") -> Path:
+def run_demo_eval(cfg: EvalConfig, command: str = "") -> Path:
+    """The demo pipeline's ``eval`` stage (``eval/evaluate_demo.py``): ``run_dir`` holds its
+    config and ``done.json``; ``artifacts_dir`` gets ``results.json``, ``samples/`` and the report."""
     run = setup_run(cfg)
     art = Path(cfg.artifacts_dir)
     device = run.device
@@ -122,6 +124,7 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
             if name == "sft"
             else load_causal_lm(str(mdir), trainable=False, device=device)
         )
+        # one sampling seed for both splits (they hold different prompts)
         sampled = sample_tokens(model, tok, prompts, seed=cfg.seed + 4242, **sample_kw)
         run.cost.add_tokens(sampled.n_tokens)
         texts = sampled.texts
@@ -136,7 +139,7 @@ def train(cfg: EvalConfig, command: str = "") -> Path:
             ],
         )
         if dev_prompts:
-            dev = sample_tokens(model, tok, dev_prompts, seed=cfg.seed + 4343, **sample_kw)
+            dev = sample_tokens(model, tok, dev_prompts, seed=cfg.seed + 4242, **sample_kw)
             run.cost.add_tokens(dev.n_tokens)
             dev_samples[name] = dev.texts
         feats = gold.features(prompts, texts)
