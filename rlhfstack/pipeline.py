@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing as mp
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,6 @@ def run_stage(stage: str, scfg: Any, command: str = "") -> None:
 
 
 def _spawn(stage: str, scfg: Any, command: str) -> Any:
-    import multiprocessing as mp
 
     p = mp.get_context("spawn").Process(
         target=run_stage, args=(stage, scfg, command), name=f"stage-{stage}"

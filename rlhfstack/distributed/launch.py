@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 log = logging.getLogger("rlhfstack.distributed")
@@ -303,7 +304,6 @@ def launch_local(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
 
     ``fn`` must be importable (a module-level function). Raises if any process fails.
     """
-    import torch.multiprocessing as mp
 
     mp.start_processes(
         _local_worker,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from safetensors import safe_open
 
 from rlhfstack.runtime import atomic_write_text, read_jsonl
 
@@ -30,7 +33,6 @@ def _num(value: float | None, fmt: str) -> str:
 
 def _resolved_config(run_dir: Path) -> dict[str, Any]:
     """A stage's resolved ``config.yaml`` ({} when the stage did not run)."""
-    import yaml
 
     path = run_dir / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
@@ -39,7 +41,6 @@ def _resolved_config(run_dir: Path) -> dict[str, Any]:
 def parameter_count(model_dir: str | os.PathLike) -> int | None:
     """Parameters stored in an HF model directory's ``*.safetensors`` files (read from the file
     headers, no weights loaded); None when there are none."""
-    from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -239,7 +240,6 @@ def publish_report(
     art: str | os.PathLike, dest_md: str | os.PathLike, assets_dir: str | os.PathLike
 ) -> None:
     """Copy ``art/EVAL_REPORT.md`` to ``dest_md`` with its images copied under ``assets_dir``."""
-    import re
 
     art, dest_md, assets_dir = Path(art), Path(dest_md), Path(assets_dir)
     text = (art / "EVAL_REPORT.md").read_text()

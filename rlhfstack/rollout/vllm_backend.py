@@ -8,6 +8,7 @@ policy into the vLLM engine before every rollout (``sync_weights``), LoRA merged
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -53,8 +54,6 @@ class VLLMRollout:
         """Load the current policy weights (LoRA merged) into the engine."""
         model = policy
         if hasattr(model, "merge_and_unload"):  # peft: merge into a copy, keep training the adapter
-            import copy
-
             model = copy.deepcopy(model).merge_and_unload()
         weights = [(k, v.detach()) for k, v in model.state_dict().items()]
         if hasattr(self.llm, "apply_model"):

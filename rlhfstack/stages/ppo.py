@@ -89,6 +89,7 @@ from rlhfstack.rollout.generate import (
     left_pad_prompts,
     sample_tokens,
 )
+from rlhfstack.rollout.vllm_backend import VLLMRollout
 from rlhfstack.runtime import atomic_write_json, release_free_heap
 from rlhfstack.training import (
     Checkpointer,
@@ -319,8 +320,6 @@ class PPOTrainer:
         )
         self.vllm_engine = None
         if cfg.rollout.backend == "vllm":
-            from rlhfstack.rollout.vllm_backend import VLLMRollout
-
             self.vllm_engine = VLLMRollout(cfg.model.path, dtype="bfloat16", seed=cfg.seed)
 
     # ------------------------------------------------------------------ checkpoint state
