@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,17 @@ def in_range(
 def choice(default: Any, *options: Any) -> Any:
     """One of ``options``."""
     return checked(default, lambda v: v in options, "one of " + " | ".join(map(str, options)))
+
+
+def torch_device(default: str, *, auto: bool = False) -> Any:
+    """A torch device name: ``cpu``, ``cuda`` or ``cuda:N`` (and ``auto`` when allowed)."""
+
+    def test(v: Any) -> bool:
+        if auto and v == "auto":
+            return True
+        return v in ("cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", str(v)))
+
+    return checked(default, test, "cpu | cuda | cuda:N" + (" | auto" if auto else ""))
 
 
 def free(default: Any, why: str) -> Any:

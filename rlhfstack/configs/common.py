@@ -22,6 +22,7 @@ from rlhfstack.configs.checks import (
     nonnegative,
     positive,
     reason,
+    torch_device,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +133,7 @@ class ClusterConfig:
     """local | slurm."""
     backend: str = choice("gloo", "gloo", "nccl")
     """torch.distributed backend: gloo on CPU, nccl on GPU."""
-    device: str = choice("cpu", "cpu", "cuda")
+    device: str = torch_device("cpu")
     """cpu | cuda."""
     num_threads: int = nonnegative(0)
     """torch intra-op threads; 0 leaves torch's default."""

@@ -18,6 +18,7 @@ from rlhfstack.configs.checks import (
     nonnegative,
     positive,
     reason,
+    torch_device,
 )
 from rlhfstack.configs.common import DATA_ROOT_INTERP, default_data_root
 
@@ -96,7 +97,7 @@ class RMEvalConfig:
     """Token cap per sequence; None = the RM's training length (long pairs are truncated, never dropped)."""
     batch_size: int = at_least(32, 1)
     """Sequences per forward pass."""
-    device: str = choice("cpu", "cpu", "cuda")
+    device: str = torch_device("cpu")
     """cpu | cuda."""
     seed: int = free(0, "any integer seeds python, numpy and torch")
     """Seed of the random pair order used for calibration."""
@@ -188,7 +189,7 @@ class JudgingConfig:
     ``+llm_judges.local.base_url=http://127.0.0.1:8000/v1 +llm_judges.local.model=NAME``."""
     cache_path: str | None = free("runs/judge_cache.sqlite", "a cache file, created when missing")
     """SQLite cache of every judgment (reruns are free, interrupted runs resume); None = off."""
-    device: str = choice("cpu", "cpu", "cuda")
+    device: str = torch_device("cpu")
     """Device of the gold / RM judges (and of local generation)."""
     batch_size: int = at_least(16, 1)
     """Sequences per forward pass of the RM judge."""
@@ -283,7 +284,7 @@ class GenerateSamplesConfig:
     """Use at most this many prompts (the first ones); None = all."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Sampling settings."""
-    device: str = choice("cpu", "cpu", "cuda")
+    device: str = torch_device("cpu")
     """Local models: cpu | cuda."""
     seed: int = free(0, "any integer seeds python, numpy and torch")
     """Sampling seed."""
@@ -387,7 +388,7 @@ class MMLUEvalConfig:
     """lm-eval batch size."""
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
     """Model dtype: float32 | bfloat16 | float16."""
-    device: str = choice("auto", "cpu", "cuda", "auto")
+    device: str = torch_device("auto", auto=True)
     """cpu | cuda | auto."""
     seed: int = free(1234, "any integer seeds python, numpy and torch")
     """lm-eval's python/numpy/torch/few-shot seeds."""
@@ -450,7 +451,7 @@ class RewardHackingConfig:
     """Generation batch size."""
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
     """Model dtype."""
-    device: str = choice("auto", "cpu", "cuda", "auto")
+    device: str = torch_device("auto", auto=True)
     """cpu | cuda | auto."""
     seed: int = free(0, "any integer seeds python, numpy and torch")
     """Seed (generation, distinct-n subsampling)."""
