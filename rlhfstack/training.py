@@ -221,14 +221,24 @@ def _model_path_problem(key: str, path: str, markers: tuple[str, ...], what: str
     return None
 
 
+# the ``data.*`` files each stage reads (DPO / KTO never read ``eval_path``; the demo-data stage
+# writes its files, the eval stage reads the prompt files named by its own fields)
+_DATA_READ = {
+    "sft": ("train_path", "eval_path"),
+    "rm": ("train_path", "eval_path"),
+    "ppo": ("train_path", "eval_path"),
+    "dpo": ("train_path",),
+}
+
+
 def check_paths(cfg: Any) -> None:
     """Check the inputs a stage reads before anything loads: the model, tokenizer and reference
     model (``config.json`` or a LoRA ``adapter_config.json``), PPO's reward model
-    (``reward_config.json`` or ``ensemble.json``) and the data files (resolved against
-    ``data_root`` as the loaders do; ``hf://`` sources are left to the loader). Hub ids
+    (``reward_config.json`` or ``ensemble.json``) and the data files the stage reads (resolved
+    against ``data_root`` as the loaders do; ``hf://`` sources are left to the loader). Hub ids
     (``org/name``) and ``pkg:`` / ``pkgparts:`` / ``pkggguf:`` names pass. Raises one
     ``FileNotFoundError`` naming every missing input. The demo-data stage writes its inputs
-    (the base model) itself, so only its data files are checked.
+    (the base model) itself, so none of its paths are checked.
 
     Called at stage start rather than when the config is composed: the pipeline composes every
     stage's config up front, before earlier stages have written the files later ones read."""
@@ -258,7 +268,7 @@ def check_paths(cfg: Any) -> None:
             )
         )
     data = getattr(cfg, "data", None)
-    for key in ("train_path", "eval_path") if data is not None else ():
+    for key in _DATA_READ.get(getattr(cfg, "stage", None), ()) if data is not None else ():
         path = getattr(data, key)
         if not path or str(path).startswith(HUB_PREFIX):
             continue

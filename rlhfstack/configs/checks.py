@@ -4,7 +4,7 @@ A field states what it accepts beside its default, in the field's metadata::
 
     batch_size: int = positive(32)            # > 0
     gamma: float = in_range(1.0, 0.0, 1.0)    # 0 <= gamma <= 1
-    backend: str = choice("native", "native", "vllm")
+    backend: str = choice("native", "vllm")
     name: str = free("stories260k", "display name, any text")
 
 ``validate(obj)`` walks a config dataclass (nested ones included) and raises one ``ValueError``
@@ -89,8 +89,9 @@ def in_range(
     return checked(default, test, f"a number in {text}")
 
 
-def choice(default: Any, *options: Any) -> Any:
-    """One of ``options``."""
+def choice(default: Any, *others: Any) -> Any:
+    """``default`` or one of ``others``."""
+    options = (default, *others)
     return checked(default, lambda v: v in options, "one of " + " | ".join(map(str, options)))
 
 

@@ -84,7 +84,7 @@ class ModelConfig:
     )
     """An existing vocabulary entry used as PAD when the tokenizer has none or reuses EOS
     (never EOS itself: masks built from ``ids != pad`` would hide real EOS tokens)."""
-    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    dtype: str = choice("float32", "bfloat16", "float16")
     """Parameter dtype: float32 | bfloat16 | float16. bf16 is the GPU default for large models."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
@@ -113,9 +113,9 @@ class DataConfig:
         "auto | plain | hh | ultrafeedback | alpaca | sharegpt | messages | turns | field:NAME",
     )
     """Record format: auto | plain | hh | ultrafeedback | alpaca | sharegpt."""
-    template: str = choice("plain", "hh", "plain", "chatml", "tokenizer")
+    template: str = choice("plain", "hh", "chatml", "tokenizer")
     """Chat template applied to prompts: plain | hh | chatml | tokenizer."""
-    on_error: str = choice("raise", "raise", "skip")
+    on_error: str = choice("raise", "skip")
     """Malformed rows: ``raise`` (error naming file, line and field) or ``skip`` (counted in the run log)."""
     validation_fraction: float = in_range(0.1, 0.0, 1.0, hi_open=True)
     """Fraction of the training file held out when ``eval_path`` is unset."""
@@ -129,9 +129,9 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
-    name: str = choice("local", "local", "slurm")
+    name: str = choice("local", "slurm")
     """local | slurm."""
-    backend: str = choice("gloo", "gloo", "nccl")
+    backend: str = choice("gloo", "nccl")
     """torch.distributed backend: gloo on CPU, nccl on GPU."""
     device: str = torch_device("cpu")
     """cpu | cuda."""
@@ -157,7 +157,7 @@ class ParallelConfig:
     """DTensor tensor-parallel degree."""
     pp: int = at_least(1, 1)
     """Pipeline-parallel degree."""
-    mixed_precision: str = choice("none", "none", "bf16")
+    mixed_precision: str = choice("none", "bf16")
     """none | bf16: bf16 compute with fp32 master weights and fp32 gradient reduction
     (FSDP2 MixedPrecisionPolicy under dp_shard > 1, torch.autocast otherwise)."""
 
@@ -174,7 +174,7 @@ class TrainerConfig:
     """Sequences per forward/backward; gradient accumulation = batch_size / micro_batch_size."""
     lr: float = nonnegative(1e-4)
     """Peak learning rate."""
-    lr_schedule: str = choice("linear", "linear", "cosine", "constant")
+    lr_schedule: str = choice("linear", "cosine", "constant")
     """linear (anneal to 0, as in the PPO details of Huang et al. 2024) | cosine | constant."""
     warmup_steps: int = nonnegative(0)
     """Linear warm-up steps."""
@@ -202,7 +202,7 @@ class LoggingConfig:
     """Write TensorBoard event files into ``run_dir/tb``."""
     wandb: bool = False
     """Log to Weights & Biases."""
-    wandb_mode: str = choice("offline", "offline", "online", "disabled")
+    wandb_mode: str = choice("offline", "online", "disabled")
     """W&B mode: offline (default, no network) | online."""
     wandb_project: str = free("rlhfstack", "a W&B project name, any text")
     """W&B project name."""

@@ -193,7 +193,7 @@ class JudgingConfig:
     """Device of the gold / RM judges (and of local generation)."""
     batch_size: int = at_least(16, 1)
     """Sequences per forward pass of the RM judge."""
-    length_unit: str = choice("chars", "chars", "words")
+    length_unit: str = choice("chars", "words")
     """Answer length for the length-controlled rate: chars (as AlpacaEval 2.0) | words."""
     n_bootstrap: int = at_least(2000, 1)
     """Bootstrap resamples (over prompts) for confidence intervals."""
@@ -239,7 +239,7 @@ class GenerationConfig:
     """Local models: prompts per generation batch."""
     stop: list[str] = field(default_factory=list, metadata=reason("any strings"))
     """Cut each completion at the first of these strings (e.g. ``"\n\nHuman:"`` for HH)."""
-    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    dtype: str = choice("float32", "bfloat16", "float16")
     """Local models: parameter dtype."""
     api_model: str | None = free(None, "a served model name, checked by the endpoint")
     """Endpoints: model name to request (required when ``model`` is a URL)."""
@@ -278,7 +278,7 @@ class GenerateSamplesConfig:
         "auto | plain | hh | ultrafeedback | alpaca | sharegpt | messages | turns | field:NAME",
     )
     """Record format of ``prompts`` (see ``data.adapter``)."""
-    template: str = choice("plain", "hh", "plain", "chatml", "tokenizer")
+    template: str = choice("plain", "hh", "chatml", "tokenizer")
     """Chat template applied to the prompts (see ``data.template``)."""
     max_prompts: int | None = at_least(None, 1)
     """Use at most this many prompts (the first ones); None = all."""
@@ -323,7 +323,7 @@ class HHEvalConfig(JudgingConfig):
         "auto | plain | hh | ultrafeedback | alpaca | sharegpt | messages | turns | field:NAME",
     )
     """Record format of ``prompts``."""
-    template: str = choice("hh", "hh", "plain", "chatml", "tokenizer")
+    template: str = choice("hh", "plain", "chatml", "tokenizer")
     """Chat template of the prompts (``hh``: ``\n\nHuman: ...\n\nAssistant:``)."""
     n_prompts: int | None = at_least(200, 1)
     """Prompts sampled (seeded) from the file; None = all."""
@@ -386,7 +386,7 @@ class MMLUEvalConfig:
     """Wrap prompts in the tokenizer's chat template (instruct models)."""
     batch_size: int = at_least(8, 1)
     """lm-eval batch size."""
-    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    dtype: str = choice("float32", "bfloat16", "float16")
     """Model dtype: float32 | bfloat16 | float16."""
     device: str = torch_device("auto", auto=True)
     """cpu | cuda | auto."""
@@ -437,7 +437,7 @@ class RewardHackingConfig:
         None, "an input path: read (and reported with its name when missing) by the entry point"
     )
     """PPO run whose metrics.jsonl (eval/gold_reward, eval/proxy_reward) gives proxy_gold_gap."""
-    template: str = choice("hh", "hh", "plain", "chatml", "tokenizer")
+    template: str = choice("hh", "plain", "chatml", "tokenizer")
     """Chat template for model queries: hh | chatml | plain | tokenizer."""
     max_new_tokens: int = at_least(64, 1)
     """Completion length cap for XSTest generations."""
@@ -449,7 +449,7 @@ class RewardHackingConfig:
     """Sampling temperature when ``greedy`` is false."""
     batch_size: int = at_least(32, 1)
     """Generation batch size."""
-    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    dtype: str = choice("float32", "bfloat16", "float16")
     """Model dtype."""
     device: str = torch_device("auto", auto=True)
     """cpu | cuda | auto."""

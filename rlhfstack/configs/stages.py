@@ -29,7 +29,7 @@ class SFTConfig(StageConfig):
 
 @dataclass
 class RMHyperparams:
-    backbone: str = choice("causal_lm", "causal_lm", "encoder")
+    backbone: str = choice("causal_lm", "encoder")
     """causal_lm (scalar head read at the last non-pad token) | encoder (BERT-style, pooled scalar head)."""
     head_init_std: float | None = positive(None)
     """Std of the scalar head init; None = 1/sqrt(d_model + 1) (Stiennon et al. 2020; Huang et al. 2024)."""
@@ -49,12 +49,12 @@ class RMHyperparams:
     """More held-out preference files to report accuracy on, by name (the demo adds ``gold``)."""
     epochs: int = at_least(1, 1)
     """Passes over the training pairs (1 by default: RMs overfit after one epoch, Ouyang et al. 2022)."""
-    long_pairs: str = choice("drop", "drop", "truncate")
+    long_pairs: str = choice("drop", "truncate")
     """Causal-LM backbones: a pair longer than ``data.max_prompt_tokens`` / ``data.max_response_tokens``
     is dropped (``drop``, counted in the run log) or kept and cut to their sum (``truncate``: the
     prompt keeps its end, the response its start, so every pair stays in the held-out split).
     Encoders always truncate."""
-    pooling: str = choice("mean", "mean", "response_mean", "cls")
+    pooling: str = choice("mean", "response_mean", "cls")
     """Encoders: mean (all real tokens) | response_mean (the response segment) | cls."""
     freeze_embeddings: bool = False
     """Keep the token/position embeddings frozen (fewer trainable parameters, faster on CPU)."""
@@ -93,7 +93,7 @@ class RMConfig(StageConfig):
 class DPOHyperparams:
     beta: float = positive(0.1)
     """KL strength beta (Rafailov et al. 2023 use 0.1 for most experiments)."""
-    loss_type: str = choice("sigmoid", "sigmoid", "ipo", "kto")
+    loss_type: str = choice("sigmoid", "ipo", "kto")
     """sigmoid (DPO) | ipo (Azar et al. 2023) | kto (Ethayarajh et al. 2024: each pair is split
     into a desirable and an undesirable example; ``beta`` is KTO's beta, 0.1 in the paper)."""
     label_smoothing: float = in_range(0.0, 0.0, 0.5, hi_open=True)
@@ -139,7 +139,7 @@ class RolloutConfig:
     """Must stay 0: truncated sampling breaks the log-prob semantics (Huang et al. 2024)."""
     top_p: float = checked(1.0, lambda v: v == 1.0, "1.0 (truncated sampling breaks the log-probs)")
     """Must stay 1.0 for the same reason."""
-    backend: str = choice("native", "native", "vllm")
+    backend: str = choice("native", "vllm")
     """native (the project's batched KV-cache engine) | vllm (GPU only; weights synced each iteration)."""
     compile: bool = False
     """native backend, Llama-family policies without LoRA: ``torch.compile`` the one-token decode
@@ -161,7 +161,7 @@ class RolloutConfig:
 
 @dataclass
 class KLConfig:
-    controller: str = choice("adaptive", "adaptive", "fixed")
+    controller: str = choice("adaptive", "fixed")
     """adaptive (Ziegler et al. 2019, eq. 2) | fixed."""
     init_coef: float = nonnegative(0.1)
     """Initial beta for the per-token KL penalty (Ziegler et al. 2019 use 0.1 for sentiment)."""
@@ -169,13 +169,13 @@ class KLConfig:
     """Adaptive controller's target KL in nats per sequence (Ziegler et al. 2019: 6)."""
     horizon: int = at_least(10000, 1)
     """Adaptive controller horizon in samples (Ziegler et al. 2019: 10000)."""
-    estimator: str = choice("k1", "k1", "k2", "k3")
+    estimator: str = choice("k1", "k2", "k3")
     """Per-token KL estimator in the reward: k1 | k2 | k3 (Schulman 2020)."""
 
 
 @dataclass
 class PPOHyperparams:
-    advantage_estimator: str = choice("gae", "gae", "grpo", "rloo")
+    advantage_estimator: str = choice("gae", "grpo", "rloo")
     """gae (a value model and GAE, Schulman et al. 2016: PPO as in Ziegler et al. 2019 / Ouyang et
     al. 2022) | grpo (no value model; the group-normalized sequence reward of the G samples of a
     prompt, Shao et al. 2024) | rloo (no value model; the sequence reward minus the mean of the
@@ -210,7 +210,7 @@ class PPOHyperparams:
     """Coefficient of the exact per-token KL(pi || pi_ref) over the whole vocabulary, added to the
     loss (besides the sampled-token KL penalty in the reward). 0 disables. Keeps the reference's
     full log-softmax of each rollout batch in memory (B x R x V floats): for small vocabularies."""
-    value_model: str = choice("shared", "shared", "separate")
+    value_model: str = choice("shared", "separate")
     """shared (value head on the policy trunk) | separate (critic initialized from the reward model).
     Unused by the critic-free estimators (grpo, rloo)."""
     reward_clip: float = nonnegative(10.0)
@@ -234,7 +234,7 @@ class PPOConfig(StageConfig):
         "a reward-model directory: checked when the stage starts (training.check_paths)",
     )
     """Frozen reward model directory."""
-    reward_input: str = choice("auto", "auto", "ids", "text")
+    reward_input: str = choice("auto", "ids", "text")
     """How the reward model reads each response (``rlhfstack.rewards.RewardModelReward``): auto
     (the policy's token ids when the RM is a causal LM whose tokenizer equals the policy's: same
     vocabulary and BOS / EOS ids; else the decoded text re-tokenized with the RM's own tokenizer
@@ -254,7 +254,7 @@ class PPOConfig(StageConfig):
     """Score held-out prompts with the task's gold reward every N steps (embedded task only); 0 = never."""
     gold_eval_prompts: int = at_least(64, 1)
     """Dev prompts (the first N of ``data.eval_path``) for the periodic gold evaluation."""
-    gold_task: str | None = choice("stories", "stories")
+    gold_task: str | None = choice("stories")
     """Task whose hidden gold reward is tracked during training (``stories`` = the embedded demo); None = none."""
 
 
@@ -282,7 +282,7 @@ class DemoDataConfig(StageConfig):
     """Base-model sampling temperature for the preference data."""
     flip_prob: float = in_range(0.25, 0.0, 0.5, hi_open=True)
     """Each simulated labeler flips this fraction of its labels (AlpacaFarm)."""
-    sft_source: str = choice("chosen", "chosen")
+    sft_source: str = choice("chosen")
     """SFT targets: chosen completions of the labeled pairs (as the DPO paper does for HH)."""
 
 
