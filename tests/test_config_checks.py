@@ -242,3 +242,13 @@ def test_the_pipeline_composes_later_stages_before_their_inputs_exist(tmp_path):
     # composing (to_object) never looks at paths: PPO's inputs are written by earlier stages
     cfg = _ppo(tmp_path / "not_yet")
     assert cfg.reward_model_path.endswith("not_yet/rm/model")
+
+
+def test_named_llm_judges_are_checked_after_their_merge():
+    from rlhfstack.evaluation.jobs.winrate import _llm_config
+
+    cfg = to_object(
+        load_config("winrate", ["a=x.jsonl", "b=y.jsonl", "+llm_judges.local.concurrency=0"])
+    )
+    with pytest.raises(ValueError, match=r"llm_judges\.local\.concurrency=0: allowed >= 1"):
+        _llm_config(cfg, "local")

@@ -2,10 +2,11 @@
 
 A field states what it accepts beside its default, in the field's metadata::
 
-    batch_size: int = positive(32)            # > 0
-    gamma: float = in_range(1.0, 0.0, 1.0)    # 0 <= gamma <= 1
-    backend: str = choice("native", "vllm")
-    name: str = free("stories260k", "display name, any text")
+    clip_eps: float = positive(0.2)                 # > 0
+    batch_size: int = at_least(32, lo=1)            # >= 1
+    gamma: float = in_range(1.0, lo=0.0, hi=1.0)    # 0 <= gamma <= 1
+    backend: str = choice("native", "vllm")         # the default, or one of the others
+    name: str = free("stories260k", "display name, any text")   # no constraint, and why
 
 ``validate(obj)`` walks a config dataclass (nested ones included) and raises one ``ValueError``
 listing every bad field as ``dotted.key=value: allowed``. ``None`` passes wherever the field's
@@ -60,7 +61,7 @@ def checked(default: Any, test: Callable[[Any], bool], allowed: str) -> Any:
     return _field(default, {CHECK: Check(test, allowed)})
 
 
-def at_least(default: Any, lo: float) -> Any:
+def at_least(default: Any, *, lo: float) -> Any:
     """A number ``>= lo``."""
     return checked(default, lambda v: _number(v) and v >= lo, f">= {lo}")
 
@@ -72,11 +73,11 @@ def positive(default: Any) -> Any:
 
 def nonnegative(default: Any) -> Any:
     """A number ``>= 0``."""
-    return at_least(default, 0)
+    return at_least(default, lo=0)
 
 
 def in_range(
-    default: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+    default: Any, *, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
 ) -> Any:
     """A number in ``[lo, hi]`` (``lo_open`` / ``hi_open`` exclude an end)."""
 
@@ -149,9 +150,10 @@ def problems(obj: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def validate(obj: Any) -> Any:
-    """Raise ``ValueError`` naming every field of ``obj`` that breaks its check; return ``obj``."""
-    bad = problems(obj)
+def validate(obj: Any, prefix: str = "") -> Any:
+    """Raise ``ValueError`` naming every field of ``obj`` that breaks its check (keys start with
+    ``prefix``); return ``obj``."""
+    bad = problems(obj, prefix)
     if bad:
         name = type(obj).__name__
         raise ValueError(

@@ -46,11 +46,11 @@ DATA_ROOT_INTERP = "${oc.env:RLHF_DATA_ROOT,'" + str(REPO_ROOT.parent / "shared"
 class LoraConfig:
     enabled: bool = False
     """Train LoRA adapters instead of all weights (Hu et al. 2021)."""
-    r: int = at_least(8, 1)
+    r: int = at_least(8, lo=1)
     """Adapter rank."""
     alpha: float = positive(16.0)
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = in_range(0.0, 0.0, 1.0, hi_open=True)
+    dropout: float = in_range(0.0, lo=0.0, hi=1.0, hi_open=True)
     """Adapter dropout. 0 for RL: dropout breaks ratio == 1 before the first update."""
     target_modules: list[str] = field(
         default_factory=lambda: [
@@ -117,13 +117,13 @@ class DataConfig:
     """Chat template applied to prompts: plain | hh | chatml | tokenizer."""
     on_error: str = choice("raise", "skip")
     """Malformed rows: ``raise`` (error naming file, line and field) or ``skip`` (counted in the run log)."""
-    validation_fraction: float = in_range(0.1, 0.0, 1.0, hi_open=True)
+    validation_fraction: float = in_range(0.1, lo=0.0, hi=1.0, hi_open=True)
     """Fraction of the training file held out when ``eval_path`` is unset."""
-    max_prompt_tokens: int = at_least(64, 1)
+    max_prompt_tokens: int = at_least(64, lo=1)
     """Examples whose prompt is longer are filtered out (counted)."""
-    max_response_tokens: int = at_least(64, 1)
+    max_response_tokens: int = at_least(64, lo=1)
     """Examples whose response is longer are filtered out (counted)."""
-    max_examples: int | None = at_least(None, 1)
+    max_examples: int | None = at_least(None, lo=1)
     """Use at most this many training examples (after shuffling); None for all."""
 
 
@@ -137,7 +137,7 @@ class ClusterConfig:
     """cpu | cuda."""
     num_threads: int = nonnegative(0)
     """torch intra-op threads; 0 leaves torch's default."""
-    nodes: int = at_least(1, 1)
+    nodes: int = at_least(1, lo=1)
     """Number of nodes (SLURM)."""
     gpus_per_node: int = nonnegative(0)
     """Accelerators per node (SLURM)."""
@@ -153,9 +153,9 @@ class ClusterConfig:
 class ParallelConfig:
     dp_shard: int = checked(1, lambda v: v == -1 or v >= 1, "-1 or >= 1")
     """FSDP2 sharded data-parallel degree; -1 = world size / (tp * pp)."""
-    tp: int = at_least(1, 1)
+    tp: int = at_least(1, lo=1)
     """DTensor tensor-parallel degree."""
-    pp: int = at_least(1, 1)
+    pp: int = at_least(1, lo=1)
     """Pipeline-parallel degree."""
     mixed_precision: str = choice("none", "bf16")
     """none | bf16: bf16 compute with fp32 master weights and fp32 gradient reduction
@@ -168,9 +168,9 @@ class TrainerConfig:
     """Optimizer steps (PPO: rollout + update iterations)."""
     save_every: int = nonnegative(0)
     """Save a checkpoint every N steps; 0 saves only the final model."""
-    batch_size: int = at_least(32, 1)
+    batch_size: int = at_least(32, lo=1)
     """Global batch size in sequences (pairs for preference stages; prompts for PPO rollouts)."""
-    micro_batch_size: int = at_least(32, 1)
+    micro_batch_size: int = at_least(32, lo=1)
     """Sequences per forward/backward; gradient accumulation = batch_size / micro_batch_size."""
     lr: float = nonnegative(1e-4)
     """Peak learning rate."""
@@ -192,7 +192,7 @@ class TrainerConfig:
     """Max global gradient norm; 0 disables clipping."""
     eval_every: int = nonnegative(0)
     """Evaluate every N steps; 0 only at the end."""
-    log_every: int = at_least(1, 1)
+    log_every: int = at_least(1, lo=1)
     """Write metrics every N steps."""
 
 

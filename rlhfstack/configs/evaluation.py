@@ -91,11 +91,11 @@ class RMEvalConfig:
     """Record format: auto | hh | ultrafeedback | plain | sharegpt."""
     template: str | None = choice(None, "hh", "plain", "chatml", "tokenizer")
     """Prompt template; None = the one the RM was trained with (``hh`` if unknown)."""
-    max_pairs: int | None = at_least(None, 1)
+    max_pairs: int | None = at_least(None, lo=1)
     """Score at most this many pairs (None = all)."""
-    max_length: int | None = at_least(None, 1)
+    max_length: int | None = at_least(None, lo=1)
     """Token cap per sequence; None = the RM's training length (long pairs are truncated, never dropped)."""
-    batch_size: int = at_least(32, 1)
+    batch_size: int = at_least(32, lo=1)
     """Sequences per forward pass."""
     device: str = torch_device("cpu")
     """cpu | cuda."""
@@ -103,7 +103,7 @@ class RMEvalConfig:
     """Seed of the random pair order used for calibration."""
     model_card: bool = True
     """Run the bias probes and write ``MODEL_CARD.md`` into ``rm_path`` when it is missing."""
-    probe_max_items: int = at_least(100, 1)
+    probe_max_items: int = at_least(100, lo=1)
     """Cap on items per probe."""
     xstest_path: str = free(
         "safety/xstest_prompts.csv",
@@ -128,7 +128,7 @@ class LLMJudgeConfig:
     configs, logs or the cache. Local servers without a key get a placeholder."""
     temperature: float = nonnegative(0.0)
     """Judge sampling temperature (MT-Bench, Zheng et al. 2023: 0)."""
-    max_tokens: int | None = at_least(2048, 1)
+    max_tokens: int | None = at_least(2048, lo=1)
     """Cap on the judge's reply (MT-Bench: 2048); None sends no cap."""
     requests_per_minute: float = nonnegative(60.0)
     """Rate limit (request starts per minute, retries included); 0 disables it."""
@@ -140,7 +140,7 @@ class LLMJudgeConfig:
     """Cap on one backoff wait (also on an honoured ``Retry-After``)."""
     timeout_s: float = positive(120.0)
     """Per-request timeout."""
-    concurrency: int = at_least(4, 1)
+    concurrency: int = at_least(4, lo=1)
     """Requests in flight at once."""
     prompt_file: str | None = free(
         "eval_prompts/mt_bench_judge_prompts.jsonl",
@@ -177,7 +177,7 @@ class JudgingConfig:
         None, "an input path: read (and reported with its name when missing) by the entry point"
     )
     """Reward-model directory (saved by the RM stage) for ``judge=rm``."""
-    rm_max_len: int = at_least(1024, 1)
+    rm_max_len: int = at_least(1024, lo=1)
     """Token cap per RM-scored sequence (long prompts keep their end)."""
     llm: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)
     """The ``llm`` judge, and the defaults of every entry of ``llm_judges``."""
@@ -191,11 +191,11 @@ class JudgingConfig:
     """SQLite cache of every judgment (reruns are free, interrupted runs resume); None = off."""
     device: str = torch_device("cpu")
     """Device of the gold / RM judges (and of local generation)."""
-    batch_size: int = at_least(16, 1)
+    batch_size: int = at_least(16, lo=1)
     """Sequences per forward pass of the RM judge."""
     length_unit: str = choice("chars", "words")
     """Answer length for the length-controlled rate: chars (as AlpacaEval 2.0) | words."""
-    n_bootstrap: int = at_least(2000, 1)
+    n_bootstrap: int = at_least(2000, lo=1)
     """Bootstrap resamples (over prompts) for confidence intervals."""
     lc_n_bootstrap: int = nonnegative(200)
     """Bootstrap refits of the length-controlled GLM for its interval; 0 = no interval."""
@@ -219,7 +219,7 @@ class WinrateConfig(JudgingConfig):
     """Samples of system B; pairs are matched by prompt (k-th occurrence with k-th)."""
     output_dir: str = free("runs/eval/winrate", "an output directory: created by the run")
     """Where ``winrate.json``, ``judgments.jsonl`` and ``config.yaml`` are written."""
-    max_pairs: int | None = at_least(None, 1)
+    max_pairs: int | None = at_least(None, lo=1)
     """Judge at most this many matched pairs (the first ones); None = all."""
 
 
@@ -227,15 +227,15 @@ class WinrateConfig(JudgingConfig):
 class GenerationConfig:
     """Sampling settings for local HF models and OpenAI-compatible endpoints."""
 
-    max_new_tokens: int = at_least(128, 1)
+    max_new_tokens: int = at_least(128, lo=1)
     """Completion length cap (tokens)."""
-    max_prompt_tokens: int = at_least(512, 1)
+    max_prompt_tokens: int = at_least(512, lo=1)
     """Local models: longer prompts keep their last tokens."""
     temperature: float = nonnegative(1.0)
     """Sampling temperature."""
     greedy: bool = False
     """Local models: argmax decoding (endpoints: use temperature 0)."""
-    batch_size: int = at_least(16, 1)
+    batch_size: int = at_least(16, lo=1)
     """Local models: prompts per generation batch."""
     stop: list[str] = field(default_factory=list, metadata=reason("any strings"))
     """Cut each completion at the first of these strings (e.g. ``"\n\nHuman:"`` for HH)."""
@@ -253,7 +253,7 @@ class GenerationConfig:
     """Endpoints: first backoff wait (doubles per retry)."""
     timeout_s: float = positive(120.0)
     """Endpoints: per-request timeout."""
-    concurrency: int = at_least(4, 1)
+    concurrency: int = at_least(4, lo=1)
     """Endpoints: requests in flight at once."""
 
 
@@ -280,7 +280,7 @@ class GenerateSamplesConfig:
     """Record format of ``prompts`` (see ``data.adapter``)."""
     template: str = choice("plain", "hh", "chatml", "tokenizer")
     """Chat template applied to the prompts (see ``data.template``)."""
-    max_prompts: int | None = at_least(None, 1)
+    max_prompts: int | None = at_least(None, lo=1)
     """Use at most this many prompts (the first ones); None = all."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Sampling settings."""
@@ -325,7 +325,7 @@ class HHEvalConfig(JudgingConfig):
     """Record format of ``prompts``."""
     template: str = choice("hh", "plain", "chatml", "tokenizer")
     """Chat template of the prompts (``hh``: ``\n\nHuman: ...\n\nAssistant:``)."""
-    n_prompts: int | None = at_least(200, 1)
+    n_prompts: int | None = at_least(200, lo=1)
     """Prompts sampled (seeded) from the file; None = all."""
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(stop=["\n\nHuman:", "\n\nAssistant:"])
@@ -376,15 +376,15 @@ class MMLUEvalConfig:
     """Subjects to evaluate, e.g. ``[anatomy,astronomy]``; empty = all 57."""
     num_fewshot: int = nonnegative(5)
     """Shots (Hendrycks et al. 2021 use 5); reduced per subject when prompts exceed max_length."""
-    limit: int | None = at_least(None, 1)
+    limit: int | None = at_least(None, lo=1)
     """Evaluate only the first ``limit`` test questions of each subject (quick runs)."""
-    max_length: int | None = at_least(None, 1)
+    max_length: int | None = at_least(None, lo=1)
     """Context length; default the model's ``max_position_embeddings``."""
-    min_fit_fraction: float = in_range(0.95, 0.0, 1.0, lo_open=True)
+    min_fit_fraction: float = in_range(0.95, lo=0.0, hi=1.0, lo_open=True)
     """Keep the most shots for which at least this fraction of prompts fits in max_length."""
     apply_chat_template: bool = False
     """Wrap prompts in the tokenizer's chat template (instruct models)."""
-    batch_size: int = at_least(8, 1)
+    batch_size: int = at_least(8, lo=1)
     """lm-eval batch size."""
     dtype: str = choice("float32", "bfloat16", "float16")
     """Model dtype: float32 | bfloat16 | float16."""
@@ -392,7 +392,7 @@ class MMLUEvalConfig:
     """cpu | cuda | auto."""
     seed: int = free(1234, "any integer seeds python, numpy and torch")
     """lm-eval's python/numpy/torch/few-shot seeds."""
-    n_bootstrap: int = at_least(2000, 1)
+    n_bootstrap: int = at_least(2000, lo=1)
     """Paired bootstrap resamples of the alignment-tax CI."""
 
 
@@ -439,15 +439,15 @@ class RewardHackingConfig:
     """PPO run whose metrics.jsonl (eval/gold_reward, eval/proxy_reward) gives proxy_gold_gap."""
     template: str = choice("hh", "plain", "chatml", "tokenizer")
     """Chat template for model queries: hh | chatml | plain | tokenizer."""
-    max_new_tokens: int = at_least(64, 1)
+    max_new_tokens: int = at_least(64, lo=1)
     """Completion length cap for XSTest generations."""
-    max_prompt_tokens: int = at_least(128, 1)
+    max_prompt_tokens: int = at_least(128, lo=1)
     """Prompt token cap (left-truncated)."""
     greedy: bool = True
     """Greedy decoding for XSTest generations."""
     temperature: float = positive(1.0)
     """Sampling temperature when ``greedy`` is false."""
-    batch_size: int = at_least(32, 1)
+    batch_size: int = at_least(32, lo=1)
     """Generation batch size."""
     dtype: str = choice("float32", "bfloat16", "float16")
     """Model dtype."""

@@ -33,21 +33,21 @@ class RMHyperparams:
     """causal_lm (scalar head read at the last non-pad token) | encoder (BERT-style, pooled scalar head)."""
     head_init_std: float | None = positive(None)
     """Std of the scalar head init; None = 1/sqrt(d_model + 1) (Stiennon et al. 2020; Huang et al. 2024)."""
-    ensemble_size: int = at_least(1, 1)
+    ensemble_size: int = at_least(1, lo=1)
     """Number of scalar heads on a shared trunk; reward = mean, uncertainty = std across heads."""
     normalize: bool = True
     """After training, shift/scale rewards so SFT-policy samples average 0 with std 1 (records gain and bias)."""
-    normalize_samples: int = at_least(256, 1)
+    normalize_samples: int = at_least(256, lo=1)
     """Completions sampled from the starting (SFT) model on training prompts to fit the normalization
     (causal-LM backbones); encoders normalize on the training pairs' chosen responses."""
-    normalize_max_new_tokens: int = at_least(48, 1)
+    normalize_max_new_tokens: int = at_least(48, lo=1)
     """Length cap of those samples."""
     extra_eval: dict[str, str] = field(
         default_factory=dict,
         metadata=reason("data paths: read (and named when missing) after training"),
     )
     """More held-out preference files to report accuracy on, by name (the demo adds ``gold``)."""
-    epochs: int = at_least(1, 1)
+    epochs: int = at_least(1, lo=1)
     """Passes over the training pairs (1 by default: RMs overfit after one epoch, Ouyang et al. 2022)."""
     long_pairs: str = choice("drop", "truncate")
     """Causal-LM backbones: a pair longer than ``data.max_prompt_tokens`` / ``data.max_response_tokens``
@@ -72,7 +72,7 @@ class RMHyperparams:
     tensor / pipeline parallelism (several processes) use the ``[2B, T]`` pass."""
     probes: bool = True
     """Run the bias probes (length, flattery, refusals, sanity) and write MODEL_CARD.md beside the model."""
-    probe_max_items: int = at_least(100, 1)
+    probe_max_items: int = at_least(100, lo=1)
     """Cap on responses / XSTest prompts used per probe."""
     xstest_path: str = free(
         "safety/xstest_prompts.csv",
@@ -96,7 +96,7 @@ class DPOHyperparams:
     loss_type: str = choice("sigmoid", "ipo", "kto")
     """sigmoid (DPO) | ipo (Azar et al. 2023) | kto (Ethayarajh et al. 2024: each pair is split
     into a desirable and an undesirable example; ``beta`` is KTO's beta, 0.1 in the paper)."""
-    label_smoothing: float = in_range(0.0, 0.0, 0.5, hi_open=True)
+    label_smoothing: float = in_range(0.0, lo=0.0, hi=0.5, hi_open=True)
     """Conservative DPO: assumed label-flip rate (Mitchell 2023); 0 = plain DPO."""
     kto_desirable_weight: float = positive(1.0)
     """KTO lambda_D. The paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]; pairs give
@@ -111,7 +111,7 @@ class DPOHyperparams:
         None, "a model path: checked when the stage starts (training.check_paths)"
     )
     """Reference model; None = the starting model (``model.path``), frozen."""
-    epochs: int = at_least(1, 1)
+    epochs: int = at_least(1, lo=1)
     """Passes over the preference pairs."""
     shared_prompt: bool = True
     """Run each pair's prompt once for chosen and rejected (its keys and values reused for both
@@ -131,7 +131,7 @@ class DPOConfig(StageConfig):
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = at_least(48, 1)
+    max_new_tokens: int = at_least(48, lo=1)
     """Response length cap in tokens."""
     temperature: float = positive(1.0)
     """Sampling temperature; the same T divides logits in rollout, reference and training passes."""
@@ -153,7 +153,7 @@ class RolloutConfig:
     end) instead of calling MKL's sgemm through ``F.linear``. The same products in another
     summation order (logits within 1e-5 in the tests); on CPU the decode loop's matmuls at few
     rows run faster than MKL's sgemm (docs/performance.md)."""
-    samples_per_prompt: int = at_least(1, 1)
+    samples_per_prompt: int = at_least(1, lo=1)
     """G responses sampled per prompt (contiguous groups; each prompt's pass runs once):
     ``trainer.batch_size`` counts responses, so a step draws ``batch_size / G`` prompts. The
     critic-free estimators (``ppo.advantage_estimator=grpo | rloo``) need G >= 2."""
@@ -167,7 +167,7 @@ class KLConfig:
     """Initial beta for the per-token KL penalty (Ziegler et al. 2019 use 0.1 for sentiment)."""
     target: float = positive(6.0)
     """Adaptive controller's target KL in nats per sequence (Ziegler et al. 2019: 6)."""
-    horizon: int = at_least(10000, 1)
+    horizon: int = at_least(10000, lo=1)
     """Adaptive controller horizon in samples (Ziegler et al. 2019: 10000)."""
     estimator: str = choice("k1", "k2", "k3")
     """Per-token KL estimator in the reward: k1 | k2 | k3 (Schulman 2020)."""
@@ -183,9 +183,9 @@ class PPOHyperparams:
     minus beta x the summed per-token KL (``kl.*``), every response token gets its sequence's
     advantage, and the clipped policy loss is PPO's. GRPO as in DeepSeekMath (KL in the loss, not
     the reward): ``kl.controller=fixed kl.init_coef=0 ppo.kl_loss_coef=...``."""
-    epochs: int = at_least(4, 1)
+    epochs: int = at_least(4, lo=1)
     """PPO epochs over each rollout batch (Ziegler et al. 2019: 4)."""
-    num_minibatches: int = at_least(4, 1)
+    num_minibatches: int = at_least(4, lo=1)
     """Minibatches per epoch."""
     clip_eps: float = positive(0.2)
     """Policy ratio clip (Schulman et al. 2017)."""
@@ -193,9 +193,9 @@ class PPOHyperparams:
     """Value clip range around the rollout values."""
     vf_coef: float = nonnegative(0.1)
     """Value-loss coefficient (Huang et al. 2024 / lm-human-preferences: 0.1)."""
-    gamma: float = in_range(1.0, 0.0, 1.0)
+    gamma: float = in_range(1.0, lo=0.0, hi=1.0)
     """Discount (1.0 for episodic text, Ziegler et al. 2019)."""
-    lam: float = in_range(0.95, 0.0, 1.0)
+    lam: float = in_range(0.95, lo=0.0, hi=1.0)
     """GAE lambda (Ziegler et al. 2019: 0.95)."""
     whiten_advantages: bool = True
     """Whiten advantages over valid tokens of the batch (gae and rloo; grpo's are normalized
@@ -252,7 +252,7 @@ class PPOConfig(StageConfig):
     """PPO update hyperparameters."""
     gold_eval_every: int = nonnegative(0)
     """Score held-out prompts with the task's gold reward every N steps (embedded task only); 0 = never."""
-    gold_eval_prompts: int = at_least(64, 1)
+    gold_eval_prompts: int = at_least(64, lo=1)
     """Dev prompts (the first N of ``data.eval_path``) for the periodic gold evaluation."""
     gold_task: str | None = choice("stories")
     """Task whose hidden gold reward is tracked during training (``stories`` = the embedded demo); None = none."""
@@ -262,25 +262,25 @@ class PPOConfig(StageConfig):
 class DemoDataConfig(StageConfig):
     stage: str = free("data", "the stage name")
     """Stage name."""
-    n_prompts: int = at_least(3000, 1)
+    n_prompts: int = at_least(3000, lo=1)
     """Story openings generated for training and dev (``n_prompts - n_dev`` train prompts)."""
-    n_dev: int = at_least(256, 1)
+    n_dev: int = at_least(256, lo=1)
     """Dev prompts, split off the ``n_prompts``: PPO's periodic gold evaluation and any tuning
     (never trained on)."""
-    n_test: int = at_least(256, 1)
+    n_test: int = at_least(256, lo=1)
     """Test prompts, generated after the ``n_prompts`` by the same generator (so train and dev do
     not depend on it): the evaluation report only, nothing is tuned on them."""
-    completions_per_prompt: int = at_least(4, 2)
+    completions_per_prompt: int = at_least(4, lo=2)
     """Samples per training prompt from the base model, paired for labeling."""
-    pairs_per_prompt: int = at_least(3, 1)
+    pairs_per_prompt: int = at_least(3, lo=1)
     """Distinct pairs labeled per prompt (at most k(k-1)/2); labels are cheap, samples are not."""
-    n_pref_prompts: int = at_least(2000, 1)
+    n_pref_prompts: int = at_least(2000, lo=1)
     """Training prompts that get labeled pairs."""
-    max_new_tokens: int = at_least(48, 1)
+    max_new_tokens: int = at_least(48, lo=1)
     """Completion length cap."""
     temperature: float = positive(1.0)
     """Base-model sampling temperature for the preference data."""
-    flip_prob: float = in_range(0.25, 0.0, 0.5, hi_open=True)
+    flip_prob: float = in_range(0.25, lo=0.0, hi=0.5, hi_open=True)
     """Each simulated labeler flips this fraction of its labels (AlpacaFarm)."""
     sft_source: str = choice("chosen")
     """SFT targets: chosen completions of the labeled pairs (as the DPO paper does for HH)."""
@@ -305,11 +305,11 @@ class EvalConfig(StageConfig):
     )
     """Dev split (PPO's periodic gold evaluation, tuning): gold win-rates only, reported as
     ``winrate_dev`` beside the test split's; None skips it."""
-    max_new_tokens: int = at_least(48, 1)
+    max_new_tokens: int = at_least(48, lo=1)
     """Completion length cap for evaluation samples."""
     temperature: float = positive(1.0)
     """Sampling temperature for evaluation samples."""
-    n_bootstrap: int = at_least(2000, 1)
+    n_bootstrap: int = at_least(2000, lo=1)
     """Bootstrap resamples for confidence intervals."""
 
 
@@ -339,7 +339,7 @@ class PipelineConfig:
     """Overrides passed to every stage."""
     skip_existing: bool = False
     """Skip a stage whose run_dir already holds a finished marker."""
-    jobs: int = at_least(1, 1)
+    jobs: int = at_least(1, lo=1)
     """Stages in flight at once. 1: one after another, in this process. N > 1: later stages whose
     inputs are ready also start, in up to N-1 background processes (DPO beside RM -> PPO)."""
 
