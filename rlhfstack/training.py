@@ -24,8 +24,11 @@ from torch import nn
 
 from rlhfstack import distributed
 from rlhfstack.data.collate import pairs_share_prompts
+from rlhfstack.data.loading import HUB_PREFIX, resolve_data_path
 from rlhfstack.data.schemas import LoadReport
 from rlhfstack.models.core import load_causal_lm, save_hf
+from rlhfstack.models.gguf import PKGGGUF_PREFIX
+from rlhfstack.models.paths import PKG_PREFIX, PKGPARTS_PREFIX
 from rlhfstack.runtime import (
     CostMeter,
     RunLogger,
@@ -193,9 +196,98 @@ class Run:
         return self.dist.is_main
 
 
+def _looks_local(path: str) -> bool:
+    """Whether a model path names a local file or directory rather than a hub id (``org/name``):
+    it starts with ``/``, ``./``, ``../`` or ``~``, exists, has more than one ``/``, or its first
+    component exists here (``runs/demo/sft/model`` with ``runs/`` present)."""
+    if path.startswith(("/", "./", "../", "~")) or Path(path).exists():
+        return True
+    return path.count("/") > 1 or ("/" in path and Path(path.split("/")[0]).exists())
+
+
+def _model_path_problem(key: str, path: str, markers: tuple[str, ...], what: str) -> str | None:
+    """Why ``path`` (a value of ``key``) is not a usable model, or None when it may be one."""
+    if path.startswith((PKG_PREFIX, PKGPARTS_PREFIX, PKGGGUF_PREFIX)) or not _looks_local(path):
+        return None  # installed-package names are resolved (with their own errors) when loaded
+    local = Path(path).expanduser()
+    if path.endswith(".gguf"):
+        return (
+            None if local.is_file() else f"{key}={path!r}: expected a GGUF file there; none exists"
+        )
+    if not local.is_dir():
+        return f"{key}={path!r}: expected {what} there; the directory does not exist"
+    if not any((local / m).is_file() for m in markers):
+        return f"{key}={path!r}: expected {what} there; it holds none of {', '.join(markers)}"
+    return None
+
+
+# the ``data.*`` files each stage reads (DPO / KTO never read ``eval_path``; the demo-data stage
+# writes its files, the eval stage reads the prompt files named by its own fields)
+_DATA_READ = {
+    "sft": ("train_path", "eval_path"),
+    "rm": ("train_path", "eval_path"),
+    "ppo": ("train_path", "eval_path"),
+    "dpo": ("train_path",),
+}
+
+
+def check_paths(cfg: Any) -> None:
+    """Check the inputs a stage reads before anything loads: the model, tokenizer and reference
+    model (``config.json`` or a LoRA ``adapter_config.json``), PPO's reward model
+    (``reward_config.json`` or ``ensemble.json``) and the data files the stage reads (resolved
+    against ``data_root`` as the loaders do; ``hf://`` sources are left to the loader). Hub ids
+    (``org/name``) and ``pkg:`` / ``pkgparts:`` / ``pkggguf:`` names pass. Raises one
+    ``FileNotFoundError`` naming every missing input. The demo-data stage writes its inputs
+    (the base model) itself, so none of its paths are checked.
+
+    Called at stage start rather than when the config is composed: the pipeline composes every
+    stage's config up front, before earlier stages have written the files later ones read."""
+    hf_model = "an HF model directory (config.json, or adapter_config.json for LoRA adapters)"
+    models: list[tuple[str, str | None]] = []
+    model = getattr(cfg, "model", None)
+    if model is not None and getattr(cfg, "stage", None) != "data":
+        models += [("model.path", model.path), ("model.tokenizer_path", model.tokenizer_path)]
+    models.append(("ref_path", getattr(cfg, "ref_path", None)))
+    if getattr(cfg, "dpo", None) is not None:
+        models.append(("dpo.ref_path", cfg.dpo.ref_path))
+    if getattr(cfg, "rm", None) is not None:
+        models.append(("rm.normalize_policy_path", cfg.rm.normalize_policy_path))
+    bad = [
+        _model_path_problem(key, str(path), ("config.json", "adapter_config.json"), hf_model)
+        for key, path in models
+        if path
+    ]
+    if getattr(cfg, "reward_model_path", None):
+        bad.append(
+            _model_path_problem(
+                "reward_model_path",
+                str(cfg.reward_model_path),
+                ("reward_config.json", "ensemble.json"),
+                "a reward model saved by the RM stage (reward_config.json) or an ensemble "
+                "directory (ensemble.json)",
+            )
+        )
+    data = getattr(cfg, "data", None)
+    for key in _DATA_READ.get(getattr(cfg, "stage", None), ()) if data is not None else ():
+        path = getattr(data, key)
+        if not path or str(path).startswith(HUB_PREFIX):
+            continue
+        resolved = Path(resolve_data_path(path, cfg.data_root))
+        if not resolved.is_file():
+            bad.append(
+                f"data.{key}={path!r}: expected a data file at {resolved} "
+                f"(relative paths resolve against data_root={cfg.data_root!r}); none exists"
+            )
+    bad = [b for b in bad if b]
+    if bad:
+        raise FileNotFoundError("missing inputs:\n  " + "\n  ".join(bad))
+
+
 def setup_run(cfg: Any) -> Run:
-    """Start the process group if launched distributed, seed, set threads, create ``run_dir``,
-    save the resolved config, open the metrics log (the last three on rank 0 only)."""
+    """Check the stage's input paths (:func:`check_paths`), start the process group if launched
+    distributed, seed, set threads, create ``run_dir``, save the resolved config, open the
+    metrics log (the last three on rank 0 only)."""
+    check_paths(cfg)  # before run_dir exists and before any model loads
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     parallel = getattr(cfg, "parallel", None)

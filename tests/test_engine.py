@@ -114,6 +114,8 @@ def test_setup_run_refuses_unlaunched_parallel(tmp_path, monkeypatch):
 
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
+    # the process layout is under test, not the inputs (tests/test_config_checks.py checks those)
+    monkeypatch.setattr("rlhfstack.training.check_paths", lambda cfg: None)
     cfg = to_object(load_config("sft", [f"run_dir={tmp_path}/r", "parallel.dp_shard=2"]))
     with pytest.raises(ValueError, match="torchrun"):
         setup_run(cfg)

@@ -16,6 +16,7 @@ recipe and the tests use it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from rlhfstack.configs.checks import validate
 from rlhfstack.configs.common import (
     CONF_DIR,
     DATA_ROOT_INTERP,
@@ -134,6 +136,8 @@ def to_object(cfg: DictConfig | Any) -> Any:
 
     Keys added with Hydra's ``+key=value`` that the schema does not declare are rejected here
     (Hydra lets ``+`` append to a structured node; the typed object would silently drop them).
+    Every field's declared constraint (``rlhfstack.configs.checks``) is checked here too, so a
+    bad value fails every recipe before anything loads: one ``ValueError`` lists each bad field.
     """
     if not isinstance(cfg, DictConfig):
         return cfg
@@ -145,7 +149,8 @@ def to_object(cfg: DictConfig | Any) -> Any:
             )
         except Exception as err:  # omegaconf raises ConfigKeyError / ValidationError
             raise ValueError(f"invalid config for {schema.__name__}: {err}") from None
-    return OmegaConf.to_object(cfg)
+    obj = OmegaConf.to_object(cfg)
+    return validate(obj) if dataclasses.is_dataclass(obj) else obj
 
 
 def resolved_yaml(cfg: Any) -> str:
@@ -198,4 +203,5 @@ __all__ = [
     "register_configs",
     "resolved_yaml",
     "to_object",
+    "validate",
 ]

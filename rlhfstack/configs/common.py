@@ -12,6 +12,19 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from rlhfstack.configs.checks import (
+    at_least,
+    checked,
+    choice,
+    free,
+    in_range,
+    is_adapter_name,
+    nonnegative,
+    positive,
+    reason,
+    torch_device,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
 
@@ -33,11 +46,11 @@ DATA_ROOT_INTERP = "${oc.env:RLHF_DATA_ROOT,'" + str(REPO_ROOT.parent / "shared"
 class LoraConfig:
     enabled: bool = False
     """Train LoRA adapters instead of all weights (Hu et al. 2021)."""
-    r: int = 8
+    r: int = at_least(8, lo=1)
     """Adapter rank."""
-    alpha: float = 16.0
+    alpha: float = positive(16.0)
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = in_range(0.0, lo=0.0, hi=1.0, hi_open=True)
     """Adapter dropout. 0 for RL: dropout breaks ratio == 1 before the first update."""
     target_modules: list[str] = field(
         default_factory=lambda: [
@@ -48,7 +61,8 @@ class LoraConfig:
             "gate_proj",
             "up_proj",
             "down_proj",
-        ]
+        ],
+        metadata=reason("module names: matched against the model when the adapters are built"),
     )
     """Module names that receive adapters."""
     quantize_4bit: bool = False
@@ -57,110 +71,128 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "stories260k"
+    name: str = free("stories260k", "display name in logs and reports, any text")
     """Human-readable name for logs and reports."""
-    path: str = MISSING
+    path: str = free(MISSING, "a model path: checked when the stage starts (training.check_paths)")
     """Local HF directory (or a hub id, for users with hub access) of the starting checkpoint."""
-    tokenizer_path: str | None = None
+    tokenizer_path: str | None = free(
+        None, "a model path: checked when the stage starts (training.check_paths)"
+    )
     """Tokenizer directory; defaults to ``path``."""
-    pad_token: str | None = None
+    pad_token: str | None = free(
+        None, "a vocabulary entry: checked against the tokenizer when it loads"
+    )
     """An existing vocabulary entry used as PAD when the tokenizer has none or reuses EOS
     (never EOS itself: masks built from ``ids != pad`` would hide real EOS tokens)."""
-    dtype: str = "float32"
+    dtype: str = choice("float32", "bfloat16", "float16")
     """Parameter dtype: float32 | bfloat16 | float16. bf16 is the GPU default for large models."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA / QLoRA settings."""
-    arch: dict[str, Any] = field(default_factory=dict)
+    arch: dict[str, Any] = field(
+        default_factory=dict, metadata=reason("HF config.json fields, read by transformers")
+    )
     """Architecture of the model for meta-device checks when the weights are not local: HF
     ``config.json`` fields, ``model_type`` included; empty = not given. Unused by training."""
 
 
 @dataclass
 class DataConfig:
-    train_path: str | None = None
+    train_path: str | None = free(
+        None, "a data path: checked when the stage starts (training.check_paths)"
+    )
     """Training file (json, jsonl, jsonl.gz, csv), relative to ``data_root`` unless absolute; or ``hf://org/name:split``."""
-    eval_path: str | None = None
+    eval_path: str | None = free(
+        None, "a data path: checked when the stage starts (training.check_paths)"
+    )
     """Validation file; when unset, ``validation_fraction`` of the training file is held out."""
-    adapter: str = "auto"
+    adapter: str = checked(
+        "auto",
+        is_adapter_name,
+        "auto | plain | hh | ultrafeedback | alpaca | sharegpt | messages | turns | field:NAME",
+    )
     """Record format: auto | plain | hh | ultrafeedback | alpaca | sharegpt."""
-    template: str = "plain"
+    template: str = choice("plain", "hh", "chatml", "tokenizer")
     """Chat template applied to prompts: plain | hh | chatml | tokenizer."""
-    on_error: str = "raise"
+    on_error: str = choice("raise", "skip")
     """Malformed rows: ``raise`` (error naming file, line and field) or ``skip`` (counted in the run log)."""
-    validation_fraction: float = 0.1
+    validation_fraction: float = in_range(0.1, lo=0.0, hi=1.0, hi_open=True)
     """Fraction of the training file held out when ``eval_path`` is unset."""
-    max_prompt_tokens: int = 64
+    max_prompt_tokens: int = at_least(64, lo=1)
     """Examples whose prompt is longer are filtered out (counted)."""
-    max_response_tokens: int = 64
+    max_response_tokens: int = at_least(64, lo=1)
     """Examples whose response is longer are filtered out (counted)."""
-    max_examples: int | None = None
+    max_examples: int | None = at_least(None, lo=1)
     """Use at most this many training examples (after shuffling); None for all."""
 
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"
+    name: str = choice("local", "slurm")
     """local | slurm."""
-    backend: str = "gloo"
+    backend: str = choice("gloo", "nccl")
     """torch.distributed backend: gloo on CPU, nccl on GPU."""
-    device: str = "cpu"
+    device: str = torch_device("cpu")
     """cpu | cuda."""
-    num_threads: int = 0
+    num_threads: int = nonnegative(0)
     """torch intra-op threads; 0 leaves torch's default."""
-    nodes: int = 1
+    nodes: int = at_least(1, lo=1)
     """Number of nodes (SLURM)."""
-    gpus_per_node: int = 0
+    gpus_per_node: int = nonnegative(0)
     """Accelerators per node (SLURM)."""
-    partition: str | None = None
+    partition: str | None = free(None, "a SLURM partition name, checked by sbatch")
     """SLURM partition."""
-    account: str | None = None
+    account: str | None = free(None, "a SLURM account name, checked by sbatch")
     """SLURM account."""
-    time_limit: str = "04:00:00"
+    time_limit: str = free("04:00:00", "a SLURM time string, checked by sbatch")
     """SLURM wall-clock limit."""
 
 
 @dataclass
 class ParallelConfig:
-    dp_shard: int = 1
+    dp_shard: int = checked(1, lambda v: v == -1 or v >= 1, "-1 or >= 1")
     """FSDP2 sharded data-parallel degree; -1 = world size / (tp * pp)."""
-    tp: int = 1
+    tp: int = at_least(1, lo=1)
     """DTensor tensor-parallel degree."""
-    pp: int = 1
+    pp: int = at_least(1, lo=1)
     """Pipeline-parallel degree."""
-    mixed_precision: str = "none"
+    mixed_precision: str = choice("none", "bf16")
     """none | bf16: bf16 compute with fp32 master weights and fp32 gradient reduction
     (FSDP2 MixedPrecisionPolicy under dp_shard > 1, torch.autocast otherwise)."""
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100
+    max_steps: int = nonnegative(100)
     """Optimizer steps (PPO: rollout + update iterations)."""
-    save_every: int = 0
+    save_every: int = nonnegative(0)
     """Save a checkpoint every N steps; 0 saves only the final model."""
-    batch_size: int = 32
+    batch_size: int = at_least(32, lo=1)
     """Global batch size in sequences (pairs for preference stages; prompts for PPO rollouts)."""
-    micro_batch_size: int = 32
+    micro_batch_size: int = at_least(32, lo=1)
     """Sequences per forward/backward; gradient accumulation = batch_size / micro_batch_size."""
-    lr: float = 1e-4
+    lr: float = nonnegative(1e-4)
     """Peak learning rate."""
-    lr_schedule: str = "linear"
+    lr_schedule: str = choice("linear", "cosine", "constant")
     """linear (anneal to 0, as in the PPO details of Huang et al. 2024) | cosine | constant."""
-    warmup_steps: int = 0
+    warmup_steps: int = nonnegative(0)
     """Linear warm-up steps."""
-    weight_decay: float = 0.0
+    weight_decay: float = nonnegative(0.0)
     """AdamW weight decay."""
-    adam_eps: float = 1e-8
+    adam_eps: float = positive(1e-8)
     """Adam epsilon."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: list[float] = checked(
+        [0.9, 0.999],
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+        "two numbers in [0, 1)",
+    )
     """Adam betas."""
-    grad_clip: float = 1.0
+    grad_clip: float = nonnegative(1.0)
     """Max global gradient norm; 0 disables clipping."""
-    eval_every: int = 0
+    eval_every: int = nonnegative(0)
     """Evaluate every N steps; 0 only at the end."""
-    log_every: int = 1
+    log_every: int = at_least(1, lo=1)
     """Write metrics every N steps."""
 
 
@@ -170,9 +202,9 @@ class LoggingConfig:
     """Write TensorBoard event files into ``run_dir/tb``."""
     wandb: bool = False
     """Log to Weights & Biases."""
-    wandb_mode: str = "offline"
+    wandb_mode: str = choice("offline", "online", "disabled")
     """W&B mode: offline (default, no network) | online."""
-    wandb_project: str = "rlhfstack"
+    wandb_project: str = free("rlhfstack", "a W&B project name, any text")
     """W&B project name."""
     plots: bool = True
     """Write PNG plots of the logged metrics at the end of the run."""
@@ -182,15 +214,19 @@ class LoggingConfig:
 class StageConfig:
     """Fields every stage shares."""
 
-    stage: str = MISSING
+    stage: str = free(MISSING, "set by each stage's schema and primary YAML")
     """Stage name (set by the stage's primary YAML)."""
-    run_dir: str = "${artifacts_dir}/${stage}"
+    run_dir: str = free("${artifacts_dir}/${stage}", "an output directory: created by the run")
     """Where this run writes its model, metrics.jsonl, TensorBoard events and resolved config."""
-    artifacts_dir: str = "runs/demo"
+    artifacts_dir: str = free(
+        "runs/demo", "a directory: the inputs in it are checked when a stage starts"
+    )
     """Where the artifacts of earlier stages are found (``base_model/``, ``sft/model``, ...)."""
-    data_root: str = DATA_ROOT_INTERP
+    data_root: str = free(
+        DATA_ROOT_INTERP, "a directory: the data paths under it are checked when a stage starts"
+    )
     """Root for relative data paths (``$RLHF_DATA_ROOT``, else ``../shared/data``)."""
-    seed: int = 0
+    seed: int = free(0, "any integer seeds python, numpy and torch")
     """Seed for python, numpy and torch."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhfstack.configs.checks import (
+    at_least,
+    checked,
+    choice,
+    free,
+    in_range,
+    nonnegative,
+    positive,
+    reason,
+)
 from rlhfstack.configs.common import DATA_ROOT_INTERP, StageConfig
 
 # ----------------------------------------------------------------------------- stages
@@ -11,7 +21,7 @@ from rlhfstack.configs.common import DATA_ROOT_INTERP, StageConfig
 
 @dataclass
 class SFTConfig(StageConfig):
-    stage: str = "sft"
+    stage: str = free("sft", "the stage name")
     """Stage name."""
     loss_on_prompt: bool = False
     """Also train on prompt tokens (default: loss on completion tokens only)."""
@@ -19,35 +29,40 @@ class SFTConfig(StageConfig):
 
 @dataclass
 class RMHyperparams:
-    backbone: str = "causal_lm"
+    backbone: str = choice("causal_lm", "encoder")
     """causal_lm (scalar head read at the last non-pad token) | encoder (BERT-style, pooled scalar head)."""
-    head_init_std: float | None = None
+    head_init_std: float | None = positive(None)
     """Std of the scalar head init; None = 1/sqrt(d_model + 1) (Stiennon et al. 2020; Huang et al. 2024)."""
-    ensemble_size: int = 1
+    ensemble_size: int = at_least(1, lo=1)
     """Number of scalar heads on a shared trunk; reward = mean, uncertainty = std across heads."""
     normalize: bool = True
     """After training, shift/scale rewards so SFT-policy samples average 0 with std 1 (records gain and bias)."""
-    normalize_samples: int = 256
+    normalize_samples: int = at_least(256, lo=1)
     """Completions sampled from the starting (SFT) model on training prompts to fit the normalization
     (causal-LM backbones); encoders normalize on the training pairs' chosen responses."""
-    normalize_max_new_tokens: int = 48
+    normalize_max_new_tokens: int = at_least(48, lo=1)
     """Length cap of those samples."""
-    extra_eval: dict[str, str] = field(default_factory=dict)
+    extra_eval: dict[str, str] = field(
+        default_factory=dict,
+        metadata=reason("data paths: read (and named when missing) after training"),
+    )
     """More held-out preference files to report accuracy on, by name (the demo adds ``gold``)."""
-    epochs: int = 1
+    epochs: int = at_least(1, lo=1)
     """Passes over the training pairs (1 by default: RMs overfit after one epoch, Ouyang et al. 2022)."""
-    long_pairs: str = "drop"
+    long_pairs: str = choice("drop", "truncate")
     """Causal-LM backbones: a pair longer than ``data.max_prompt_tokens`` / ``data.max_response_tokens``
     is dropped (``drop``, counted in the run log) or kept and cut to their sum (``truncate``: the
     prompt keeps its end, the response its start, so every pair stays in the held-out split).
     Encoders always truncate."""
-    pooling: str = "mean"
+    pooling: str = choice("mean", "response_mean", "cls")
     """Encoders: mean (all real tokens) | response_mean (the response segment) | cls."""
     freeze_embeddings: bool = False
     """Keep the token/position embeddings frozen (fewer trainable parameters, faster on CPU)."""
-    freeze_layers: int = 0
+    freeze_layers: int = nonnegative(0)
     """Also freeze this many of the lowest transformer layers."""
-    normalize_policy_path: str | None = None
+    normalize_policy_path: str | None = free(
+        None, "a model path: checked when the stage starts (training.check_paths)"
+    )
     """Encoders: fit the normalization on samples of this causal LM (e.g. the SFT policy) instead of
     the training pairs' responses."""
     shared_prompt: bool = True
@@ -57,15 +72,18 @@ class RMHyperparams:
     tensor / pipeline parallelism (several processes) use the ``[2B, T]`` pass."""
     probes: bool = True
     """Run the bias probes (length, flattery, refusals, sanity) and write MODEL_CARD.md beside the model."""
-    probe_max_items: int = 100
+    probe_max_items: int = at_least(100, lo=1)
     """Cap on responses / XSTest prompts used per probe."""
-    xstest_path: str = "safety/xstest_prompts.csv"
+    xstest_path: str = free(
+        "safety/xstest_prompts.csv",
+        "optional probe input under data_root: a missing file skips that probe",
+    )
     """XSTest prompts (label == safe ones feed the over-refusal probe), relative to ``data_root``."""
 
 
 @dataclass
 class RMConfig(StageConfig):
-    stage: str = "rm"
+    stage: str = free("rm", "the stage name")
     """Stage name."""
     rm: RMHyperparams = field(default_factory=RMHyperparams)
     """Reward-model hyperparameters."""
@@ -73,25 +91,27 @@ class RMConfig(StageConfig):
 
 @dataclass
 class DPOHyperparams:
-    beta: float = 0.1
+    beta: float = positive(0.1)
     """KL strength beta (Rafailov et al. 2023 use 0.1 for most experiments)."""
-    loss_type: str = "sigmoid"
+    loss_type: str = choice("sigmoid", "ipo", "kto")
     """sigmoid (DPO) | ipo (Azar et al. 2023) | kto (Ethayarajh et al. 2024: each pair is split
     into a desirable and an undesirable example; ``beta`` is KTO's beta, 0.1 in the paper)."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = in_range(0.0, lo=0.0, hi=0.5, hi_open=True)
     """Conservative DPO: assumed label-flip rate (Mitchell 2023); 0 = plain DPO."""
-    kto_desirable_weight: float = 1.0
+    kto_desirable_weight: float = positive(1.0)
     """KTO lambda_D. The paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]; pairs give
     n_D = n_U, so 1.0 / 1.0 is inside that range."""
-    kto_undesirable_weight: float = 1.0
+    kto_undesirable_weight: float = positive(1.0)
     """KTO lambda_U."""
     kto_unpaired: bool = False
     """KTO on unpaired data: ``data.train_path`` holds ``{"prompt", "completion", "label"}`` rows
     (TRL's KTO format; ``label`` true = desirable) instead of pairs. Needs ``loss_type=kto``; the
     weights should keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (a warning says when not)."""
-    ref_path: str | None = None
+    ref_path: str | None = free(
+        None, "a model path: checked when the stage starts (training.check_paths)"
+    )
     """Reference model; None = the starting model (``model.path``), frozen."""
-    epochs: int = 1
+    epochs: int = at_least(1, lo=1)
     """Passes over the preference pairs."""
     shared_prompt: bool = True
     """Run each pair's prompt once for chosen and rejected (its keys and values reused for both
@@ -103,7 +123,7 @@ class DPOHyperparams:
 
 @dataclass
 class DPOConfig(StageConfig):
-    stage: str = "dpo"
+    stage: str = free("dpo", "the stage name")
     """Stage name."""
     dpo: DPOHyperparams = field(default_factory=DPOHyperparams)
     """DPO hyperparameters."""
@@ -111,15 +131,15 @@ class DPOConfig(StageConfig):
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = 48
+    max_new_tokens: int = at_least(48, lo=1)
     """Response length cap in tokens."""
-    temperature: float = 1.0
+    temperature: float = positive(1.0)
     """Sampling temperature; the same T divides logits in rollout, reference and training passes."""
-    top_k: int = 0
+    top_k: int = checked(0, lambda v: v == 0, "0 (truncated sampling breaks the log-probs)")
     """Must stay 0: truncated sampling breaks the log-prob semantics (Huang et al. 2024)."""
-    top_p: float = 1.0
+    top_p: float = checked(1.0, lambda v: v == 1.0, "1.0 (truncated sampling breaks the log-probs)")
     """Must stay 1.0 for the same reason."""
-    backend: str = "native"
+    backend: str = choice("native", "vllm")
     """native (the project's batched KV-cache engine) | vllm (GPU only; weights synced each iteration)."""
     compile: bool = False
     """native backend, Llama-family policies without LoRA: ``torch.compile`` the one-token decode
@@ -133,7 +153,7 @@ class RolloutConfig:
     end) instead of calling MKL's sgemm through ``F.linear``. The same products in another
     summation order (logits within 1e-5 in the tests); on CPU the decode loop's matmuls at few
     rows run faster than MKL's sgemm (docs/performance.md)."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = at_least(1, lo=1)
     """G responses sampled per prompt (contiguous groups; each prompt's pass runs once):
     ``trainer.batch_size`` counts responses, so a step draws ``batch_size / G`` prompts. The
     critic-free estimators (``ppo.advantage_estimator=grpo | rloo``) need G >= 2."""
@@ -141,21 +161,21 @@ class RolloutConfig:
 
 @dataclass
 class KLConfig:
-    controller: str = "adaptive"
+    controller: str = choice("adaptive", "fixed")
     """adaptive (Ziegler et al. 2019, eq. 2) | fixed."""
-    init_coef: float = 0.1
+    init_coef: float = nonnegative(0.1)
     """Initial beta for the per-token KL penalty (Ziegler et al. 2019 use 0.1 for sentiment)."""
-    target: float = 6.0
+    target: float = positive(6.0)
     """Adaptive controller's target KL in nats per sequence (Ziegler et al. 2019: 6)."""
-    horizon: int = 10000
+    horizon: int = at_least(10000, lo=1)
     """Adaptive controller horizon in samples (Ziegler et al. 2019: 10000)."""
-    estimator: str = "k1"
+    estimator: str = choice("k1", "k2", "k3")
     """Per-token KL estimator in the reward: k1 | k2 | k3 (Schulman 2020)."""
 
 
 @dataclass
 class PPOHyperparams:
-    advantage_estimator: str = "gae"
+    advantage_estimator: str = choice("gae", "grpo", "rloo")
     """gae (a value model and GAE, Schulman et al. 2016: PPO as in Ziegler et al. 2019 / Ouyang et
     al. 2022) | grpo (no value model; the group-normalized sequence reward of the G samples of a
     prompt, Shao et al. 2024) | rloo (no value model; the sequence reward minus the mean of the
@@ -163,39 +183,39 @@ class PPOHyperparams:
     minus beta x the summed per-token KL (``kl.*``), every response token gets its sequence's
     advantage, and the clipped policy loss is PPO's. GRPO as in DeepSeekMath (KL in the loss, not
     the reward): ``kl.controller=fixed kl.init_coef=0 ppo.kl_loss_coef=...``."""
-    epochs: int = 4
+    epochs: int = at_least(4, lo=1)
     """PPO epochs over each rollout batch (Ziegler et al. 2019: 4)."""
-    num_minibatches: int = 4
+    num_minibatches: int = at_least(4, lo=1)
     """Minibatches per epoch."""
-    clip_eps: float = 0.2
+    clip_eps: float = positive(0.2)
     """Policy ratio clip (Schulman et al. 2017)."""
-    value_clip: float = 0.2
+    value_clip: float = positive(0.2)
     """Value clip range around the rollout values."""
-    vf_coef: float = 0.1
+    vf_coef: float = nonnegative(0.1)
     """Value-loss coefficient (Huang et al. 2024 / lm-human-preferences: 0.1)."""
-    gamma: float = 1.0
+    gamma: float = in_range(1.0, lo=0.0, hi=1.0)
     """Discount (1.0 for episodic text, Ziegler et al. 2019)."""
-    lam: float = 0.95
+    lam: float = in_range(0.95, lo=0.0, hi=1.0)
     """GAE lambda (Ziegler et al. 2019: 0.95)."""
     whiten_advantages: bool = True
     """Whiten advantages over valid tokens of the batch (gae and rloo; grpo's are normalized
     within each group already)."""
     whiten_rewards: bool = False
     """Whiten scores over the batch before shaping."""
-    missing_eos_penalty: float = 1.0
+    missing_eos_penalty: float = nonnegative(1.0)
     """Subtracted from the score of responses that never emit EOS (0 disables)."""
-    entropy_coef: float = 0.0
+    entropy_coef: float = nonnegative(0.0)
     """Entropy bonus coefficient."""
-    kl_loss_coef: float = 0.0
+    kl_loss_coef: float = nonnegative(0.0)
     """Coefficient of the exact per-token KL(pi || pi_ref) over the whole vocabulary, added to the
     loss (besides the sampled-token KL penalty in the reward). 0 disables. Keeps the reference's
     full log-softmax of each rollout batch in memory (B x R x V floats): for small vocabularies."""
-    value_model: str = "shared"
+    value_model: str = choice("shared", "separate")
     """shared (value head on the policy trunk) | separate (critic initialized from the reward model).
     Unused by the critic-free estimators (grpo, rloo)."""
-    reward_clip: float = 10.0
+    reward_clip: float = nonnegative(10.0)
     """Clip scores to +-reward_clip; 0 disables."""
-    reward_uncertainty_coef: float = 0.0
+    reward_uncertainty_coef: float = nonnegative(0.0)
     """Uncertainty-penalized reward (Coste et al. 2023): score = mean - coef x std over the reward
     model's heads (``rm.ensemble_size``) or the members of an ensemble directory (``ensemble.json``,
     ``RewardEnsemble``). 0 disables; > 0 needs at least two heads in all."""
@@ -207,17 +227,22 @@ class PPOHyperparams:
 
 @dataclass
 class PPOConfig(StageConfig):
-    stage: str = "ppo"
+    stage: str = free("ppo", "the stage name")
     """Stage name."""
-    reward_model_path: str = "${artifacts_dir}/rm/model"
+    reward_model_path: str = free(
+        "${artifacts_dir}/rm/model",
+        "a reward-model directory: checked when the stage starts (training.check_paths)",
+    )
     """Frozen reward model directory."""
-    reward_input: str = "auto"
+    reward_input: str = choice("auto", "ids", "text")
     """How the reward model reads each response (``rlhfstack.rewards.RewardModelReward``): auto
     (the policy's token ids when the RM is a causal LM whose tokenizer equals the policy's: same
     vocabulary and BOS / EOS ids; else the decoded text re-tokenized with the RM's own tokenizer
     and input layout, e.g. an encoder RM) | ids (insist on the token ids: an error naming both
     tokenizers when they differ) | text (always re-tokenize)."""
-    ref_path: str | None = None
+    ref_path: str | None = free(
+        None, "a model path: checked when the stage starts (training.check_paths)"
+    )
     """Reference model; None = the starting policy (``model.path``), frozen (or adapter-disabled with LoRA)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Generation settings."""
@@ -225,78 +250,96 @@ class PPOConfig(StageConfig):
     """KL penalty settings."""
     ppo: PPOHyperparams = field(default_factory=PPOHyperparams)
     """PPO update hyperparameters."""
-    gold_eval_every: int = 0
+    gold_eval_every: int = nonnegative(0)
     """Score held-out prompts with the task's gold reward every N steps (embedded task only); 0 = never."""
-    gold_eval_prompts: int = 64
+    gold_eval_prompts: int = at_least(64, lo=1)
     """Dev prompts (the first N of ``data.eval_path``) for the periodic gold evaluation."""
-    gold_task: str | None = "stories"
+    gold_task: str | None = choice("stories")
     """Task whose hidden gold reward is tracked during training (``stories`` = the embedded demo); None = none."""
 
 
 @dataclass
 class DemoDataConfig(StageConfig):
-    stage: str = "data"
+    stage: str = free("data", "the stage name")
     """Stage name."""
-    n_prompts: int = 3000
+    n_prompts: int = at_least(3000, lo=1)
     """Story openings generated for training and dev (``n_prompts - n_dev`` train prompts)."""
-    n_dev: int = 256
+    n_dev: int = at_least(256, lo=1)
     """Dev prompts, split off the ``n_prompts``: PPO's periodic gold evaluation and any tuning
     (never trained on)."""
-    n_test: int = 256
+    n_test: int = at_least(256, lo=1)
     """Test prompts, generated after the ``n_prompts`` by the same generator (so train and dev do
     not depend on it): the evaluation report only, nothing is tuned on them."""
-    completions_per_prompt: int = 4
+    completions_per_prompt: int = at_least(4, lo=2)
     """Samples per training prompt from the base model, paired for labeling."""
-    pairs_per_prompt: int = 3
+    pairs_per_prompt: int = at_least(3, lo=1)
     """Distinct pairs labeled per prompt (at most k(k-1)/2); labels are cheap, samples are not."""
-    n_pref_prompts: int = 2000
+    n_pref_prompts: int = at_least(2000, lo=1)
     """Training prompts that get labeled pairs."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = at_least(48, lo=1)
     """Completion length cap."""
-    temperature: float = 1.0
+    temperature: float = positive(1.0)
     """Base-model sampling temperature for the preference data."""
-    flip_prob: float = 0.25
+    flip_prob: float = in_range(0.25, lo=0.0, hi=0.5, hi_open=True)
     """Each simulated labeler flips this fraction of its labels (AlpacaFarm)."""
-    sft_source: str = "chosen"
+    sft_source: str = choice("chosen")
     """SFT targets: chosen completions of the labeled pairs (as the DPO paper does for HH)."""
 
 
 @dataclass
 class EvalConfig(StageConfig):
-    stage: str = "eval"
+    stage: str = free("eval", "the stage name")
     """Stage name."""
-    policies: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
+    policies: list[str] = free(
+        ["sft", "dpo", "ppo"], "run names: artifacts_dir/<name>/model is read by the eval stage"
+    )
     """Policies evaluated, read from ``artifacts_dir/<name>/model``."""
-    test_prompts_path: str = "${abspath:${artifacts_dir}}/data/prompts_test.jsonl"
+    test_prompts_path: str = free(
+        "${abspath:${artifacts_dir}}/data/prompts_test.jsonl",
+        "written by the data stage, read (and named when missing) by the eval stage",
+    )
     """Test split: every metric, win-rate and target of the report (nothing is tuned on it)."""
-    dev_prompts_path: str | None = "${data.eval_path}"
+    dev_prompts_path: str | None = free(
+        "${data.eval_path}",
+        "written by the data stage, read (and named when missing) by the eval stage",
+    )
     """Dev split (PPO's periodic gold evaluation, tuning): gold win-rates only, reported as
     ``winrate_dev`` beside the test split's; None skips it."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = at_least(48, lo=1)
     """Completion length cap for evaluation samples."""
-    temperature: float = 1.0
+    temperature: float = positive(1.0)
     """Sampling temperature for evaluation samples."""
-    n_bootstrap: int = 2000
+    n_bootstrap: int = at_least(2000, lo=1)
     """Bootstrap resamples for confidence intervals."""
 
 
 @dataclass
 class PipelineConfig:
-    artifacts_dir: str = "runs/demo"
+    artifacts_dir: str = free("runs/demo", "an output directory: created by the run")
     """Where every stage writes (``runs/demo/<stage>``)."""
-    data_root: str = DATA_ROOT_INTERP
+    data_root: str = free(DATA_ROOT_INTERP, "passed to every stage, whose checks read it")
     """Root for relative data paths."""
-    seed: int = 0
+    seed: int = free(0, "any integer seeds python, numpy and torch")
     """Seed passed to every stage."""
-    stages: list[str] = field(default_factory=lambda: ["data", "sft", "rm", "ppo", "dpo", "eval"])
+    stages: list[str] = checked(
+        ["data", "sft", "rm", "ppo", "dpo", "eval"],
+        lambda v: all(s in ("data", "sft", "rm", "ppo", "dpo", "eval") for s in v),
+        "names among data | sft | rm | ppo | dpo | eval",
+    )
     """Stages to run, in order."""
-    stage_overrides: dict[str, list[str]] = field(default_factory=dict)
+    stage_overrides: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata=reason("Hydra overrides: each stage's composition checks them"),
+    )
     """Extra Hydra overrides per stage, e.g. ``{ppo: ["trainer.max_steps=10"]}``."""
-    common_overrides: list[str] = field(default_factory=list)
+    common_overrides: list[str] = field(
+        default_factory=list,
+        metadata=reason("Hydra overrides: each stage's composition checks them"),
+    )
     """Overrides passed to every stage."""
     skip_existing: bool = False
     """Skip a stage whose run_dir already holds a finished marker."""
-    jobs: int = 1
+    jobs: int = at_least(1, lo=1)
     """Stages in flight at once. 1: one after another, in this process. N > 1: later stages whose
     inputs are ready also start, in up to N-1 background processes (DPO beside RM -> PPO)."""
 

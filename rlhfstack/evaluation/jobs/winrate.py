@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from rlhfstack.configs import LLMJudgeConfig
+from rlhfstack.configs import LLMJudgeConfig, validate
 from rlhfstack.data.loading import load_prompts
 from rlhfstack.evaluation.jobs.judges import RMJudge, load_gold_judge
 from rlhfstack.evaluation.judges import (
@@ -109,7 +109,7 @@ def _llm_config(cfg: Any, name: str) -> Any:
         merged = OmegaConf.merge(base, dict(over))
     except Exception as err:
         raise ValueError(f"llm_judges.{name}: {err}") from None
-    return OmegaConf.to_object(merged)
+    return validate(OmegaConf.to_object(merged), f"llm_judges.{name}.")
 
 
 def build_judge(name: str, cfg: Any, cache: JudgmentCache) -> Judge:
