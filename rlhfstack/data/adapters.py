@@ -58,16 +58,22 @@ Kind = Literal["sft", "preference", "prompt", "unpaired"]
 
 # --------------------------------------------------------------------------- field access
 def _require(record: Mapping[str, Any], key: str, field: str | None = None) -> Any:
+    """``record[key]``; a key that is absent and a key whose value is JSON ``null`` are told apart
+    (``missing field`` vs ``is null``), both located at ``field``."""
     field = field or key
-    if key not in record or record[key] is None:
+    if key not in record:
         present = ", ".join(sorted(map(str, record.keys()))) or "none"
         raise DataError(
             f"missing field (record has: {present})", field=field, reason="missing_field"
         )
+    if record[key] is None:
+        raise DataError("is null", field=field, reason="null_field")
     return record[key]
 
 
 def _text(value: Any, field: str) -> str:
+    if value is None:
+        raise DataError("is null", field=field, reason="null_field")
     if not isinstance(value, str):
         raise DataError(
             f"expected a string, got {type(value).__name__}", field=field, reason="bad_type"
