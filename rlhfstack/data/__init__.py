@@ -18,6 +18,7 @@ from .adapters import (
     detect_adapter,
     get_adapter,
     parse_hh_transcript,
+    require_field,
     split_hh_pair,
     validate_example,
 )
@@ -45,6 +46,7 @@ from .loading import (
     load_records,
     load_sft,
     load_unpaired,
+    map_records,
     resolve_data_path,
     to_hf_dataset,
 )
@@ -91,9 +93,11 @@ __all__ = [
     "load_records",
     "load_sft",
     "load_unpaired",
+    "map_records",
     "pad_sequences",
     "pairs_share_prompts",
     "parse_hh_transcript",
+    "require_field",
     "resolve_data_path",
     "split_hh_pair",
     "to_hf_dataset",

@@ -40,6 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import openai
 
+from rlhfstack.data import map_records, require_field
 from rlhfstack.evaluation.metrics import win_outcomes
 
 log = logging.getLogger("rlhfstack.judges")
@@ -331,20 +332,24 @@ def load_judge_prompt(path: str | os.PathLike | None, name: str = "pair-v2") -> 
         if path is not None:
             log.warning("judge prompt file %s not found: using the built-in pairwise prompt", path)
         return BUILTIN_PAIRWISE_PROMPT
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("name") == name:
-                tpl = row["prompt_template"]
-                missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in tpl]
-                if missing:
-                    raise ValueError(
-                        f"{path}: judge prompt {name!r} lacks {missing}; pick a single-turn pairwise "
-                        "prompt (e.g. pair-v2)"
-                    )
-                return JudgePrompt(name=name, system=row.get("system_prompt", ""), template=tpl)
+
+    def check(row: Any) -> Any:  # the matching row's fields, located by map_records
+        if require_field(row, "name", str) == name:
+            require_field(row, "prompt_template", str)
+            require_field(row, "system_prompt", str, optional=True)
+        return row
+
+    for row in map_records(path, check, fmt="jsonl", data_root="."):
+        if row["name"] != name:
+            continue
+        tpl = row["prompt_template"]
+        missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in tpl]
+        if missing:
+            raise ValueError(
+                f"{path}: judge prompt {name!r} lacks {missing}; pick a single-turn pairwise "
+                "prompt (e.g. pair-v2)"
+            )
+        return JudgePrompt(name=name, system=row.get("system_prompt") or "", template=tpl)
     raise ValueError(f"{path}: no judge prompt named {name!r}")
 
 
