@@ -185,3 +185,13 @@ def test_judge_prompt_file_errors(tmp_path):
     with pytest.raises(DataError, match="is null") as info:
         load_judge_prompt(path)
     _located(info, path, 1, "prompt_template")
+
+
+def test_demo_eval_prompt_files_name_the_field(tmp_path):
+    from rlhfstack.evaluation.jobs.demo import _read_prompts
+
+    path = _lines(tmp_path / "test_prompts.jsonl", GOOD, json.dumps({"text": "p"}))
+    with pytest.raises(DataError, match="missing field") as info:
+        _read_prompts(path)
+    _located(info, path, 2, "prompt")
+    assert _read_prompts(_lines(tmp_path / "ok.jsonl", GOOD, GOOD)) == ["p", "p"]
