@@ -195,3 +195,10 @@ def test_demo_eval_prompt_files_name_the_field(tmp_path):
         _read_prompts(path)
     _located(info, path, 2, "prompt")
     assert _read_prompts(_lines(tmp_path / "ok.jsonl", GOOD, GOOD)) == ["p", "p"]
+
+
+def test_missing_file_is_named_without_the_data_root_hint(tmp_path):
+    path = tmp_path / "absent.jsonl"
+    with pytest.raises(FileNotFoundError) as info:
+        load_samples(path)
+    assert str(info.value) == f"{path}: file not found"

@@ -369,7 +369,13 @@ def map_records(
     record's file and line, like a syntax error, so every problem reads
     ``file:line: field 'x': ...``. ``data_root`` as in :func:`resolve_data_path` (pass ``"."``
     for paths relative to the working directory)."""
-    display, rows = _source_rows(path, fmt, data_root)
+    try:
+        display, rows = _source_rows(path, fmt, data_root)
+    except DataFileNotFoundError as e:
+        if data_root is None:
+            raise
+        # without the default root's hint: this path did not resolve against RLHF_DATA_ROOT
+        raise DataFileNotFoundError("file not found", path=e.path, reason="missing_file") from None
     out: list[_T] = []
     for row in rows:
         try:
