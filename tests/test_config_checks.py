@@ -4,6 +4,7 @@ every input path when a stage starts (``rlhfstack.training.check_paths``), befor
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -146,6 +147,10 @@ def no_model_loads(monkeypatch):
 
     import transformers
 
+    # import every module that binds a loader first: one imported while the loaders are patched
+    # would keep the stand-in after the test
+    for mod in ("ppo", "sft", "dpo", "reward_model", "demo_data"):
+        importlib.import_module(f"rlhfstack.stages.{mod}")
     for name, module in list(sys.modules.items()):
         if name.startswith("rlhfstack") and hasattr(module, "load_causal_lm"):
             monkeypatch.setattr(module, "load_causal_lm", boom)

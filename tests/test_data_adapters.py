@@ -222,6 +222,21 @@ def test_sharegpt_sft_and_errors():
     assert _err(_pref, bad).field == "chosen.value"
 
 
+def test_null_is_named_null_not_missing():
+    """JSON null is reported as null (reason ``null_field``), apart from an absent key."""
+    err = _err(adapt, "sft", "alpaca", {"instruction": "x", "output": None}, HH)
+    assert (err.field, err.reason, err.detail) == ("output", "null_field", "is null")
+    assert "field 'output': is null" in str(err)
+    bad = {**SHAREGPT, "chosen": {"from": "gpt", "value": None}}
+    err = _err(_pref, bad)
+    assert (err.field, err.reason) == ("chosen.value", "null_field")
+    bad = {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "A"}]}
+    err = _err(adapt, "sft", "messages", bad, PLAIN)
+    assert (err.field, err.reason) == ("messages[0].content", "null_field")
+    absent = _err(adapt, "sft", "alpaca", {"instruction": "x"}, HH)
+    assert absent.reason == "missing_field" and "missing field" in str(absent)
+
+
 def test_messages_format():
     rec = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
     assert detect_adapter("sft", rec) == "messages"

@@ -18,6 +18,7 @@ from rlhfstack.data import (
     collate_preference,
     collate_prompts,
     collate_sft,
+    count_long_prompts,
     encode_prompts,
     filter_by_length,
     load_preferences,
@@ -205,6 +206,21 @@ def test_prompts_left_padded(tok):
     assert att[0].tolist() == [0] * (4 - n_hi) + [1] * n_hi
     assert (ids[0, : 4 - n_hi] == tok.pad_token_id).all()
     assert ids[1].tolist() == tok("Once upon a time there was")["input_ids"][-4:]
+
+
+def test_count_long_prompts_counts_exactly_the_prompts_collate_cuts():
+    t = CharTok()  # BOS + one id per character
+    prompts = ["ab", "abc", PromptExample("abcd"), "<s>abcdef"]
+    assert count_long_prompts(prompts, t, 4) == 2  # "abcd" and "abcdef": 5 and 7 ids with BOS
+    batch = collate_prompts(prompts, t, max_prompt_len=4)
+    full = encode_prompts(t, [p if isinstance(p, str) else p.prompt for p in prompts])
+    kept = [
+        [i for i, m in zip(row, mask) if m]
+        for row, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+    ]
+    assert sum(k != f for k, f in zip(kept, full)) == 2
+    assert kept[3] == [1, 110, 111, 112]  # BOS, then the last tokens: the start is dropped
+    assert count_long_prompts(prompts, t, 7) == 0
 
 
 def test_filter_by_length(tok):

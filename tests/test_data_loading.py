@@ -86,6 +86,8 @@ MALFORMED = {
     # case: (line 2 content, field, reason, text in message)
     "bad_json": (b'{"prompt": "a", "chosen": "b", ', None, "bad_json", "invalid JSON"),
     "missing_field": (b'{"prompt": "a", "chosen": "b"}', "rejected", "missing_field", "missing"),
+    # a key present with the value null is named as null, not as a missing field
+    "null_field": (b'{"prompt": "a", "chosen": null, "rejected": "c"}', "chosen", "null_field", "is null"),
     "empty_text": (b'{"prompt": "a", "chosen": "  ", "rejected": "c"}', "chosen", "empty_text", "empty text"),
     "identical": (b'{"prompt": "a", "chosen": "same", "rejected": "same "}', "rejected", "identical_pair", "identical"),
     "non_utf8": (b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}', "prompt", "bad_utf8", "0xe9"),

@@ -289,3 +289,64 @@ def test_judge_prompt_from_mt_bench_file(data_root, tmp_path):
     assert load_judge_prompt(tmp_path / "missing.jsonl") is BUILTIN_PAIRWISE_PROMPT
     # braces in user text are not format fields
     assert "{x}" in BUILTIN_PAIRWISE_PROMPT.messages("{x}", "a", "b")[1]["content"]
+
+
+def _closed_port() -> int:
+    """A 127.0.0.1 port with nothing listening (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_endpoint_down_is_reported_at_once_and_given_up_quickly(tmp_path, caplog):
+    """Default settings, nothing listening: the first failure is logged at once (endpoint, error,
+    what happens next) and the judge gives up within ~10 s, not after minutes of retries."""
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    client = ChatClient("judge-model", base_url=url, api_key_env=None)  # defaults otherwise
+    outcome: dict = {}
+
+    def run() -> None:  # the cache is used in the thread that opens it
+        cache = JudgmentCache(tmp_path / "cache.sqlite")
+        judge = LLMJudge("llm", client, BUILTIN_PAIRWISE_PROMPT, cache=cache)  # concurrency 4
+        try:
+            judge.judge(PROMPTS, A, B)
+        except Exception as err:  # the outcome is checked below
+            outcome["error"] = err
+        outcome["end"] = time.monotonic()
+        cache.close()
+
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="rlhfstack"):
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=20)  # bounded even where the client would retry for minutes
+    assert not worker.is_alive(), "still retrying after 20 s"
+    assert outcome["end"] - start < 15
+    err = outcome["error"]  # the judge's RuntimeError around the client's ChatAPIError
+    assert f"cannot connect to {url} after 4 attempts" in str(err)
+    assert "Connection refused" in str(err)
+    first = [r for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert len(first) == 1  # once per client, not once per request
+    assert first[0].created - caplog.records[0].created < 0.5  # the first record, at once
+    msg = first[0].getMessage()
+    assert url in msg and "APIConnectionError" in msg
+    assert "retrying up to 3 times" in msg and "then giving up" in msg
+
+
+def test_server_errors_keep_their_longer_retry_budget():
+    """429/5xx are retried up to ``max_retries`` (not the shorter connection budget)."""
+    with FakeChatServer(n_429=3) as server:
+        client = ChatClient(
+            "longer",
+            base_url=server.url,
+            api_key_env=None,
+            requests_per_minute=0,
+            max_retries=3,
+            max_connection_retries=0,
+            backoff_base_s=0.01,
+            backoff_max_s=0.05,
+        )
+        assert client.complete([{"role": "user", "content": "x"}]) is not None
+        assert server.n_requests == 4 and client.n_retries == 3

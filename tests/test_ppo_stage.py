@@ -200,3 +200,28 @@ def test_full_kl_loss_term_is_zero_while_policy_equals_reference(smoke, tmp_path
     # step 1's only minibatch sees the untouched policy (== the frozen SFT reference)
     assert rows[0]["kl/full_in_loss"] == pytest.approx(0.0, abs=1e-6)
     assert rows[1]["kl/full_in_loss"] > 0.0  # after one update it has moved
+
+
+def test_prompts_longer_than_the_cap_are_counted_once_and_recorded(smoke, tmp_path, caplog):
+    """PPO keeps over-long prompts (cut to their last tokens by the rollout) and says how many."""
+    import json
+    import logging
+
+    from rlhfstack.data import count_long_prompts, load_prompts
+    from rlhfstack.models.core import tokenizer_for
+    from rlhfstack.stages.ppo import train
+    from rlhfstack.training import load_train_eval
+
+    cfg = _cfg(smoke, tmp_path / "cut", ["trainer.max_steps=1", "data.max_prompt_tokens=8"])
+    examples, _ = load_train_eval(load_prompts, cfg, "test")
+    expected = count_long_prompts(examples, tokenizer_for(cfg.model), 8)
+    assert 0 < expected <= len(examples)  # the smoke prompts are longer than 8 tokens
+    with caplog.at_level(logging.INFO, logger="rlhfstack"):
+        run_dir = train(cfg)
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["prompts_over_max_prompt_tokens"]["train"] == expected
+    msg = (
+        f"PPO train: {expected} of {len(examples)} prompts exceed data.max_prompt_tokens=8 "
+        "and are cut to their last 8 tokens"
+    )
+    assert sum(msg in r.getMessage() for r in caplog.records) == 1

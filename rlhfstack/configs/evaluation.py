@@ -133,7 +133,11 @@ class LLMJudgeConfig:
     requests_per_minute: float = nonnegative(60.0)
     """Rate limit (request starts per minute, retries included); 0 disables it."""
     max_retries: int = nonnegative(6)
-    """Retries of a request on HTTP 408/409/429/5xx, connection errors and timeouts."""
+    """Retries of a request on HTTP 408/409/429/5xx and timeouts."""
+    max_connection_retries: int = nonnegative(3)
+    """Retries when the endpoint cannot be reached at all (refused, unknown host): 1+2+4 s of
+    backoff with the defaults, then the judge stops instead of waiting minutes on a server that
+    is down."""
     backoff_base_s: float = nonnegative(1.0)
     """Exponential backoff: wait ``backoff_base_s * 2**attempt`` (+0-25% jitter) before retrying."""
     backoff_max_s: float = nonnegative(60.0)
@@ -248,7 +252,9 @@ class GenerationConfig:
     requests_per_minute: float = nonnegative(60.0)
     """Endpoints: rate limit; 0 disables it."""
     max_retries: int = nonnegative(6)
-    """Endpoints: retries on 429/5xx/connection errors with exponential backoff."""
+    """Endpoints: retries on 429/5xx/timeouts with exponential backoff."""
+    max_connection_retries: int = nonnegative(3)
+    """Endpoints: retries when the endpoint cannot be reached at all (refused, unknown host)."""
     backoff_base_s: float = nonnegative(1.0)
     """Endpoints: first backoff wait (doubles per retry)."""
     timeout_s: float = positive(120.0)

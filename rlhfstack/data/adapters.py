@@ -51,6 +51,7 @@ __all__ = [
     "validate_example",
     "split_hh_pair",
     "parse_hh_transcript",
+    "require_field",
 ]
 
 Kind = Literal["sft", "preference", "prompt", "unpaired"]
@@ -58,16 +59,46 @@ Kind = Literal["sft", "preference", "prompt", "unpaired"]
 
 # --------------------------------------------------------------------------- field access
 def _require(record: Mapping[str, Any], key: str, field: str | None = None) -> Any:
+    """``record[key]``; a key that is absent and a key whose value is JSON ``null`` are told apart
+    (``missing field`` vs ``is null``), both located at ``field``."""
     field = field or key
-    if key not in record or record[key] is None:
+    if key not in record:
         present = ", ".join(sorted(map(str, record.keys()))) or "none"
         raise DataError(
             f"missing field (record has: {present})", field=field, reason="missing_field"
         )
+    if record[key] is None:
+        raise DataError("is null", field=field, reason="null_field")
     return record[key]
 
 
+def require_field(
+    record: Any, key: str, expected: type | tuple[type, ...], *, optional: bool = False
+) -> Any:
+    """``record[key]`` checked to be an ``expected`` instance (``bool`` never passes for a
+    number). Raises :class:`DataError` naming ``key``: ``bad_record`` when ``record`` is not a
+    JSON object, ``missing_field`` / ``null_field`` (unless ``optional``, then None is
+    returned), ``bad_type``. For records of a file the caller adds the location
+    (:func:`rlhfstack.data.loading.map_records` does)."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}", reason="bad_record")
+    if optional and record.get(key) is None:
+        return None
+    value = _require(record, key)
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types)
+        raise DataError(
+            f"expected {names}, got {type(value).__name__} ({value!r:.40})",
+            field=key,
+            reason="bad_type",
+        )
+    return value
+
+
 def _text(value: Any, field: str) -> str:
+    if value is None:
+        raise DataError("is null", field=field, reason="null_field")
     if not isinstance(value, str):
         raise DataError(
             f"expected a string, got {type(value).__name__}", field=field, reason="bad_type"

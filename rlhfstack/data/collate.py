@@ -40,6 +40,7 @@ __all__ = [
     "collate_preference",
     "pairs_share_prompts",
     "collate_prompts",
+    "count_long_prompts",
     "pad_sequences",
 ]
 
@@ -372,3 +373,12 @@ def collate_prompts(
         "input_ids": pad_sequences(ids, tokenizer.pad_token_id, side="left"),
         "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0, side="left"),
     }
+
+
+def count_long_prompts(
+    prompts: Sequence[str | PromptExample | Any], tokenizer: Any, max_prompt_len: int
+) -> int:
+    """How many prompts :func:`collate_prompts` would cut: those longer than ``max_prompt_len``
+    tokens (BOS counted), which it cuts to their last tokens (BOS kept)."""
+    texts = [p if isinstance(p, str) else p.prompt for p in prompts]
+    return sum(len(ids) > max_prompt_len for ids in encode_prompts(tokenizer, texts))

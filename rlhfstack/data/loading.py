@@ -28,10 +28,10 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .adapters import Kind, adapt, detect_adapter, get_adapter
 from .collate import filter_by_length
@@ -59,6 +59,7 @@ __all__ = [
     "resolve_data_path",
     "iter_records",
     "load_records",
+    "map_records",
     "load_sft",
     "load_preferences",
     "load_prompts",
@@ -350,6 +351,40 @@ def load_records(
 ) -> list[Any]:
     """All raw records of a json / jsonl / csv / tsv (optionally .gz) file, strictly checked."""
     return [record for _, record in iter_records(path, fmt=fmt, data_root=data_root)]
+
+
+_T = TypeVar("_T")
+
+
+def map_records(
+    path: str | os.PathLike[str],
+    check: Callable[[Any], _T],
+    *,
+    fmt: str | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+) -> list[_T]:
+    """``check(record)`` for each record of a file, in order: the reader for files that are not
+    training examples (evaluation samples, run metrics, probe sets). A :class:`DataError` that
+    ``check`` raises (e.g. from :func:`rlhfstack.data.adapters.require_field`) is located at the
+    record's file and line, like a syntax error, so every problem reads
+    ``file:line: field 'x': ...``. ``data_root`` as in :func:`resolve_data_path` (pass ``"."``
+    for paths relative to the working directory)."""
+    try:
+        display, rows = _source_rows(path, fmt, data_root)
+    except DataFileNotFoundError as e:
+        if data_root is None:
+            raise
+        # without the default root's hint: this path did not resolve against RLHF_DATA_ROOT
+        raise DataFileNotFoundError("file not found", path=e.path, reason="missing_file") from None
+    out: list[_T] = []
+    for row in rows:
+        try:
+            if row.error is not None:
+                raise row.error
+            out.append(check(row.record))
+        except DataError as e:
+            raise e.located(display, row.line, row.index) from None
+    return out
 
 
 # --------------------------------------------------------------------------- typed loading

@@ -126,7 +126,8 @@ class DataError(ValueError):
         index: 0-based position of the record in a JSON list / hub split, if relevant.
         field: the offending field (``"conversations[2].value"``), if any.
         reason: a short machine-readable key used to count skips (``"bad_json"``,
-            ``"bad_utf8"``, ``"missing_field"``, ``"empty_text"``, ``"identical_pair"``,
+            ``"bad_utf8"``, ``"missing_field"`` (key absent), ``"null_field"`` (value null),
+            ``"empty_text"``, ``"identical_pair"``,
             ``"bad_type"``, ``"bad_format"``, ``"bad_record"``, ``"missing_file"``, ...).
         detail: the message without the location prefix.
     """

@@ -29,7 +29,6 @@ and writes ``reward_hacking.json`` is :mod:`rlhfstack.evaluation.jobs.reward_hac
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import math
@@ -43,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from rlhfstack.configs import DetectorThresholds
+from rlhfstack.data import DataError, map_records, require_field
 from rlhfstack.data.text_stats import ngrams, repetition_rate
-from rlhfstack.runtime import read_jsonl
+from rlhfstack.evaluation.overopt import numeric_fields
 
 __all__ = [
     "FAMILIES",
@@ -91,52 +91,85 @@ _TEXT_KEYS = ("completion", "response", "output", "generated", "text", "answer")
 _PROMPT_KEYS = ("prompt", "instruction", "question", "input")
 
 
+def _completion_record(rec: Any) -> tuple[str | None, str]:
+    """(prompt or None, completion) of one samples record; DataError naming the field."""
+    if isinstance(rec, str):
+        return None, rec
+    if not isinstance(rec, dict):
+        raise DataError(
+            f"expected a JSON object or a string, got {type(rec).__name__}", reason="bad_record"
+        )
+    key = next((k for k in _TEXT_KEYS if k in rec), None)
+    if key is None:
+        raise DataError(
+            f"none of the completion keys {_TEXT_KEYS} (record has: {', '.join(sorted(rec))})",
+            reason="missing_field",
+        )
+    pkey = next((k for k in _PROMPT_KEYS if k in rec and k != key), None)
+    prompt = require_field(rec, pkey, str, optional=True) if pkey else None
+    return prompt, require_field(rec, key, str)
+
+
 def load_completions(path: str | Path) -> tuple[list[str | None], list[str]]:
-    """(prompts, completions) from ``.jsonl`` / ``.jsonl.gz`` / ``.json`` (a list or a dict
-    holding one), records with a completion key among ``completion, response, output,
-    generated, text, answer`` and optionally ``prompt`` / ``instruction`` / ``question``.
-    A JSON list of plain strings is read as completions without prompts."""
+    """(prompts, completions) from ``.jsonl`` / ``.json`` (a list, or a dict holding one list),
+    optionally ``.gz``: records with a string completion under one of the keys ``completion,
+    response, output, generated, text, answer`` and optionally a string ``prompt`` /
+    ``instruction`` / ``question`` / ``input``. A JSON list of plain strings is read as
+    completions without prompts. Any problem raises :class:`DataError` with file, line and
+    field (a completion that is a number or null is an error, not converted)."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        raw = f.read()
     name = path.name[:-3] if path.suffix == ".gz" else path.name
-    if name.endswith(".jsonl"):
-        records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    else:
-        obj = json.loads(raw)
-        if isinstance(obj, dict):
-            lists = [v for v in obj.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise ValueError(f"{path}: a JSON object must hold exactly one list of records")
-            obj = lists[0]
-        records = obj
-    prompts: list[str | None] = []
-    texts: list[str] = []
-    for i, rec in enumerate(records):
-        if isinstance(rec, str):
-            prompts.append(None)
-            texts.append(rec)
-            continue
-        key = next((k for k in _TEXT_KEYS if k in rec), None)
-        if key is None:
-            raise ValueError(f"{path}: record {i} has none of the completion keys {_TEXT_KEYS}")
-        pkey = next((k for k in _PROMPT_KEYS if k in rec and k != key), None)
-        prompts.append(str(rec[pkey]) if pkey else None)
-        texts.append("" if rec[key] is None else str(rec[key]))
-    if not texts:
-        raise ValueError(f"{path}: no completions")
-    return prompts, texts
+    fmt = "jsonl" if name.endswith(".jsonl") else "json"
+    if fmt == "json" and path.exists():
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            raw = f.read()
+        if raw.lstrip().startswith("{"):  # {"samples": [...]}: one list inside an object
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"invalid JSON: {e.msg} (column {e.colno})",
+                    path=str(path),
+                    line=e.lineno,
+                    reason="bad_json",
+                ) from None
+            lists = [k for k, v in obj.items() if isinstance(v, list)]
+            if len(lists) == 1 and not any(k in obj for k in _TEXT_KEYS):
+                pairs = []
+                for i, rec in enumerate(obj[lists[0]]):
+                    try:
+                        pairs.append(_completion_record(rec))
+                    except DataError as e:
+                        raise DataError(
+                            e.detail,
+                            path=str(path),
+                            index=i,
+                            field=f"{lists[0]}[{i}]" + (f".{e.field}" if e.field else ""),
+                            reason=e.reason,
+                        ) from None
+                return _split_pairs(pairs, path)
+    return _split_pairs(map_records(path, _completion_record, fmt=fmt, data_root="."), path)
+
+
+def _split_pairs(
+    pairs: list[tuple[str | None, str]], path: Path
+) -> tuple[list[str | None], list[str]]:
+    if not pairs:
+        raise DataError("no completions", path=str(path), reason="no_examples")
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
+def _xstest_row(row: Any) -> dict[str, str]:
+    for col in ("prompt", "label"):
+        require_field(row, col, str)
+    return row
 
 
 def load_xstest(path: str | Path) -> list[dict[str, str]]:
-    """XSTest rows ``{id, prompt, type, label}`` (label ``safe`` | ``unsafe``)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for col in ("prompt", "label"):
-        if rows and col not in rows[0]:
-            raise ValueError(f"{path}: missing column {col!r}")
-    return rows
+    """XSTest rows ``{id, prompt, type, label}`` (label ``safe`` | ``unsafe``) of a CSV file;
+    a missing column or cell raises :class:`DataError` with file, line and column."""
+    return map_records(path, _xstest_row, fmt="csv", data_root=".")
 
 
 # ----------------------------------------------------------------------------- text features
@@ -676,8 +709,9 @@ def read_gold_proxy(run_dir: str | Path) -> tuple[list[float], list[float], list
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
+    check = numeric_fields("step", "eval/gold_reward", "eval/proxy_reward")
     merged: dict[float, dict[str, Any]] = {}
-    for i, row in enumerate(read_jsonl(path)):
+    for i, row in enumerate(map_records(path, check, fmt="jsonl", data_root=".")):
         merged.setdefault(float(row.get("step", i)), {}).update(row)
     steps, gold, proxy = [], [], []
     for step in sorted(merged):

@@ -40,6 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import openai
 
+from rlhfstack.data import map_records, require_field
 from rlhfstack.evaluation.metrics import win_outcomes
 
 log = logging.getLogger("rlhfstack.judges")
@@ -331,20 +332,24 @@ def load_judge_prompt(path: str | os.PathLike | None, name: str = "pair-v2") -> 
         if path is not None:
             log.warning("judge prompt file %s not found: using the built-in pairwise prompt", path)
         return BUILTIN_PAIRWISE_PROMPT
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("name") == name:
-                tpl = row["prompt_template"]
-                missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in tpl]
-                if missing:
-                    raise ValueError(
-                        f"{path}: judge prompt {name!r} lacks {missing}; pick a single-turn pairwise "
-                        "prompt (e.g. pair-v2)"
-                    )
-                return JudgePrompt(name=name, system=row.get("system_prompt", ""), template=tpl)
+
+    def check(row: Any) -> Any:  # the matching row's fields, located by map_records
+        if require_field(row, "name", str) == name:
+            require_field(row, "prompt_template", str)
+            require_field(row, "system_prompt", str, optional=True)
+        return row
+
+    for row in map_records(path, check, fmt="jsonl", data_root="."):
+        if row["name"] != name:
+            continue
+        tpl = row["prompt_template"]
+        missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in tpl]
+        if missing:
+            raise ValueError(
+                f"{path}: judge prompt {name!r} lacks {missing}; pick a single-turn pairwise "
+                "prompt (e.g. pair-v2)"
+            )
+        return JudgePrompt(name=name, system=row.get("system_prompt") or "", template=tpl)
     raise ValueError(f"{path}: no judge prompt named {name!r}")
 
 
@@ -379,10 +384,15 @@ class ChatClient:
     """Chat completions against an OpenAI-compatible endpoint, with retries and a rate limit.
 
     Uses the ``openai`` client with its own retries disabled; transient failures (HTTP 408, 409,
-    429, 5xx, connection errors, timeouts) are retried here up to ``max_retries`` times with
-    exponential backoff (``backoff_base_s * 2**attempt``, capped at ``backoff_max_s``, 0-25%
-    jitter; a ``Retry-After`` header, when larger, is honoured up to the cap). Other errors
-    (bad request, authentication) raise at once.
+    429, 5xx, timeouts) are retried here up to ``max_retries`` times with exponential backoff
+    (``backoff_base_s * 2**attempt``, capped at ``backoff_max_s``, 0-25% jitter; a
+    ``Retry-After`` header, when larger, is honoured up to the cap). A failure to connect at all
+    (refused, unknown host: the endpoint is down or misnamed, which waiting rarely fixes) gets
+    its own, shorter budget of ``max_connection_retries`` retries with the same backoff (1+2+4 s
+    with the defaults), and its retries skip the rate limit (the server never saw the request).
+    The first connection failure is logged at once with the endpoint, the error and what happens
+    next; once one request has given up on connecting, the others give up too instead of each
+    spending its own budget. Other errors (bad request, authentication) raise at once.
 
     Args:
         model: model name sent in each request.
@@ -406,6 +416,7 @@ class ChatClient:
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
         timeout_s: float = 120.0,
+        max_connection_retries: int = 3,
     ) -> None:
         key = os.environ.get(api_key_env) if api_key_env else None
         if not key:
@@ -424,9 +435,13 @@ class ChatClient:
         self.base_url = str(self._client.base_url).rstrip("/")
         self.limiter = RateLimiter(requests_per_minute)
         self.max_retries = max_retries
+        self.max_connection_retries = max_connection_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._count_lock = threading.Lock()
+        self._warned_unreachable = False
+        # set when a request gives up connecting: every later request then fails at once
+        self._unreachable: str | None = None
         self.n_requests = 0
         self.n_retries = 0
 
@@ -439,6 +454,13 @@ class ChatClient:
             text = text.replace(self._key, "***")
         return _KEY_LIKE.sub("***", text)
 
+    @staticmethod
+    def _is_connection_failure(err: Exception) -> bool:
+        """Could not connect at all (a timeout is not one: the server may just be busy)."""
+        return isinstance(err, openai.APIConnectionError) and not isinstance(
+            err, openai.APITimeoutError
+        )
+
     def _retryable(self, err: Exception) -> bool:
         if isinstance(err, openai.APIConnectionError):  # includes timeouts
             return True
@@ -446,8 +468,12 @@ class ChatClient:
             return err.status_code in self.RETRY_STATUS or err.status_code >= 500
         return False
 
+    def _backoff(self, attempt: int) -> float:
+        """The wait before retry ``attempt + 1`` without jitter."""
+        return min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
+
     def _delay(self, attempt: int, err: Exception) -> float:
-        d = min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
+        d = self._backoff(attempt)
         d *= 1.0 + 0.25 * random.random()
         resp = getattr(err, "response", None)
         retry_after = resp.headers.get("retry-after") if resp is not None else None
@@ -458,33 +484,80 @@ class ChatClient:
             pass
         return d
 
+    def _error_text(self, err: Exception) -> str:
+        cause = err.__cause__ or err.__context__
+        text = f"{type(err).__name__}: {err}"
+        if cause is not None and str(cause) and str(cause) not in text:
+            text += f" ({cause})"
+        return self._redact(text)
+
+    def _warn_unreachable_once(self, err: Exception) -> None:
+        with self._count_lock:
+            if self._warned_unreachable:
+                return
+            self._warned_unreachable = True
+        n = self.max_connection_retries
+        total = sum(self._backoff(a) for a in range(n)) * 1.25
+        plan = (
+            f"retrying up to {n} times with backoff of up to {self._backoff(n - 1):.0f}s "
+            f"(about {total:.0f}s in all), then giving up"
+            if n > 0
+            else "giving up (max_connection_retries=0)"
+        )
+        log.warning(
+            "%s: cannot connect to %s: %s; %s. Is the server running at that address?",
+            self.model,
+            self.base_url,
+            self._error_text(err),
+            plan,
+        )
+
     def complete(self, messages: list[dict[str, str]], **params: Any) -> str:
         """The first choice's text for ``messages`` (extra ``params`` go into the request)."""
-        for attempt in range(self.max_retries + 1):
-            self.limiter.acquire()
+        attempt = conn_attempt = 0  # retries so far: all transient errors / connection failures
+        conn = False  # whether the last try failed to connect
+        while True:
+            if self._unreachable is not None:
+                raise ChatAPIError(self._unreachable)
+            if not conn:  # a try that never reached the server does not use up a rate slot
+                self.limiter.acquire()
             with self._count_lock:
                 self.n_requests += 1
             try:
                 resp = self._client.chat.completions.create(
                     model=self.model, messages=messages, **params
                 )
+                self._warned_unreachable = False  # a later outage is reported again
                 return resp.choices[0].message.content or ""
             except Exception as err:  # openai raises its own hierarchy
+                conn = self._is_connection_failure(err)
+                if conn:
+                    self._warn_unreachable_once(err)
+                if conn and conn_attempt >= self.max_connection_retries:
+                    msg = (
+                        f"{self.model}: cannot connect to {self.base_url} after "
+                        f"{conn_attempt + 1} attempts: {self._error_text(err)}"
+                    )
+                    self._unreachable = msg
+                    raise ChatAPIError(msg) from None
                 if attempt >= self.max_retries or not self._retryable(err):
                     raise ChatAPIError(self._redact(f"{type(err).__name__}: {err}")) from None
-                delay = self._delay(attempt, err)
+                delay = self._delay(conn_attempt if conn else attempt, err)
                 with self._count_lock:
                     self.n_retries += 1
-                log.warning(
-                    "%s: %s (attempt %d/%d); retrying in %.2fs",
+                # connection failures: the first one was announced with the plan above
+                (log.info if conn else log.warning)(
+                    "%s: %s from %s (attempt %d/%d); retrying in %.2fs",
                     self.model,
                     type(err).__name__,
-                    attempt + 1,
-                    self.max_retries + 1,
+                    self.base_url,
+                    (conn_attempt if conn else attempt) + 1,
+                    (self.max_connection_retries if conn else self.max_retries) + 1,
                     delay,
                 )
+                attempt += 1
+                conn_attempt += conn
                 time.sleep(delay)
-        raise AssertionError("unreachable")
 
 
 class LLMJudge:

@@ -24,24 +24,37 @@ curves of a run and writes ``overoptimization.json`` and the plot is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.linalg import lstsq
 
-from rlhfstack.runtime import read_jsonl
+from rlhfstack.data import map_records, require_field
 
 __all__ = [
     "fit_gao",
     "gao_curve",
+    "numeric_fields",
     "read_kl_rewards",
 ]
 
 KL_KEY = "kl/seq_k1"
 GOLD_KEY = "eval/gold_reward"
 PROXY_KEY = "eval/proxy_reward"
+
+
+def numeric_fields(*keys: str) -> Callable[[Any], dict[str, Any]]:
+    """A record check for :func:`rlhfstack.data.map_records`: a JSON object whose ``keys`` are
+    numbers or null/absent, else a :class:`rlhfstack.data.DataError` naming the field."""
+
+    def check(row: Any) -> dict[str, Any]:
+        for key in keys:
+            require_field(row, key, (int, float), optional=True)
+        return row
+
+    return check
 
 
 def read_kl_rewards(
@@ -61,8 +74,11 @@ def read_kl_rewards(
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
+    rows_read = map_records(
+        path, numeric_fields("step", kl_key, gold_key, proxy_key), fmt="jsonl", data_root="."
+    )
     merged: dict[float, dict[str, Any]] = {}
-    for i, row in enumerate(read_jsonl(path)):
+    for i, row in enumerate(rows_read):
         merged.setdefault(float(row.get("step", i)), {}).update(row)
     rows = []
     for step, row in merged.items():

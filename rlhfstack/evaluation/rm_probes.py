@@ -24,7 +24,6 @@ card (:func:`rlhfstack.evaluation.jobs.rm_eval.write_model_card`) are jobs.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rlhfstack.data import map_records, require_field
 
 log = logging.getLogger("rlhfstack.rm_probes")
 
@@ -121,17 +122,19 @@ def length_correlation(scores_N: np.ndarray, lengths_N: np.ndarray) -> dict[str,
     return {"pearson": _corr(s, n), "spearman": _corr(_rank(s), _rank(n)), "n": int(len(s))}
 
 
+def _xstest_prompt_label(row: Any) -> tuple[str, str]:
+    return require_field(row, "prompt", str), require_field(row, "label", str)
+
+
 def read_xstest_safe(path: str | os.PathLike, max_items: int | None = None) -> list[str]:
-    """The ``prompt`` column of XSTest rows with ``label == safe`` (in file order)."""
+    """The ``prompt`` column of XSTest rows with ``label == safe`` (in file order); a missing
+    column or cell raises :class:`rlhfstack.data.DataError` with file, line and column."""
     out: list[str] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if (row.get("label") or "").strip().lower() == "safe" and (
-                row.get("prompt") or ""
-            ).strip():
-                out.append(row["prompt"].strip())
-            if max_items and len(out) >= max_items:
-                break
+    for prompt, label in map_records(path, _xstest_prompt_label, fmt="csv", data_root="."):
+        if label.strip().lower() == "safe" and prompt.strip():
+            out.append(prompt.strip())
+        if max_items and len(out) >= max_items:
+            break
     return out
 
 

@@ -29,7 +29,6 @@ The jobs that build judges from a config, generate samples and write ``winrate.j
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhfstack.data import DataError, map_records, require_field
 from rlhfstack.evaluation.judges import (
     Judge,
     JudgeResult,
@@ -68,24 +68,20 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+def _sample_row(row: Any) -> dict[str, Any]:
+    require_field(row, "prompt", str)
+    require_field(row, "completion", str)
+    require_field(row, "instruction_difficulty", (int, float), optional=True)
+    return row
+
+
 def load_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a samples file: jsonl with string fields ``prompt`` and ``completion`` (other
-    fields are kept; an optional numeric ``instruction_difficulty`` feeds the LC GLM)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: invalid JSON ({err.msg})") from None
-            for key in ("prompt", "completion"):
-                if not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{i}: field {key!r} missing or not a string")
-            rows.append(row)
+    fields are kept; an optional numeric ``instruction_difficulty`` feeds the LC GLM). Problems
+    raise :class:`rlhfstack.data.DataError` with file, line and field."""
+    rows = map_records(path, _sample_row, fmt="jsonl", data_root=".")
     if not rows:
-        raise ValueError(f"{path}: no samples")
+        raise DataError("no samples", path=str(path), reason="no_examples")
     return rows
 
 

@@ -49,6 +49,7 @@ import torch
 
 from rlhfstack import distributed
 from rlhfstack.configs import PPOConfig
+from rlhfstack.data.collate import count_long_prompts
 from rlhfstack.data.loading import load_prompts
 from rlhfstack.losses import (
     ADVANTAGE_ESTIMATORS,
@@ -622,9 +623,9 @@ class PPOTrainer:
             "eval/proxy_reward": float(proxy_B.mean()),
         }
 
-    def finish(self) -> Path:
+    def finish(self, **done_info: Any) -> Path:
         """Rank 0 writes the policy (HF), the value model's weights (gae), the KL controller and
-        ``done.json``; the other ranks leave in ``dm.finalize``."""
+        ``done.json`` (with ``done_info``); the other ranks leave in ``dm.finalize``."""
         run, cfg = self.run, self.cfg
         if self.dm is not None:  # rank 0 gets the full, plain modules back
             self.dm.finalize()
@@ -634,12 +635,14 @@ class PPOTrainer:
             torch.save(self.value.state_dict(), run.run_dir / "value_head.pt")
         atomic_write_json(run.run_dir / "kl_controller.json", self.kl_ctl.state_dict())
         return finish_stage(
-            run, "ppo", cfg.trainer.max_steps, model=self.policy, tokenizer=self.tok
+            run, "ppo", cfg.trainer.max_steps, model=self.policy, tokenizer=self.tok, **done_info
         )
 
 
-def _prompts(cfg: PPOConfig) -> tuple[list[str], list[str]]:
-    """Training prompts and the dev prompts of the gold evaluation (``data.eval_path``)."""
+def _prompts(cfg: PPOConfig, tokenizer: Any) -> tuple[list[str], list[str], dict[str, int]]:
+    """Training prompts, the dev prompts of the gold evaluation (``data.eval_path``), and how
+    many of each are longer than ``data.max_prompt_tokens`` (rollouts cut those to their last
+    tokens; SFT, RM and DPO drop theirs, PPO keeps them and counts them here, once)."""
     prompts, dev_prompts = load_train_eval(load_prompts, cfg, "PPO prompts")
     dev_prompts = dev_prompts[: cfg.gold_eval_prompts]
     log.info(
@@ -647,7 +650,16 @@ def _prompts(cfg: PPOConfig) -> tuple[list[str], list[str]]:
         len(prompts),
         len(dev_prompts),
     )
-    return [p.prompt for p in prompts], [p.prompt for p in dev_prompts]
+    k = cfg.data.max_prompt_tokens
+    n_cut = {}
+    for name, examples in (("train", prompts), ("dev", dev_prompts)):
+        n_cut[name] = count_long_prompts(examples, tokenizer, k)
+        (log.warning if n_cut[name] else log.info)(
+            "PPO %s: %d of %d prompts exceed data.max_prompt_tokens=%d and are cut to their "
+            "last %d tokens (the start is dropped; a BOS is kept and counts among them)",
+            name, n_cut[name], len(examples), k, k,
+        )  # fmt: skip
+    return [p.prompt for p in prompts], [p.prompt for p in dev_prompts], n_cut
 
 
 def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
@@ -659,7 +671,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
         _validate_distributed(cfg, run.dist.dp, run.dist.tp, run.dist.pp)
     tcfg = cfg.trainer
     trainer = PPOTrainer(cfg, run)  # models, reward, value model, optimizer, KL controller
-    train_prompts, dev_prompts = _prompts(cfg)
+    train_prompts, dev_prompts, n_cut = _prompts(cfg, trainer.tok)
     G = trainer.G
     stream = PromptStream(train_prompts, cfg.seed, tcfg.batch_size // G, G)
     ckpt = Checkpointer(
@@ -704,4 +716,4 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             )
             # 6. checkpoint (every trainer.save_every steps, and on preemption: save and exit)
             ckpt.end_of_step(step, tcfg.max_steps, lambda: trainer.checkpoint_state(stream))
-    return trainer.finish()
+    return trainer.finish(prompts_over_max_prompt_tokens=n_cut)

@@ -16,11 +16,13 @@ import json
 import logging
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from rlhfstack.configs import EvalConfig
+from rlhfstack.data import map_records, require_field
 from rlhfstack.data.collate import collate_sft, tokenize_sft
 from rlhfstack.data.schemas import SFTExample
 from rlhfstack.data.text_stats import repetition_rate
@@ -96,16 +98,23 @@ def _winrates(
     return winrate, judge_winrate
 
 
+def _prompt_of(row: Any) -> str:
+    return require_field(row, "prompt", str)
+
+
+def _read_prompts(path: str | Path) -> list[str]:
+    """The ``prompt`` of each row of a jsonl file; errors name file, line and field."""
+    return map_records(path, _prompt_of, fmt="jsonl", data_root=".")
+
+
 def run_demo_eval(cfg: EvalConfig, command: str = "") -> Path:
     """The demo pipeline's ``eval`` stage (``eval/evaluate_demo.py``): ``run_dir`` holds its
     config and ``done.json``; ``artifacts_dir`` gets ``results.json``, ``samples/`` and the report."""
     run = setup_run(cfg)
     art = Path(cfg.artifacts_dir)
     device = run.device
-    prompts = [r["prompt"] for r in read_jsonl(cfg.test_prompts_path)]
-    dev_prompts = (
-        [r["prompt"] for r in read_jsonl(cfg.dev_prompts_path)] if cfg.dev_prompts_path else []
-    )
+    prompts = _read_prompts(cfg.test_prompts_path)
+    dev_prompts = _read_prompts(cfg.dev_prompts_path) if cfg.dev_prompts_path else []
     gold = load_gold(art, device)
     held_text = read_jsonl(art / "data" / "heldout_text.jsonl")
     sft_model = load_causal_lm(str(art / "sft" / "model"), trainable=False, device=device)

@@ -134,6 +134,7 @@ def build_judge(name: str, cfg: Any, cache: JudgmentCache) -> Judge:
             api_key_env=lc.api_key_env,
             requests_per_minute=lc.requests_per_minute,
             max_retries=lc.max_retries,
+            max_connection_retries=lc.max_connection_retries,
             backoff_base_s=lc.backoff_base_s,
             backoff_max_s=lc.backoff_max_s,
             timeout_s=lc.timeout_s,
@@ -269,6 +270,7 @@ def generate_completions(
             api_key_env=gen.api_key_env,
             requests_per_minute=gen.requests_per_minute,
             max_retries=gen.max_retries,
+            max_connection_retries=gen.max_connection_retries,
             backoff_base_s=gen.backoff_base_s,
             timeout_s=gen.timeout_s,
         )
