@@ -13,6 +13,7 @@ from rlhfstack.configs import CONF_DIR, to_object
 def main(cfg: DictConfig) -> None:
     from rlhfstack.stages.ppo import train
     from rlhfstack.tasks.demo import gold_scorer_for
+    from rlhfstack.training import exit_on_divergence
 
     c = to_object(cfg)
     gold = (
@@ -20,7 +21,8 @@ def main(cfg: DictConfig) -> None:
         if c.gold_eval_every
         else None
     )
-    train(c, gold_scorer=gold)
+    with exit_on_divergence():  # a diverged run: one error paragraph, exit status 3
+        train(c, gold_scorer=gold)
 
 
 if __name__ == "__main__":

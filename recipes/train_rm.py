@@ -12,8 +12,10 @@ from rlhfstack.configs import CONF_DIR, to_object
 @hydra.main(config_path=str(CONF_DIR), config_name="rm", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from rlhfstack.stages.reward_model import train
+    from rlhfstack.training import exit_on_divergence
 
-    train(to_object(cfg))
+    with exit_on_divergence():  # a diverged run: one error paragraph, exit status 3
+        train(to_object(cfg))
 
 
 if __name__ == "__main__":

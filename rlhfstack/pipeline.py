@@ -22,6 +22,7 @@ from typing import Any
 
 from rlhfstack.configs import PipelineConfig, load_config, to_object
 from rlhfstack.tasks.demo import gold_scorer_for
+from rlhfstack.training import exit_on_divergence
 
 log = logging.getLogger("rlhfstack.pipeline")
 
@@ -73,10 +74,17 @@ def run_stage(stage: str, scfg: Any, command: str = "") -> None:
         mod.train(scfg)
 
 
+def _run_stage_child(stage: str, scfg: Any, command: str) -> None:
+    """:func:`run_stage` in a background process: a diverged run logs one error paragraph and
+    exits with ``EXIT_DIVERGED`` (the parent reports the exit code)."""
+    with exit_on_divergence():
+        run_stage(stage, scfg, command)
+
+
 def _spawn(stage: str, scfg: Any, command: str) -> Any:
 
     p = mp.get_context("spawn").Process(
-        target=run_stage, args=(stage, scfg, command), name=f"stage-{stage}"
+        target=_run_stage_child, args=(stage, scfg, command), name=f"stage-{stage}"
     )
     p.start()
     return p

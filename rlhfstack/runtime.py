@@ -220,16 +220,25 @@ class RunLogger:
         atomic_write_jsonl(self.path, keep)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Write one row ``{"step": step, **metrics}`` (floats only; tensors are converted)."""
+        """Write one row ``{"step": step, **metrics}`` (floats only; tensors are converted).
+
+        The row stays valid JSON: a NaN or infinite value is written as ``null`` and its key is
+        listed under ``"nonfinite"`` in that row (TensorBoard and W&B get no point for it)."""
         if not self.enabled:
             return
         row: dict[str, Any] = {"step": int(step)}
+        nonfinite: list[str] = []
         for k, v in metrics.items():
             if isinstance(v, torch.Tensor):
                 v = v.detach().float().item()
             elif isinstance(v, (np.floating, np.integer)):
                 v = v.item()
+            if isinstance(v, float) and not math.isfinite(v):
+                nonfinite.append(k)
+                v = None
             row[k] = v
+        if nonfinite:
+            row["nonfinite"] = nonfinite
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -239,7 +248,9 @@ class RunLogger:
             if self._tb is not None:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
-            self._wandb.log(row, step=step)
+            self._wandb.log(
+                {k: v for k, v in row.items() if v is not None and k != "nonfinite"}, step=step
+            )
 
     def close(self) -> None:
         if self._tb is not None:

@@ -61,6 +61,145 @@ class Preempted(SystemExit):
         self.step = step
 
 
+class TrainingDiverged(RuntimeError):
+    """A training run stopped because it diverged, before the update that would have used the bad
+    values: nothing is saved after it (no checkpoint, model or ``done.json``), and the newest
+    checkpoint in ``run_dir`` is the last good state. Recipes exit with :data:`EXIT_DIVERGED`.
+
+    ``quantity``: what went wrong (a metric name); ``step``: the step that produced it;
+    ``last_good``: the main metrics of the last step whose values were all finite."""
+
+    def __init__(
+        self, message: str, *, quantity: str, step: int, last_good: dict[str, float]
+    ) -> None:
+        super().__init__(message)
+        self.quantity, self.step, self.last_good = quantity, step, dict(last_good)
+
+
+class NonFiniteError(TrainingDiverged):
+    """A loss, gradient norm, reward, value or KL went NaN or infinite."""
+
+
+class RunawayKLError(TrainingDiverged):
+    """PPO's KL to the reference stayed above ``kl.stop_multiple`` x ``kl.target`` for
+    ``kl.stop_patience`` iterations in a row."""
+
+
+#: exit status of a recipe whose run diverged (:class:`TrainingDiverged`)
+EXIT_DIVERGED = 3
+
+#: the metrics a divergence message quotes from the last good step, when the loop logs them
+GUARD_SUMMARY_KEYS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "loss/policy",
+    "loss/value",
+    "reward/rm_score",
+    "kl/seq_k1",
+    "kl/beta",
+    "values/mean",
+)
+
+
+class FiniteGuard:
+    """Stops a training loop at its first non-finite value (:class:`NonFiniteError`).
+
+    A loop calls :meth:`check` with a few scalars (losses, gradient norm, reward, value and KL
+    means) before the optimizer step that would use them, and :meth:`passed` with a step's logged
+    metrics once they are all finite. Under a process group :meth:`check` is collective (one
+    all-reduce of one flag per scalar, the same keys on every rank): a value that is non-finite
+    on any rank stops every rank, and every rank names it.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.last_good: dict[str, float] = {}
+        self.last_good_step = 0
+
+    def check(
+        self,
+        step: int,
+        values: dict[str, float],
+        where: str = "",
+        *,
+        collective: bool = True,
+        before_update: bool = True,
+    ) -> None:
+        """Raise :class:`NonFiniteError` if any of ``values`` is NaN or infinite (on any rank;
+        ``collective=False`` for code that only rank 0 runs). ``before_update``: the values come
+        before the step's optimizer update (False for an evaluation after it)."""
+        flags = {k: 0.0 if math.isfinite(float(v)) else 1.0 for k, v in values.items()}
+        if collective:
+            flags = distributed.sum_stats(flags)  # identity in one process
+        bad = [k for k, f in flags.items() if f > 0]
+        if not bad:
+            return
+        shown = ", ".join(
+            f"{k}={values[k]}" if not math.isfinite(float(values[k])) else f"{k} (another rank)"
+            for k in bad
+        )
+        raise NonFiniteError(
+            f"non-finite {bad[0]} at step {step}{f' ({where})' if where else ''}: {shown}. "
+            f"{self._tail(before_update)}",
+            quantity=bad[0],
+            step=step,
+            last_good=self.last_good,
+        )
+
+    def checked(
+        self, step: int, values: dict[str, float], where: str = "", *, collective: bool = True
+    ) -> dict[str, float]:
+        """:meth:`check` of an evaluation's ``values`` (after the update), then ``values``."""
+        self.check(step, values, where, collective=collective, before_update=False)
+        return values
+
+    def passed(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record step ``step``'s metrics as the last good ones (quoted by the next error)."""
+        self.last_good = {
+            k: float(metrics[k])
+            for k in GUARD_SUMMARY_KEYS
+            if isinstance(metrics.get(k), (int, float))
+        }
+        self.last_good_step = step
+
+    def runaway(self, step: int, quantity: str, message: str) -> RunawayKLError:
+        """The :class:`RunawayKLError` of step ``step`` (``message`` says what tripped it)."""
+        return RunawayKLError(
+            f"{message}. {self._tail()}", quantity=quantity, step=step, last_good=self.last_good
+        )
+
+    def _tail(self, before_update: bool = True) -> str:
+        ckpt = distributed.latest_checkpoint(self.run.run_dir)
+        good = (
+            f"last finite values (step {self.last_good_step}): "
+            + ", ".join(f"{k}={v:.6g}" for k, v in self.last_good.items())
+            if self.last_good
+            else "no step finished with finite values"
+        )
+        kept = (
+            f"the last good checkpoint is {ckpt} (rerunning the same command resumes from it)"
+            if ckpt is not None
+            else "no checkpoint was written"
+        )
+        applied = "The update was not applied and n" if before_update else "N"
+        return (
+            f"{applied}othing was saved after it (no model, no done.json); {kept}; {good}. "
+            "Lower trainer.lr, check trainer.grad_clip and the data."
+        )
+
+
+@contextlib.contextmanager
+def exit_on_divergence() -> Iterator[None]:
+    """For recipes: a :class:`TrainingDiverged` is logged as one error paragraph (no traceback)
+    and the process exits with :data:`EXIT_DIVERGED`. Other exceptions pass through."""
+    try:
+        yield
+    except TrainingDiverged as err:
+        log.error("training stopped: %s: %s", type(err).__name__, err)
+        raise SystemExit(EXIT_DIVERGED) from None
+
+
 @contextlib.contextmanager
 def preemption_flag(enabled: bool = True) -> Iterator[dict[str, bool]]:
     """``{"flag": bool}`` set to True when SIGTERM / SIGUSR1 arrives; handlers restored on exit.
@@ -596,6 +735,7 @@ def train_loop(
     warned_eval = False
 
     ckpt = Checkpointer(run, model, opt, sched, save_every=tcfg.save_every, enabled=can_ckpt)
+    guard = FiniteGuard(run)
     resumed = ckpt.restore()
     start = resumed["step"] if resumed is not None else 0
     for _ in range(start):  # the data position: replay the index stream (indices only)
@@ -621,6 +761,8 @@ def train_loop(
                 loss_sum, stats = dm.forward_backward(local, loss_fn, len(idx), micro)
                 agg = {"loss": loss_sum, **stats}
                 agg["grad_norm"] = dm.clip_grad(tcfg.grad_clip)
+            # before the update: a non-finite loss or gradient must not reach the weights
+            guard.check(step, agg)
             if tokens_fn is not None:
                 run.cost.add_tokens(tokens_fn(batch))
             opt.step()
@@ -633,9 +775,9 @@ def train_loop(
                 and step < steps
             ):
                 if dm is None:
-                    agg.update(eval_fn())
+                    agg.update(guard.checked(step, eval_fn(), "evaluation"))
                 elif dm.can_evaluate:
-                    agg.update(dm.call(eval_fn))
+                    agg.update(guard.checked(step, dm.call(eval_fn), "evaluation"))
                 elif not warned_eval:
                     log.warning(
                         "trainer.eval_every: skipped under pipeline parallelism "
@@ -644,10 +786,12 @@ def train_loop(
                     warned_eval = True
             if step == steps and dm is not None:
                 dm.finalize()  # rank 0 now holds the full, plain model; the other ranks exit here
-            if step == steps and eval_fn is not None:
-                agg.update(eval_fn() if dm is None else dm.call(eval_fn))
+            if step == steps and eval_fn is not None:  # rank 0 alone: a local check
+                final = eval_fn() if dm is None else dm.call(eval_fn)
+                agg.update(guard.checked(step, final, "final evaluation", collective=False))
             if step % tcfg.log_every == 0 or step == steps:
                 run.logger.log(step, agg)
+            guard.passed(step, agg)
             if step % 20 == 0 or step == steps:
                 log.info("step %d/%d loss %.4f", step, steps, agg["loss"])
             if step == steps:

@@ -16,6 +16,7 @@ Shape legend: B = batch, T = tokens. All estimators are elementwise (any shape, 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -152,8 +153,12 @@ class AdaptiveKLController:
         self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
-        """Update beta from the observed KL over ``n_steps`` samples; returns the new beta."""
+        """Update beta from the observed KL over ``n_steps`` samples; returns the new beta.
+        A NaN or infinite KL is refused (ValueError): beta, and the state saved from it, stay
+        finite."""
         current_kl = float(current_kl)
+        if not math.isfinite(current_kl):
+            raise ValueError(f"KL controller: non-finite KL {current_kl} (beta stays {self.value})")
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)  # e = clip(KL/target-1, ±0.2)
         self.value *= 1.0 + error * n_steps / self.horizon  # beta <- beta (1 + e n / horizon)
         return self.value

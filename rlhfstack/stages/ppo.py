@@ -94,6 +94,7 @@ from rlhfstack.rollout.vllm_backend import VLLMRollout
 from rlhfstack.runtime import atomic_write_json, release_free_heap
 from rlhfstack.training import (
     Checkpointer,
+    FiniteGuard,
     Run,
     build_optimizer,
     build_scheduler,
@@ -123,6 +124,11 @@ def _validate(cfg: PPOConfig) -> None:
     if cfg.rollout.backend not in ("native", "vllm"):
         raise ValueError(
             f"rollout.backend: unknown backend {cfg.rollout.backend!r} (native | vllm)"
+        )
+    if cfg.kl.stop_multiple < 0 or cfg.kl.stop_patience < 1:
+        raise ValueError(
+            f"kl.stop_multiple must be >= 0 (0 disables the runaway-KL guard) and "
+            f"kl.stop_patience >= 1 (got {cfg.kl.stop_multiple}, {cfg.kl.stop_patience})"
         )
     if cfg.trainer.batch_size % cfg.ppo.num_minibatches:
         raise ValueError(
@@ -303,6 +309,8 @@ class PPOTrainer:
         total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
         self.sched = build_scheduler(self.opt, tcfg, total_updates)
         self.kl_ctl = _kl_controller(cfg)
+        self.guard = FiniteGuard(run)  # non-finite values stop the run before the update
+        self.kl_high_iters = 0  # consecutive iterations above kl.stop_multiple x kl.target
         self.gen_rng = torch.Generator().manual_seed(cfg.seed + self.rank)  # per-rank sampling
 
     def start_rollouts(self) -> None:
@@ -460,6 +468,51 @@ class PPOTrainer:
             returns_BR=returns,
         )
 
+    def check_experience(self, exp: Experience, step: int) -> float:
+        """Before the update: stop on a non-finite score, value, reward, advantage or KL (any
+        rank), and on a KL that stayed above ``kl.stop_multiple`` x ``kl.target`` for
+        ``kl.stop_patience`` iterations (:class:`~rlhfstack.training.RunawayKLError`). Returns
+        the global batch's mean summed KL (what the KL controller sees)."""
+        m = exp.response_mask_BR
+        local = {
+            "reward/rm_score": float(exp.raw_scores_B.mean()),
+            "reward/shaped_score": float(exp.scores_B.mean()),
+            "kl/seq_k1": float(exp.seq_kl_B.mean()),
+            "reward/token_mean": float(masked_mean(exp.rewards_BR, m)),
+            "advantages/mean": float(masked_mean(exp.advantages_BR, m)),
+        }
+        if exp.values_BR is not None:
+            local["values/mean"] = float(masked_mean(exp.values_BR, m))
+            local["returns/mean"] = float(masked_mean(exp.returns_BR, m))
+        self.guard.check(step, local, "rollout and scoring")
+        mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
+        kcfg = self.cfg.kl
+        limit = kcfg.stop_multiple * kcfg.target
+        if kcfg.stop_multiple > 0 and mean_kl > limit:
+            self.kl_high_iters += 1
+            log.warning(
+                "step %d: mean sequence KL %.3f > kl.stop_multiple x kl.target = %.3f "
+                "(%d of kl.stop_patience=%d iterations in a row)",
+                step,
+                mean_kl,
+                limit,
+                self.kl_high_iters,
+                kcfg.stop_patience,
+            )
+            if self.kl_high_iters >= kcfg.stop_patience:
+                raise self.guard.runaway(
+                    step,
+                    "kl/seq_k1",
+                    f"runaway KL at step {step}: the mean sequence KL to the reference was above "
+                    f"kl.stop_multiple x kl.target = {kcfg.stop_multiple:g} x {kcfg.target:g} = "
+                    f"{limit:g} nats for {self.kl_high_iters} iterations in a row (now "
+                    f"{mean_kl:.4g}, beta {self.kl_ctl.value:.4g}); kl.stop_multiple=0 disables "
+                    "this guard",
+                )
+        else:
+            self.kl_high_iters = 0
+        return mean_kl
+
     # ------------------------------------------------------------------ step 5
 
     def _train_forward(self, ids, mask, start: int, entropy: bool, ref_lsm_BRV=None):
@@ -523,9 +576,11 @@ class PPOTrainer:
         stats.update({f"ppo/{k}": float(v2) for k, v2 in vf_stats.items()})
         return stats, pg_stats, o, m
 
-    def ppo_update(self, exp: Experience) -> dict[str, float]:
+    def ppo_update(self, exp: Experience, step: int = 0) -> dict[str, float]:
         """Step 5: ``ppo.epochs`` x ``ppo.num_minibatches`` optimizer steps, each over
-        micro-batches; returns the mean of each statistic and the first micro-batch's checks."""
+        micro-batches; returns the mean of each statistic and the first micro-batch's checks.
+        A non-finite loss or gradient norm stops the run before its optimizer step
+        (:class:`~rlhfstack.training.NonFiniteError`, iteration ``step``)."""
         pcfg, tcfg, dm = self.cfg.ppo, self.cfg.trainer, self.dm
         release_free_heap()  # the rollout's freed tensors: no resident holes (runtime.py)
         self.policy.train()
@@ -540,12 +595,15 @@ class PPOTrainer:
                 # sums gradients: the update is the one-process update of the global minibatch
                 mb_tokens = distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
                 self.opt.zero_grad(set_to_none=True)
+                mb_losses: dict[str, float] = {}
                 for j in range(0, mb_size, self.micro):
                     want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
                     sub = idx[j : j + self.micro]
                     st, pg_stats, o, m = self._micro_step(exp, sub, mb_tokens, want_entropy)
                     for k, val in st.items():
                         stats.setdefault(k, []).append(val)
+                        if k.startswith(("loss/", "kl/")):
+                            mb_losses[k] = mb_losses.get(k, 0.0) + val
                     if epoch == 0 and mb == 0 and j == 0:
                         first["first_minibatch_ratio"] = float(pg_stats["ratio_mean"])
                         first["first_minibatch_approx_kl"] = float(pg_stats["approx_kl"])
@@ -554,6 +612,11 @@ class PPOTrainer:
                     dm.clip_grad(tcfg.grad_clip) if dm else clip_grad(self.params, tcfg.grad_clip)
                 )
                 stats.setdefault("grad_norm", []).append(gnorm)
+                self.guard.check(
+                    step,
+                    {**mb_losses, "grad_norm": gnorm},
+                    f"update: epoch {epoch}, minibatch {mb}",
+                )
                 self.opt.step()
                 self.sched.step()
         if dm is not None:
@@ -562,9 +625,11 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ step 6, metrics, end
 
-    def update_kl(self, exp: Experience) -> float:
-        """Step 6: the KL controller sees the global batch's mean summed KL; returns that mean."""
-        mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
+    def update_kl(self, exp: Experience, mean_kl: float | None = None) -> float:
+        """Step 6: the KL controller sees the global batch's mean summed KL (``mean_kl``, from
+        :meth:`check_experience`, or computed here); returns that mean."""
+        if mean_kl is None:
+            mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
         self.kl_ctl.update(mean_kl, self.B)
         return mean_kl
 
@@ -690,10 +755,12 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             prompts = stream.next()[rows]
             # 2. rollout, scoring, shaping, advantages
             exp = trainer.make_experience(prompts, step)
+            # guards: non-finite values and a runaway KL stop the run before the update
+            mean_kl = trainer.check_experience(exp, step)
             # 3. PPO update
-            stats = trainer.ppo_update(exp)
+            stats = trainer.ppo_update(exp, step)
             # 4. KL controller
-            mean_kl = trainer.update_kl(exp)
+            trainer.update_kl(exp, mean_kl)
             # 5. log (the gold evaluation on rank 0, on the updated policy)
             metrics = trainer.metrics(exp, stats, mean_kl)
             gold_now = bool(gold is not None and dev_prompts and cfg.gold_eval_every) and (
@@ -703,6 +770,7 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 metrics.update(trainer.gold_eval(dev_prompts, gold))
             if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
+            trainer.guard.passed(step, metrics)
             log.info(
                 "step %d score %.3f kl %.3f beta %.4f len %.1f pg %.4f vf %.4f ratio0 %.6f",
                 step,
