@@ -290,13 +290,17 @@ def load_checkpoint(
     under ``"rank_extra"`` (None when the checkpoint has none for this rank)."""
 
     path = Path(path)
+    # the metadata check first, so that a refused file is reported as such (inside dcp.load the
+    # error would reach the caller wrapped in DCP's per-rank exception)
+    reader = _SafeReader(str(path))
+    reader.read_metadata()
     opts = _ckpt_options()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     state = {"model": model_sd, "optim": optim_sd}
     with _quiet_single_process():
         dcp.load(
             state,
-            storage_reader=_SafeReader(str(path)),
+            storage_reader=reader,
             planner=_SafeLoadPlanner(),
             no_dist=not current().distributed,
         )
@@ -319,7 +323,7 @@ def read_checkpoint_tensors(path: str | os.PathLike, prefix: str = "model.") -> 
     prefix. For tools (export, conversion) that read a checkpoint without its training setup."""
 
     reader = _SafeReader(str(path))
-    meta = reader.read_metadata().state_dict_metadata
+    meta = reader.read_metadata().state_dict_metadata  # CheckpointFormatError if refused
     want = {
         k: torch.empty(m.size, dtype=m.properties.dtype)
         for k, m in meta.items()
