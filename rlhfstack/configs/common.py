@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -270,11 +270,16 @@ def _excluded(key: str) -> bool:
 
 
 def recipe_of(cfg: Any) -> dict[str, Any]:
-    """The recipe of a stage config (a dataclass instance, as the stages receive it): its
-    resolved fields as ``{"dotted.key": value}`` (JSON values), less :data:`RECIPE_EXCLUDE`."""
-    if not is_dataclass(cfg) or isinstance(cfg, type):
-        raise TypeError(f"recipe_of: a stage config dataclass instance, not {type(cfg).__name__}")
-    flat = _flatten(json.loads(json.dumps(asdict(cfg), default=str)))
+    """The recipe of a stage config (a dataclass instance, as the stages receive it, or a
+    composed DictConfig): its resolved fields as ``{"dotted.key": value}`` (JSON values), less
+    :data:`RECIPE_EXCLUDE`."""
+    if isinstance(cfg, DictConfig):
+        fields = OmegaConf.to_container(cfg, resolve=True)
+    elif is_dataclass(cfg) and not isinstance(cfg, type):
+        fields = asdict(cfg)
+    else:
+        raise TypeError(f"recipe_of: a stage config, not {type(cfg).__name__}")
+    flat = _flatten(json.loads(json.dumps(fields, default=str)))
     return {k: v for k, v in sorted(flat.items()) if not _excluded(k)}
 
 
