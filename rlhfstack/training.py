@@ -10,11 +10,13 @@ rank 0 writes (config, metrics, checkpoints); after the loop only rank 0 goes on
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import shutil
 import signal
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from rlhfstack import distributed
+from rlhfstack.configs import recipe_diff, recipe_hash, recipe_of, validate
 from rlhfstack.data.collate import pairs_share_prompts
 from rlhfstack.data.loading import HUB_PREFIX, resolve_data_path
 from rlhfstack.data.schemas import LoadReport
@@ -32,6 +35,7 @@ from rlhfstack.models.paths import PKG_PREFIX, PKGPARTS_PREFIX
 from rlhfstack.runtime import (
     CostMeter,
     RunLogger,
+    atomic_write_text,
     plot_metrics,
     rng_state,
     save_resolved_config,
@@ -229,9 +233,11 @@ class Checkpointer:
 
     ``run_dir/ckpt-NNNNNN/`` (``distributed.save_checkpoint``) holds ``model``'s trainable parameters
     and ``optimizer``'s state (``torch.distributed.checkpoint``, sharded as trained) and
-    ``extra.pt``: the step, ``scheduler``'s state, the global RNG states and whatever the loop
-    adds (``extra``: its data position, a KL controller); ``rank_extra`` (state that differs
-    between ranks, such as a sampling generator) goes to ``rank-R.pt`` per rank.
+    ``extra.json`` (+ ``extra.safetensors``, no pickle): the step, ``scheduler``'s state, the
+    global RNG states, the run's recipe (:func:`rlhfstack.configs.recipe_of`, compared by
+    :func:`setup_run` before a resume) and whatever the loop adds (``extra``: its data position,
+    a KL controller); ``rank_extra`` (state that differs between ranks, such as a sampling
+    generator) goes to ``rank-R.json`` per rank.
 
     A loop calls :meth:`restore` once, after building everything that draws from the global RNG;
     runs its steps inside ``with ckpt.watch():`` (SIGTERM / SIGUSR1 then only set a flag); and
@@ -278,6 +284,8 @@ class Checkpointer:
     ) -> None:
         """Write ``ckpt-<step>`` (collective under a process group)."""
         state = {"step": step, "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        if self.run.cfg is not None:  # (unit tests drive a Checkpointer without a config)
+            state["recipe"] = recipe_of(self.run.cfg)
         distributed.save_checkpoint(
             distributed.checkpoint_path(self.run.run_dir, step),
             self.model,
@@ -424,8 +432,11 @@ def check_paths(cfg: Any) -> None:
 
 def setup_run(cfg: Any) -> Run:
     """Check the stage's input paths (:func:`check_paths`), start the process group if launched
-    distributed, seed, set threads, create ``run_dir``, save the resolved config, open the
-    metrics log (the last three on rank 0 only)."""
+    distributed, seed, set threads, create ``run_dir``, check a resume's recipe or start over
+    (:func:`prepare_run_dir`), save the resolved config and the recipe, open the metrics log (the
+    writes on rank 0 only)."""
+    if is_dataclass(cfg):
+        validate(cfg)  # configs built in Python, not through to_object, get the same checks
     check_paths(cfg)  # before run_dir exists and before any model loads
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
@@ -455,9 +466,11 @@ def setup_run(cfg: Any) -> Run:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("cluster.device=cuda but no CUDA device is visible")
     run_dir = Path(cfg.run_dir)
+    resuming, forced = prepare_run_dir(cfg, run_dir, state.is_main)
     if state.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, run_dir)
+        _write_recipe(run_dir, recipe_of(cfg), resuming, forced)
     logger = RunLogger(
         run_dir,
         tensorboard=cfg.logging.tensorboard,
@@ -472,6 +485,86 @@ def setup_run(cfg: Any) -> Run:
     if state.is_main and logger.path.exists() and distributed.latest_checkpoint(run_dir) is None:
         logger.path.unlink()
     return Run(cfg=cfg, run_dir=run_dir, logger=logger, cost=CostMeter(), device=device, dist=state)
+
+
+RECIPE_FILE = "recipe.json"
+
+
+class RecipeMismatch(RuntimeError):
+    """``run_dir`` holds a checkpoint written under other settings than this run's."""
+
+
+def prepare_run_dir(
+    cfg: Any, run_dir: Path, is_main: bool
+) -> tuple[bool, dict[str, tuple[Any, Any]]]:
+    """Before anything is written to ``run_dir`` or any model is loaded: with ``overwrite=true``
+    delete an earlier run's checkpoints, ``metrics.jsonl`` and ``done.json`` (rank 0; each
+    logged); else, when ``run_dir`` holds a checkpoint, compare its recorded recipe with this
+    run's and raise :class:`RecipeMismatch` listing each differing key (old -> new), unless
+    ``resume=force``. A checkpoint in the old pickled format raises
+    ``distributed.CheckpointFormatError``. Returns ``(resuming, differences)``: whether a
+    checkpoint will be resumed, and the differences accepted by ``resume=force``."""
+    resume, overwrite = getattr(cfg, "resume", "auto"), getattr(cfg, "overwrite", False)
+    if overwrite:
+        if is_main:
+            _start_over(run_dir)
+        distributed.barrier()  # no rank looks for checkpoints before rank 0 has deleted them
+        return False, {}
+    ckpt = distributed.latest_checkpoint(run_dir)
+    if ckpt is None:
+        return False, {}
+    old = distributed.read_checkpoint_extra(ckpt).get("recipe")
+    diff = recipe_diff(old or {}, recipe_of(cfg)) if old is not None else {"<recipe>": (None, "")}
+    if not diff:
+        return True, {}
+    if old is None:
+        what = f"{ckpt} records no recipe, so it cannot be checked against this run's settings"
+    else:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        what = f"{ckpt} was written under other settings than this run's:\n{lines}"
+    if resume != "force":
+        raise RecipeMismatch(
+            f"{what}\nNothing was loaded or overwritten. Rerun with resume=force to resume from "
+            "this checkpoint under the new settings (recorded in config.yaml and recipe.json), "
+            "with overwrite=true to delete its checkpoints and metrics and start over, or with "
+            "another run_dir."
+        )
+    log.warning("resume=force: resuming anyway. %s", what)
+    return True, diff
+
+
+def _start_over(run_dir: Path) -> None:
+    """``overwrite=true``: delete what would make this run resume or look finished."""
+    doomed = [
+        *sorted(run_dir.glob("ckpt-*")),
+        *sorted(run_dir.glob(".ckpt-*")),  # .partial / .old leftovers of an interrupted save
+        run_dir / "metrics.jsonl",
+        run_dir / "done.json",
+    ]
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        log.warning("overwrite=true: deleted %s", path)
+
+
+def _write_recipe(
+    run_dir: Path, recipe: dict[str, Any], resuming: bool, forced: dict[str, tuple[Any, Any]]
+) -> None:
+    """``run_dir/recipe.json``: this run's recipe and its hash, and the history of forced resumes
+    (``resume=force``: the keys that changed, old -> new), kept while the run is resumed."""
+    path = run_dir / RECIPE_FILE
+    history: list[Any] = []
+    if resuming and path.exists():
+        with contextlib.suppress(ValueError, OSError):
+            history = json.loads(path.read_text()).get("forced_resumes", [])
+    if forced:
+        history.append({"changed": {k: list(v) for k, v in forced.items()}})
+    body = {"hash": recipe_hash(recipe), "recipe": recipe, "forced_resumes": history}
+    atomic_write_text(path, json.dumps(body, indent=1) + "\n")
 
 
 def build_optimizer(params: Iterable[nn.Parameter], tcfg: Any) -> torch.optim.Optimizer:

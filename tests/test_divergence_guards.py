@@ -264,11 +264,10 @@ def test_runaway_kl_guard_trips_and_can_be_disabled(smoke, tmp_path):
 
 
 def test_runaway_kl_guard_config_is_checked():
-    from rlhfstack.stages.ppo import _validate
-
-    cfg = to_object(load_config("ppo", ["kl.stop_patience=0"]))
     with pytest.raises(ValueError, match="stop_patience"):
-        _validate(cfg)
+        to_object(load_config("ppo", ["kl.stop_patience=0"]))
+    with pytest.raises(ValueError, match="stop_multiple"):
+        to_object(load_config("ppo", ["kl.stop_multiple=-1"]))
 
 
 def test_demo_ppo_config_keeps_the_runaway_kl_guard_on_with_room():

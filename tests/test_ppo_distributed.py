@@ -80,10 +80,11 @@ def test_ppo_fsdp2_two_ranks_invariants_and_checkpoint(smoke, tmp_path, variant,
     # rank 0 alone wrote the final artifacts; the checkpoint has one shard and one RNG file per rank
     assert (run_dir / "model" / "config.json").exists() and (run_dir / "done.json").exists()
     ck = run_dir / "ckpt-000002"
-    assert len(list(ck.glob("*.distcp"))) == 2 and {p.name for p in ck.glob("rank-*.pt")} == {
-        "rank-0.pt",
-        "rank-1.pt",
+    assert len(list(ck.glob("*.distcp"))) == 2 and {p.name for p in ck.glob("rank-*.json")} == {
+        "rank-0.json",
+        "rank-1.json",
     }
+    assert not list(ck.glob("*.pt")), "checkpoint state is JSON + safetensors, nothing pickled"
 
 
 @pytest.mark.slow

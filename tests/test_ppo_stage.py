@@ -162,7 +162,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(smoke, tmp_path):
     assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
     p = _run(smoke, cut_dir, 12, 3)
     deadline = time.time() + 300
-    while not list(cut_dir.glob("ckpt-*/extra.pt")) and time.time() < deadline:
+    while not list(cut_dir.glob("ckpt-*/extra.json")) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)
     p.send_signal(signal.SIGKILL)
@@ -185,7 +185,7 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(smoke, tmp_path):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=120) == 0
-    assert list(run_dir.glob("ckpt-*/extra.pt"))
+    assert list(run_dir.glob("ckpt-*/extra.json"))
 
 
 def test_full_kl_loss_term_is_zero_while_policy_equals_reference(smoke, tmp_path):

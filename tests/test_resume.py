@@ -1,7 +1,7 @@
 """Checkpoints and resume in the shared supervised loop (SFT here; RM and DPO use the same loop).
 
 A checkpoint is ``run_dir/ckpt-NNNNNN/``: ``torch.distributed.checkpoint`` shards of the trainable
-parameters and optimizer state, plus ``extra.pt`` (schedule, RNG, step). The resume tests copy
+parameters and optimizer state, plus ``extra.json`` / ``extra.safetensors`` (schedule, RNG, step, recipe; no pickle). The resume tests copy
 the step-2 checkpoint of an uninterrupted run into a fresh run directory (what a kill after that
 checkpoint leaves behind), run the same command there, and compare the last ``metrics.jsonl`` row
 with the uninterrupted run's.
@@ -79,7 +79,10 @@ def test_sft_checkpoint_layout_and_resume_matches_uninterrupted(arts, tmp_path, 
     # every 2 steps, the final step excluded (the model is saved instead); the 2 newest are kept
     assert sorted(p.name for p in full.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000004"]
     ck = full / "ckpt-000002"
-    assert (ck / ".metadata").exists() and list(ck.glob("*.distcp")) and (ck / "extra.pt").exists()
+    assert (
+        (ck / ".metadata").exists() and list(ck.glob("*.distcp")) and (ck / "extra.json").exists()
+    )
+    assert (ck / "extra.safetensors").exists() and not list(ck.glob("*.pt")), "nothing pickled"
     assert not list(full.glob(".ckpt-*")), "a partial checkpoint was left behind"
 
     _interrupted_copy(full, cut, 2)

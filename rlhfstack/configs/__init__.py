@@ -29,6 +29,7 @@ from rlhfstack.configs.checks import validate
 from rlhfstack.configs.common import (
     CONF_DIR,
     DATA_ROOT_INTERP,
+    RECIPE_EXCLUDE,
     REPO_ROOT,
     ClusterConfig,
     DataConfig,
@@ -39,6 +40,9 @@ from rlhfstack.configs.common import (
     StageConfig,
     TrainerConfig,
     default_data_root,
+    recipe_diff,
+    recipe_hash,
+    recipe_of,
 )
 from rlhfstack.configs.evaluation import (
     EVAL_ENTRY_SCHEMAS,
@@ -161,6 +165,10 @@ def resolved_yaml(cfg: Any) -> str:
 
 __all__ = [
     "CONF_DIR",
+    "RECIPE_EXCLUDE",
+    "recipe_diff",
+    "recipe_hash",
+    "recipe_of",
     "ClusterConfig",
     "DATA_ROOT_INTERP",
     "DPOConfig",

@@ -5,12 +5,14 @@ Also where the repository's ``conf/`` tree and the default data root are found.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rlhfstack.configs.checks import (
     at_least,
@@ -228,9 +230,108 @@ class StageConfig:
     """Root for relative data paths (``$RLHF_DATA_ROOT``, else ``../shared/data``)."""
     seed: int = free(0, "any integer seeds python, numpy and torch")
     """Seed for python, numpy and torch."""
+    resume: str = choice("auto", "force")
+    """When ``run_dir`` holds a checkpoint: ``auto`` resumes from the newest if its recipe
+    (:func:`recipe_of`: the settings that define the math) equals this run's, else stops before
+    any model loads with the keys that differ; ``force`` resumes even when they differ (the new
+    settings apply from the checkpoint on; recorded in ``config.yaml`` and ``recipe.json``)."""
+    overwrite: bool = False
+    """Start over in a ``run_dir`` that holds an earlier run: its ``ckpt-*`` directories,
+    ``metrics.jsonl`` and ``done.json`` are deleted (each logged) before anything is written."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------- recipe
+
+#: Settings left out of a run's recipe (dotted keys; a key also covers everything under it).
+#: The recipe is what decides the math of a run, so that a checkpoint is resumed only under the
+#: settings that produced it (``resume``). Left out are settings that change where files go,
+#: what is logged or measured, where and how the same computation runs:
+RECIPE_EXCLUDE: tuple[str, ...] = (
+    # where files are read and written, not what is computed
+    "run_dir",
+    "artifacts_dir",
+    "data_root",
+    # how this invocation treats an existing run_dir
+    "resume",
+    "overwrite",
+    # what is recorded and where the run executes
+    "logging",
+    "cluster",
+    # the parallel layout (checkpoints reshard); parallel.mixed_precision changes numerics: kept
+    "parallel.dp_shard",
+    "parallel.tp",
+    "parallel.pp",
+    # when checkpoints, metrics and intermediate evaluations are written
+    "trainer.save_every",
+    "trainer.log_every",
+    "trainer.eval_every",
+    # gradient accumulation: the same step gradient up to float rounding
+    "trainer.micro_batch_size",
+    # a label; model facts for meta-device checks (unused by training); recomputation
+    "model.name",
+    "model.arch",
+    "model.activation_checkpointing",
+    # PPO: held-out gold measurement; the same rollout function in another summation order
+    "gold_eval_every",
+    "gold_eval_prompts",
+    "gold_task",
+    "rollout.compile",
+    "rollout.packed_weights",
+    "ppo.logprobs_from_rollout",
+    # PPO: the runaway-KL guard stops a run; it does not change the math of one that goes on
+    "kl.stop_multiple",
+    "kl.stop_patience",
+    # RM: evaluations after training
+    "rm.probes",
+    "rm.probe_max_items",
+    "rm.xstest_path",
+    "rm.extra_eval",
+)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _excluded(key: str) -> bool:
+    return any(key == e or key.startswith(e + ".") for e in RECIPE_EXCLUDE)
+
+
+def recipe_of(cfg: Any) -> dict[str, Any]:
+    """The recipe of a stage config (a dataclass instance, as the stages receive it, or a
+    composed DictConfig): its resolved fields as ``{"dotted.key": value}`` (JSON values), less
+    :data:`RECIPE_EXCLUDE`."""
+    if isinstance(cfg, DictConfig):
+        fields = OmegaConf.to_container(cfg, resolve=True)
+    elif is_dataclass(cfg) and not isinstance(cfg, type):
+        fields = asdict(cfg)
+    else:
+        raise TypeError(f"recipe_of: a stage config, not {type(cfg).__name__}")
+    flat = _flatten(json.loads(json.dumps(fields, default=str)))
+    return {k: v for k, v in sorted(flat.items()) if not _excluded(k)}
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    """SHA-256 of a recipe's canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` for every key whose value differs (absent keys as ``"<absent>"``)."""
+    absent = "<absent>"
+    return {
+        k: (old.get(k, absent), new.get(k, absent))
+        for k in sorted(set(old) | set(new))
+        if old.get(k, absent) != new.get(k, absent)
+    }

@@ -171,13 +171,13 @@ class KLConfig:
     """Adaptive controller horizon in samples (Ziegler et al. 2019: 10000)."""
     estimator: str = choice("k1", "k2", "k3")
     """Per-token KL estimator in the reward: k1 | k2 | k3 (Schulman 2020)."""
-    stop_multiple: float = 10.0
+    stop_multiple: float = nonnegative(10.0)
     """Runaway-KL guard: stop the run (``RunawayKLError``, non-zero exit, nothing saved after the
     last checkpoint) when the batch's mean sequence KL to the reference (``kl/seq_k1``, measured
     before the update) exceeds ``stop_multiple`` x ``target`` for ``stop_patience`` iterations in
     a row; 0 disables it. It uses ``target`` with the fixed controller, too. The count starts
     afresh on resume."""
-    stop_patience: int = 3
+    stop_patience: int = at_least(3, lo=1)
     """Consecutive iterations above ``stop_multiple`` x ``target`` that trip the guard (>= 1)."""
 
 

@@ -52,9 +52,11 @@ from __future__ import annotations
 
 from rlhfstack.distributed.checkpoint import (
     CKPT_EXTRA,
+    CheckpointFormatError,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    read_checkpoint_extra,
     read_checkpoint_tensors,
     save_checkpoint,
 )
@@ -110,7 +112,9 @@ __all__ = [
     "apply_tp",
     "barrier",
     "broadcast_object",
+    "CheckpointFormatError",
     "checkpoint_path",
+    "read_checkpoint_extra",
     "clip_grad_norm",
     "comm_device",
     "current",

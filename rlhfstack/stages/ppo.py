@@ -125,11 +125,6 @@ def _validate(cfg: PPOConfig) -> None:
         raise ValueError(
             f"rollout.backend: unknown backend {cfg.rollout.backend!r} (native | vllm)"
         )
-    if cfg.kl.stop_multiple < 0 or cfg.kl.stop_patience < 1:
-        raise ValueError(
-            f"kl.stop_multiple must be >= 0 (0 disables the runaway-KL guard) and "
-            f"kl.stop_patience >= 1 (got {cfg.kl.stop_multiple}, {cfg.kl.stop_patience})"
-        )
     if cfg.trainer.batch_size % cfg.ppo.num_minibatches:
         raise ValueError(
             f"trainer.batch_size ({cfg.trainer.batch_size}) must be divisible by ppo.num_minibatches "
