@@ -257,3 +257,22 @@ def test_named_llm_judges_are_checked_after_their_merge():
     )
     with pytest.raises(ValueError, match=r"llm_judges\.local\.concurrency=0: allowed >= 1"):
         _llm_config(cfg, "local")
+
+
+def test_ppo_choice_fields_match_the_code_registries():
+    """The schema lists the names the code accepts (configs import nothing else of the library,
+    so the lists live twice): every registered name composes, and nothing else does."""
+    from rlhfstack.losses import ADVANTAGE_ESTIMATORS
+    from rlhfstack.models.value import VALUE_MODELS
+    from rlhfstack.rewards import INPUT_PATHS
+
+    for key, names in (
+        ("ppo.advantage_estimator", ADVANTAGE_ESTIMATORS),
+        ("ppo.value_model", VALUE_MODELS),
+        ("reward_input", INPUT_PATHS),
+    ):
+        for name in names:
+            extra = ["rollout.samples_per_prompt=2"] if key.endswith("estimator") else []
+            to_object(load_config("ppo", [f"{key}={name}", *extra]))
+        with pytest.raises(ValueError, match=key.split(".")[-1]):
+            to_object(load_config("ppo", [f"{key}=no_such_name"]))
