@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from rlhfstack import distributed
@@ -29,6 +30,7 @@ from rlhfstack.configs import recipe_diff, recipe_hash, recipe_of, validate
 from rlhfstack.data.collate import pairs_share_prompts
 from rlhfstack.data.loading import HUB_PREFIX, resolve_data_path
 from rlhfstack.data.schemas import LoadReport
+from rlhfstack.models.card import write_card
 from rlhfstack.models.core import load_causal_lm, save_hf
 from rlhfstack.models.gguf import PKGGGUF_PREFIX
 from rlhfstack.models.paths import PKG_PREFIX, PKGPARTS_PREFIX
@@ -710,11 +712,12 @@ def finish_stage(
 ) -> Path:
     """End a stage: ``model`` (when given) in eval mode saved with ``tokenizer`` to
     ``run_dir/model`` in HF format, the metrics log closed, plots of ``metrics.jsonl`` when
-    ``logging.plots``, then ``run_dir/done.json`` (stage, steps, cost summary, ``done_info``),
+    ``logging.plots`` (and its model card, ``model/README.md``), then ``run_dir/done.json`` (stage, steps, cost summary, ``done_info``),
     written last because it marks the stage finished. Returns ``run_dir``."""
     if model is not None:
         model.eval()
         save_hf(model, tokenizer, run.run_dir / "model")
+        write_stage_card(run.cfg, stage, steps, run.run_dir / "model")
     run.logger.close()
     if run.cfg.logging.plots:
         plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
@@ -722,6 +725,65 @@ def finish_stage(
         run.run_dir, {"stage": stage, "steps": steps, "cost": run.cost.summary(), **done_info}
     )
     return run.run_dir
+
+
+STAGE_CARDS = {
+    "sft": ("Supervised fine-tuned policy", "A causal LM fine-tuned on demonstrations (SFT)."),
+    "dpo": ("DPO policy", "A causal LM trained on preference pairs with a direct preference loss."),
+    "ppo": ("PPO policy", "A causal LM trained with PPO against a reward model (RLHF)."),
+    "rm": ("Reward model", "A Bradley-Terry reward model: one scalar score per sequence."),
+}
+"""Title and one-line description of each stage's model card."""
+
+# the hyperparameter groups a card lists, by stage (the stage's own group and the trainer's)
+_CARD_TRAINER_KEYS = (
+    "max_steps", "batch_size", "micro_batch_size", "lr", "lr_schedule", "warmup_steps",
+    "weight_decay", "grad_clip",
+)  # fmt: skip
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return asdict(obj)
+    if isinstance(obj, DictConfig):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+def _hub_id(path: str | None) -> str | None:
+    if path and path.startswith(HUB_PREFIX):
+        return path[len(HUB_PREFIX) :].split(":")[0]
+    return path
+
+
+def stage_card(cfg: Any, stage: str, steps: int) -> dict[str, Any]:
+    """The model-card arguments (:func:`rlhfstack.models.card.render_card`) of a stage's model:
+    base model, data, and a "Training" section (seed, steps, the trainer's and the stage's
+    hyperparameters)."""
+    trainer = _plain(cfg.trainer)
+    hyper: dict[str, Any] = {"stage": stage, "steps": steps, "seed": cfg.seed}
+    hyper.update({k: trainer[k] for k in _CARD_TRAINER_KEYS if k in trainer})
+    group = _plain(getattr(cfg, stage, None))
+    if isinstance(group, dict):
+        hyper.update(
+            {f"{stage}.{k}": v for k, v in group.items() if isinstance(v, (str, int, float, bool))}
+        )
+    title, description = STAGE_CARDS.get(stage, (f"{stage} model", ""))
+    return {
+        "title": title,
+        "description": description,
+        "base_model": cfg.model.path,
+        "datasets": [_hub_id(p) for p in (cfg.data.train_path, cfg.data.eval_path) if p],
+        "tags": ["rlhf", stage],
+        "pipeline_tag": "text-generation",
+        "sections": {"Training": hyper},
+    }
+
+
+def write_stage_card(cfg: Any, stage: str, steps: int, out_dir: Path, **card: Any) -> Path:
+    """Write ``out_dir/README.md``, the model card of a stage's exported model
+    (:func:`stage_card`; ``card`` adds to or replaces its arguments)."""
+    return write_card(out_dir, **{**stage_card(cfg, stage, steps), **card})
 
 
 def micro_batches(batch: dict[str, torch.Tensor], micro: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -79,7 +79,7 @@ def test_critic_free_estimators_train_the_policy_alone(smoke, tmp_path, estimato
         assert r["first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-6)
         assert r["advantages/abs_mean"] > 0
         assert "loss/value" not in r and "values/explained_variance" not in r
-    assert not (run_dir / "value_head.pt").exists()  # no value model was trained
+    assert not (run_dir / "value_model.safetensors").exists()  # no value model was trained
     assert (run_dir / "model" / "config.json").exists()
 
 

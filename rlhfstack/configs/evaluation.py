@@ -102,7 +102,7 @@ class RMEvalConfig:
     seed: int = free(0, "any integer seeds python, numpy and torch")
     """Seed of the random pair order used for calibration."""
     model_card: bool = True
-    """Run the bias probes and write ``MODEL_CARD.md`` into ``rm_path`` when it is missing."""
+    """Run the bias probes and write ``README.md`` into ``rm_path`` when it is missing."""
     probe_max_items: int = at_least(100, lo=1)
     """Cap on items per probe."""
     xstest_path: str = free(

@@ -71,7 +71,7 @@ class RMHyperparams:
     batches whose prompts differ (one process) and runs where any pair's prompts differ or with
     tensor / pipeline parallelism (several processes) use the ``[2B, T]`` pass."""
     probes: bool = True
-    """Run the bias probes (length, flattery, refusals, sanity) and write MODEL_CARD.md beside the model."""
+    """Run the bias probes (length, flattery, refusals, sanity) and write the model card (README.md) beside the model."""
     probe_max_items: int = at_least(100, lo=1)
     """Cap on responses / XSTest prompts used per probe."""
     xstest_path: str = free(

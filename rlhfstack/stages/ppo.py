@@ -71,7 +71,7 @@ from rlhfstack.models.core import (
     response_logprobs,
     tokenizer_for,
 )
-from rlhfstack.models.value import build_value_model
+from rlhfstack.models.value import VALUE_FILE, build_value_model, save_value_model
 from rlhfstack.rewards import (
     FunctionReward,
     Reward,
@@ -672,7 +672,7 @@ class PPOTrainer:
             self.policy = self.trained["policy"]
             self.value = self.trained["value"] if "value" in self.trained else None
         if self.value is not None:  # gae only
-            torch.save(self.value.state_dict(), run.run_dir / "value_head.pt")
+            save_value_model(self.value, run.run_dir / VALUE_FILE)
         atomic_write_json(run.run_dir / "kl_controller.json", self.kl_ctl.state_dict())
         return finish_stage(
             run, "ppo", cfg.trainer.max_steps, model=self.policy, tokenizer=self.tok, **done_info
