@@ -19,4 +19,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from rlhfstack.runtime import exit_on_missing_package, require_launcher
+
+    with exit_on_missing_package():  # hydra/launcher=slurm without its plugin: the install hint
+        require_launcher(sys.argv[1:])
     main()

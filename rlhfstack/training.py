@@ -38,6 +38,7 @@ from rlhfstack.runtime import (
     CostMeter,
     RunLogger,
     atomic_write_text,
+    exit_on_missing_package,
     plot_metrics,
     rng_state,
     save_resolved_config,
@@ -198,9 +199,12 @@ class FiniteGuard:
 @contextlib.contextmanager
 def exit_on_divergence() -> Iterator[None]:
     """For recipes: a :class:`TrainingDiverged` is logged as one error paragraph (no traceback)
-    and the process exits with :data:`EXIT_DIVERGED`. Other exceptions pass through."""
+    and the process exits with :data:`EXIT_DIVERGED`; a missing optional package is its one-line
+    install hint, exit status 1 (:func:`rlhfstack.runtime.exit_on_missing_package`). Other
+    exceptions pass through."""
     try:
-        yield
+        with exit_on_missing_package():
+            yield
     except TrainingDiverged as err:
         log.error("training stopped: %s: %s", type(err).__name__, err)
         raise SystemExit(EXIT_DIVERGED) from None

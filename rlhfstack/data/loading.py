@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from rlhfstack.runtime import require
+
 from .adapters import Kind, adapt, detect_adapter, get_adapter
 from .collate import filter_by_length
 from .schemas import (
@@ -312,8 +314,7 @@ def _iter_hub_rows(source: str) -> Iterator[_Row]:
     name, _, split = spec.partition(":")
     if not name:
         raise ValueError(f"bad hub source {source!r}; expected hf://org/name[:split]")
-    import datasets  # local import: slow, and only needed for hub sources
-
+    datasets = require("datasets", f"the hub source {source}")  # slow: imported only here
     ds = datasets.load_dataset(name, split=split or "train")
     for i, row in enumerate(ds):
         yield _Row(None, i, record=dict(row))
@@ -581,6 +582,5 @@ def load_prompts(
 
 def to_hf_dataset(examples: Sequence[Example]) -> datasets.Dataset:
     """A ``datasets.Dataset`` with one column per example field (for ``.map`` / ``.shuffle``)."""
-    import datasets
-
+    datasets = require("datasets", "to_hf_dataset")
     return datasets.Dataset.from_list([dataclasses.asdict(e) for e in examples])

@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 from safetensors import safe_open
 
-from rlhfstack.runtime import atomic_write_text, read_jsonl
+from rlhfstack.runtime import atomic_write_text, read_jsonl, require
 
 
 def _ci(d: dict) -> str:
@@ -81,9 +81,7 @@ def _plot_gold_vs_proxy(art: Path) -> str | None:
     rows = [r for r in read_jsonl(mpath) if "eval/gold_reward" in r]
     if len(rows) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]

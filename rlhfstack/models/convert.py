@@ -56,7 +56,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rlhfstack.distributed import CKPT_EXTRA, latest_checkpoint, read_checkpoint_tensors
 from rlhfstack.models.card import write_card
 from rlhfstack.models.core import DTYPES
-from rlhfstack.runtime import atomic_dir
+from rlhfstack.runtime import atomic_dir, require
 
 Tensor = torch.Tensor
 ShardKey = tuple[int, int]  # (tp_rank, pp_rank)
@@ -699,7 +699,8 @@ def ckpt_to_hf(
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     is_lora = any(".lora_A." in k for k in policy_sd)
     if is_lora:
-        from peft import LoraConfig, get_peft_model
+        peft = require("peft", "a LoRA checkpoint")
+        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
         a_keys = [k for k in policy_sd if ".lora_A." in k]
         r = int(policy_sd[a_keys[0]].shape[0])
@@ -760,7 +761,7 @@ def export_hf(
         ]
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     if lora_adapter is not None:
-        from peft import PeftModel
+        PeftModel = require("peft", "merging a LoRA adapter").PeftModel
 
         model = PeftModel.from_pretrained(model, str(lora_adapter)).merge_and_unload()
     model = model.to(DTYPES[dtype])

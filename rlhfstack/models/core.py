@@ -35,7 +35,7 @@ from rlhfstack.losses import (
     logprobs_from_logits,
 )
 from rlhfstack.models.paths import resolve_model_path
-from rlhfstack.runtime import atomic_dir
+from rlhfstack.runtime import atomic_dir, require
 
 log = logging.getLogger("rlhfstack.models")
 
@@ -117,6 +117,7 @@ def load_causal_lm(
     if lora is not None and getattr(lora, "quantize_4bit", False):
         if not torch.cuda.is_available():
             raise RuntimeError("model.lora.quantize_4bit (QLoRA) needs a CUDA GPU and bitsandbytes")
+        require("bitsandbytes", "model.lora.quantize_4bit=true")
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -131,16 +132,12 @@ def load_causal_lm(
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if lora is not None and getattr(lora, "enabled", False):
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
+        peft = require("peft", "model.lora.enabled=true")
         if getattr(lora, "quantize_4bit", False):
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model)
-        model = get_peft_model(
+            model = peft.prepare_model_for_kbit_training(model)
+        model = peft.get_peft_model(
             model,
-            PeftLoraConfig(
+            peft.LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rlhfstack.rollout.generate import Generation
+from rlhfstack.runtime import require
 
 
 class VLLMRollout:
@@ -32,12 +33,7 @@ class VLLMRollout:
         seed: int = 0,
         max_model_len: int | None = None,
     ) -> None:
-        try:
-            from vllm import LLM
-        except ImportError as err:  # pragma: no cover - GPU-only dependency
-            raise RuntimeError(
-                "rollout.backend=vllm needs vLLM and a CUDA GPU: pip install '.[gpu]'"
-            ) from err
+        LLM = require("vllm", "rollout.backend=vllm").LLM
         if not torch.cuda.is_available():  # pragma: no cover
             raise RuntimeError("rollout.backend=vllm needs a CUDA GPU")
         self.llm = LLM(
@@ -78,7 +74,7 @@ class VLLMRollout:
         **_: Any,
     ) -> Generation:
         """Same contract as ``rlhfstack.rollout.generate.generate`` (no top-k/top-p)."""
-        from vllm import SamplingParams
+        SamplingParams = require("vllm", "rollout.backend=vllm").SamplingParams
 
         stops = list(stop_ids) if stop_ids is not None else [eos_id]
         params = SamplingParams(

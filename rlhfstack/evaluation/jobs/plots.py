@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from rlhfstack.evaluation.overopt import gao_curve
+from rlhfstack.runtime import require
 
 __all__ = ["plot_overoptimization", "plot_reliability"]
 
@@ -20,9 +21,7 @@ def plot_reliability(
     rel: dict, path: str | os.PathLike, title: str = "reward model calibration"
 ) -> Path:
     """Reliability diagram PNG (written to a temporary name, then renamed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -57,9 +56,7 @@ def plot_overoptimization(
 ) -> Path:
     """Gold and proxy reward against ``d = sqrt(KL)`` with their fitted Gao curves (two panels,
     since the two rewards are on different scales); the gold peak ``d*`` is marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     d_C = np.sqrt(np.clip(data["kl"], 0.0, None))
