@@ -104,7 +104,7 @@ class DataConfig:
     train_path: str | None = free(
         None, "a data path: checked when the stage starts (training.check_paths)"
     )
-    """Training file (json, jsonl, jsonl.gz, csv), relative to ``data_root`` unless absolute; or ``hf://org/name:split``."""
+    """Training file (json, jsonl, jsonl.gz, csv, parquet), relative to ``data_root`` unless absolute; or ``hf://org/name:split``."""
     eval_path: str | None = free(
         None, "a data path: checked when the stage starts (training.check_paths)"
     )
