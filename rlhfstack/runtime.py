@@ -36,7 +36,6 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str | None]] = {
     "bitsandbytes": ("bitsandbytes", "gpu"),
     "lm_eval": ("lm-eval", "eval"),
     "gguf": ("gguf", "rm-gemma"),
-    "megatron.core": ("megatron-core", "megatron"),
     # dependencies of every install, imported only where used (slow, or rarely needed)
     "peft": ("peft", None),
     "matplotlib": ("matplotlib", None),
