@@ -38,6 +38,7 @@ Usage: ``python bench/gpu_check.py [--dry-run] [--parts mfu,rollout,ppo,qlora] [
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -410,7 +411,11 @@ def part_qlora(dry: bool, device: str, deadline: float) -> dict[str, Any]:
         return {"status": "skipped", "reason": "bitsandbytes is not installed"}
     shape = "tiny" if dry else "1b"
     work = Path(tempfile.mkdtemp(prefix="gpu_check_qlora_"))
-    _random_llama(shape, "cpu", torch.bfloat16, 512).save_pretrained(work / "base")
+    base = _random_llama(shape, device, torch.bfloat16, 512)  # initialized on the GPU: faster
+    base.save_pretrained(work / "base")
+    del base
+    gc.collect()
+    torch.cuda.empty_cache()
     lora = SimpleNamespace(
         enabled=True,
         quantize_4bit=True,

@@ -94,7 +94,7 @@ def mismatch_sums(
     t = trainer_logprobs_BT.detach().double()
     r = rollout_logprobs_BT.detach().double()
     gap = logprob_gap(t, r, mask_b)
-    zero = torch.zeros((), dtype=gap.dtype)
+    zero = torch.zeros((), dtype=gap.dtype, device=gap.device)
     k3 = torch.where(mask_b, kl_k3(r, t), zero)  # (e^gap - 1) - gap, gap = log(pi_old / mu)
     out = {
         "tokens": float(mask_b.sum()),
