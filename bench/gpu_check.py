@@ -52,7 +52,14 @@ from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DATA_ROOT = Path(os.environ.get("RLHF_DATA_ROOT", REPO.parent / "shared" / "data"))
+#: $RLHF_DATA_ROOT, else ../shared/data (the Makefile's default), else ./shared/data
+DATA_ROOT = Path(
+    os.environ.get("RLHF_DATA_ROOT")
+    or next(
+        (d for d in (REPO.parent / "shared" / "data", REPO / "shared" / "data") if d.is_dir()),
+        REPO.parent / "shared" / "data",
+    )
+)
 STORIES = DATA_ROOT / "models" / "stories260K"
 
 PARTS = ("mfu", "rollout", "ppo", "qlora")
