@@ -284,6 +284,7 @@ RECIPE_EXCLUDE: tuple[str, ...] = (
     "rollout.compile",
     "rollout.packed_weights",
     "ppo.logprobs_from_rollout",
+    "ppo.mismatch_threshold",
     # PPO: the runaway-KL guard stops a run; it does not change the math of one that goes on
     "kl.stop_multiple",
     "kl.stop_patience",
