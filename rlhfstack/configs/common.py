@@ -209,7 +209,8 @@ class LoggingConfig:
     wandb_project: str = free("rlhfstack", "a W&B project name, any text")
     """W&B project name."""
     plots: bool = True
-    """Write PNG plots of the logged metrics at the end of the run."""
+    """Draw the stage's dashboard (``run_dir/dashboard.png``, a grid of its logged diagnostics)
+    at every evaluation (``trainer.eval_every``; PPO: also every gold evaluation) and at the end."""
 
 
 @dataclass
