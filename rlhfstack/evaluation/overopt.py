@@ -205,32 +205,38 @@ def plot_gao_fits(
     rewards: dict[str, np.ndarray],
     form: str = "rl",
     colors: Sequence[str] = ("tab:orange", "tab:blue", "tab:green"),
+    fits: dict[str, dict[str, Any] | None] | None = None,
 ) -> dict[str, dict[str, Any] | None]:
     """Draw each reward of ``rewards`` (name -> shape (C,)) against ``d = sqrt(KL)`` on the
     matplotlib axes ``ax``: the checkpoints as unjoined markers (checkpoints are not ordered in
     ``d``: a policy's KL goes down as well as up), and, where there are enough points
-    (:func:`fit_gao`: 3), the fitted Gao curve of ``form`` over a grid. Returns the fits (None
+    (:func:`fit_gao` with an offset: 3), the fitted Gao curve of ``form`` over a grid; ``fits``
+    (name -> a :func:`fit_gao` result or None) draws given fits instead. Returns the fits (None
     where there were too few points). Takes the axes, so it needs no matplotlib import."""
     d_C = np.sqrt(np.clip(np.asarray(kl_C, dtype=np.float64), 0.0, None))
     finite = d_C[np.isfinite(d_C)]
     grid = np.linspace(0.0, max(float(finite.max()) * 1.15 if finite.size else 0.0, 1e-3), 200)
-    fits: dict[str, dict[str, Any] | None] = {}
+    drawn: dict[str, dict[str, Any] | None] = {}
     for (name, y_C), color in zip(rewards.items(), colors):
         ok = np.isfinite(d_C) & np.isfinite(y_C)
         ax.scatter(d_C[ok], y_C[ok], s=18, color=color, label=name, zorder=3)
-        try:
-            fit = fit_gao(d_C, y_C, offset=True, form=form)
-        except ValueError:  # too few points yet
-            fits[name] = None
+        if fits is not None:
+            fit = fits.get(name)
+        else:
+            try:
+                fit = fit_gao(d_C, y_C, offset=True, form=form)
+            except ValueError:  # too few points yet
+                fit = None
+        drawn[name] = fit
+        if fit is None:
             continue
-        fits[name] = fit
         ax.plot(
             grid,
-            gao_curve(grid, fit["alpha"], fit["beta"], fit["offset"], form),
+            gao_curve(grid, fit["alpha"], fit["beta"], fit["offset"], fit.get("form", form)),
             color=color,
             lw=1.3,
             alpha=0.8,
-            label=f"{name} fit ({form}, R2={fit['r2']:.2f})",
+            label=f"{name} fit ({fit.get('form', form)}, R2={fit['r2']:.2f})",
         )
     ax.set_xlabel("d = sqrt(KL(pi || pi_0))")
-    return fits
+    return drawn

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from rlhfstack.dashboard import Panel
-from rlhfstack.evaluation.overopt import GOLD_KEY, KL_KEY, PROXY_KEY, gao_curve, plot_gao_fits
+from rlhfstack.evaluation.overopt import GOLD_KEY, KL_KEY, PROXY_KEY, plot_gao_fits
 
 __all__ = ["gold_proxy_panel", "plot_overoptimization", "plot_reliability", "ppo_dashboard_panels"]
 
@@ -110,31 +110,19 @@ def plot_overoptimization(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d_C = np.sqrt(np.clip(data["kl"], 0.0, None))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    grid = np.linspace(0.0, max(float(d_C.max()) * 1.15, 1e-3), 200)
+    grid_end = max(float(np.sqrt(np.clip(data["kl"], 0.0, None)).max()) * 1.15, 1e-3)
     for ax, key, color in ((axes[0], "gold", "tab:orange"), (axes[1], "proxy", "tab:blue")):
-        y = data[key]
-        ok = np.isfinite(y)
-        ax.scatter(d_C[ok], y[ok], s=18, color=color, label=f"{key} reward")
+        plot_gao_fits(ax, data["kl"], {key: data[key]}, colors=(color,), fits={key: fits.get(key)})
         fit = fits.get(key)
-        if fit is not None:
-            ax.plot(
-                grid,
-                gao_curve(grid, fit["alpha"], fit["beta"], fit["offset"]),
-                color=color,
-                lw=1.5,
-                alpha=0.8,
-                label=f"fit a={fit['alpha']:.3g} b={fit['beta']:.3g} (R2={fit['r2']:.2f})",
+        if fit is not None and fit.get("d_star") is not None and fit["d_star"] <= grid_end:
+            ax.axvline(
+                fit["d_star"],
+                color="k",
+                ls="--",
+                lw=1,
+                label=f"d*={fit['d_star']:.3g} (KL*={fit['kl_star']:.3g})",
             )
-            if fit.get("d_star") is not None and fit["d_star"] <= grid[-1]:
-                ax.axvline(
-                    fit["d_star"],
-                    color="k",
-                    ls="--",
-                    lw=1,
-                    label=f"d*={fit['d_star']:.3g} (KL*={fit['kl_star']:.3g})",
-                )
         ax.set_xlabel("d = sqrt(KL(pi || pi_0))  [sqrt nats]")
         ax.set_ylabel(f"{key} reward")
         ax.set_title(f"{key} reward vs sqrt(KL)")
