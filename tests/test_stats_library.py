@@ -109,6 +109,17 @@ def test_bootstrap_ci_is_paired_and_handles_degenerate_samples():
     x = np.arange(50, dtype=float)
     lo, hi = bootstrap_ci((x, x.copy()), lambda a, b, axis: np.mean(a - b, axis=axis), n_boot=200)
     assert lo == hi == 0.0
+    # a statistic undefined on some resamples (NaN): left out of the percentiles, no warning
+    x = np.arange(30, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lo, hi = bootstrap_ci(
+            (x,), lambda v: np.nan if v.mean() > 16 else v.mean(), n_boot=300, vectorized=False
+        )
+    assert 10 < lo < hi <= 16
+    # one item: every resample is that item (as the old code gave)
+    assert bootstrap_mean_ci([0.5], n_boot=100)["ci95"] == [0.5, 0.5]
+    assert alignment_tax({"a": 1.0}, {"a": 0.0}, n_boot=50)["ci95"] == [-1.0, -1.0]
     # all wins: a percentile interval [1, 1] (BCa would give NaN here)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

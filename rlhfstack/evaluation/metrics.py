@@ -12,6 +12,7 @@ Conventions:
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -52,24 +53,29 @@ def bootstrap_ci(
     and BCa's jackknife would refit a non-vectorized statistic (the length-controlled model)
     once per item. ``statistic`` takes the arrays and ``axis`` when ``vectorized``; a NaN from a
     resample where it is undefined (e.g. a refit that cannot be done) is left out of the
-    percentiles. ``n_boot == 0`` gives ``[nan, nan]``.
+    percentiles. ``n_boot == 0`` gives ``[nan, nan]``; one item gives its own statistic twice.
     """
     if n_boot == 0:
         return [float("nan"), float("nan")]
     arrays = tuple(np.asarray(d, dtype=np.float64).reshape(-1) for d in data)
     n = arrays[0].shape[0]
-    res = scipy.stats.bootstrap(
-        arrays,
-        statistic,
-        n_resamples=n_boot,
-        # bounds memory at ~2M resampled values per batch for large n * n_boot
-        batch=max(1, 2_000_000 // max(n, 1)),
-        vectorized=vectorized,
-        paired=True,
-        confidence_level=1.0 - alpha,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
+    if n == 1:  # every resample is the one item (scipy wants two or more)
+        v = float(statistic(*arrays, axis=-1) if vectorized else statistic(*arrays))
+        return [v, v]
+    with warnings.catch_warnings():  # a NaN end is handled below
+        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        res = scipy.stats.bootstrap(
+            arrays,
+            statistic,
+            n_resamples=n_boot,
+            # bounds memory at ~2M resampled values per batch for large n * n_boot
+            batch=max(1, 2_000_000 // max(n, 1)),
+            vectorized=vectorized,
+            paired=True,
+            confidence_level=1.0 - alpha,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     if np.isnan(lo) or np.isnan(hi):
         dist_R = res.bootstrap_distribution
