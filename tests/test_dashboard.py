@@ -165,3 +165,21 @@ def test_no_dashboard_without_logging_plots(arts, tmp_path):
     run_dir = tmp_path / "sft"
     sft.train(_sft_cfg(arts, run_dir, plots=False))
     assert not list(run_dir.rglob("*.png"))
+
+
+def test_a_drawing_failure_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    """The picture must not cost the run: refresh_dashboard logs the error and goes on."""
+    from types import SimpleNamespace
+
+    from rlhfstack import training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(training, "write_dashboard", broken)
+    run = SimpleNamespace(
+        is_main=True, cfg=SimpleNamespace(logging=SimpleNamespace(plots=True)), run_dir=tmp_path
+    )
+    with caplog.at_level("WARNING", logger="rlhfstack"):
+        assert training.refresh_dashboard(run) is None
+    assert "dashboard not drawn: RuntimeError: no fonts" in caplog.text
