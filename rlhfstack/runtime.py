@@ -329,46 +329,6 @@ class RunLogger:
             self._wandb = None
 
 
-def plot_metrics(
-    metrics_path: str | os.PathLike, out_dir: str | os.PathLike, keys: list[str] | None = None
-) -> list[Path]:
-    """One PNG per numeric metric in ``metrics.jsonl`` (against ``step``). Returns the paths."""
-    require("matplotlib", "logging.plots=true").use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_jsonl(metrics_path)
-    if not rows:
-        return []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = keys or sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
-    paths = []
-    for name in names:
-        if name == "step":
-            continue
-        pts = [
-            (r["step"], r[name])
-            for r in rows
-            if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])
-        ]
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
-        ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out / f"{name.replace('/', '_')}.png"
-        tmp = p.with_name(f".{p.name}.tmp.png")
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        os.replace(tmp, p)
-        paths.append(p)
-    return paths
-
-
 # ----------------------------------------------------------------------------- timing
 
 

@@ -15,7 +15,7 @@ import logging
 import math
 import shutil
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from torch import nn
 
 from rlhfstack import distributed
 from rlhfstack.configs import recipe_diff, recipe_hash, recipe_of, validate
+from rlhfstack.dashboard import TRAINING_PANELS, Panel, write_dashboard
 from rlhfstack.data.collate import pairs_share_prompts
 from rlhfstack.data.loading import HUB_PREFIX, resolve_data_path
 from rlhfstack.data.schemas import LoadReport
@@ -39,7 +40,6 @@ from rlhfstack.runtime import (
     RunLogger,
     atomic_write_text,
     exit_on_missing_package,
-    plot_metrics,
     rng_state,
     save_resolved_config,
     seed_everything,
@@ -705,6 +705,19 @@ def load_train_eval(
     return train, held
 
 
+def refresh_dashboard(run: Run, panels: Sequence[Panel] = TRAINING_PANELS) -> Path | None:
+    """Redraw ``run_dir/dashboard.png`` from ``metrics.jsonl`` (rank 0, when ``logging.plots``);
+    called at every evaluation and at the end of a stage. A drawing failure is logged, never
+    raised: the picture must not cost the run."""
+    if not (run.is_main and run.cfg.logging.plots):
+        return None
+    try:
+        return write_dashboard(run.run_dir, panels, title=str(run.run_dir))
+    except Exception as err:  # matplotlib's errors have no common base class
+        log.warning("dashboard not drawn: %s: %s", type(err).__name__, err)
+        return None
+
+
 def finish_stage(
     run: Run,
     stage: str,
@@ -712,19 +725,20 @@ def finish_stage(
     *,
     model: nn.Module | None = None,
     tokenizer: Any = None,
+    dashboard: Sequence[Panel] = TRAINING_PANELS,
     **done_info: Any,
 ) -> Path:
     """End a stage: ``model`` (when given) in eval mode saved with ``tokenizer`` to
-    ``run_dir/model`` in HF format, the metrics log closed, plots of ``metrics.jsonl`` when
-    ``logging.plots`` (and its model card, ``model/README.md``), then ``run_dir/done.json`` (stage, steps, cost summary, ``done_info``),
-    written last because it marks the stage finished. Returns ``run_dir``."""
+    ``run_dir/model`` in HF format (with its model card, ``model/README.md``), the metrics log
+    closed, the ``dashboard`` panels drawn into ``run_dir/dashboard.png`` when ``logging.plots``,
+    then ``run_dir/done.json`` (stage, steps, cost summary, ``done_info``), written last because it
+    marks the stage finished. Returns ``run_dir``."""
     if model is not None:
         model.eval()
         save_hf(model, tokenizer, run.run_dir / "model")
         write_stage_card(run.cfg, stage, steps, run.run_dir / "model")
     run.logger.close()
-    if run.cfg.logging.plots:
-        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
+    refresh_dashboard(run, dashboard)
     write_stage_done(
         run.run_dir, {"stage": stage, "steps": steps, "cost": run.cost.summary(), **done_info}
     )
@@ -950,6 +964,8 @@ def train_loop(
                 agg.update(guard.checked(step, final, "final evaluation", collective=False))
             if step % tcfg.log_every == 0 or step == steps:
                 run.logger.log(step, agg)
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < steps:
+                refresh_dashboard(run)  # the last step's is drawn by finish_stage
             guard.passed(step, agg)
             if step % 20 == 0 or step == steps:
                 log.info("step %d/%d loss %.4f", step, steps, agg["loss"])

@@ -55,6 +55,7 @@ from rlhfstack import distributed
 from rlhfstack.configs import PPOConfig, validate
 from rlhfstack.data.collate import count_long_prompts
 from rlhfstack.data.loading import load_prompts
+from rlhfstack.evaluation.jobs.plots import ppo_dashboard_panels
 from rlhfstack.losses import (
     ADVANTAGE_ESTIMATORS,
     CRITIC_FREE_ESTIMATORS,
@@ -108,6 +109,7 @@ from rlhfstack.training import (
     finish_stage,
     load_policy,
     load_train_eval,
+    refresh_dashboard,
     setup_run,
 )
 
@@ -232,6 +234,9 @@ class PPOTrainer:
         self.critic_free = pcfg.advantage_estimator in CRITIC_FREE_ESTIMATORS
         self.G = cfg.rollout.samples_per_prompt
         self.dp, self.rank = run.dist.dp, run.dist.dp_rank
+        # run_dir/dashboard.png: the KL panel shows the adaptive controller's target
+        adaptive = cfg.kl.controller == "adaptive"
+        self.dashboard = ppo_dashboard_panels(cfg.kl.target if adaptive else None)
         self.B = tcfg.batch_size  # global responses; this rank rolls out Bl = B / dp of them
         self.Bl = self.B // self.dp
         self.mb_size = self.Bl // pcfg.num_minibatches
@@ -738,7 +743,13 @@ class PPOTrainer:
             save_value_model(self.value, run.run_dir / VALUE_FILE)
         atomic_write_json(run.run_dir / "kl_controller.json", self.kl_ctl.state_dict())
         return finish_stage(
-            run, "ppo", cfg.trainer.max_steps, model=self.policy, tokenizer=self.tok, **done_info
+            run,
+            "ppo",
+            cfg.trainer.max_steps,
+            model=self.policy,
+            tokenizer=self.tok,
+            dashboard=self.dashboard,
+            **done_info,
         )
 
 
@@ -815,6 +826,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 metrics.update(trainer.gold_eval(dev_prompts, gold))
             if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
+            evaluated = gold_now or bool(tcfg.eval_every and step % tcfg.eval_every == 0)
+            if evaluated and step < tcfg.max_steps:  # the last one is drawn by finish()
+                refresh_dashboard(run, trainer.dashboard)
             trainer.guard.passed(step, metrics)
             log.info(
                 "step %d score %.3f kl %.3f beta %.4f len %.1f pg %.4f vf %.4f ratio0 %.6f",
