@@ -43,6 +43,7 @@ from rlhfstack.evaluation.winrate import (
     pair_samples,
 )
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
+from rlhfstack.progress import track
 from rlhfstack.rollout.generate import sample_texts
 from rlhfstack.runtime import (
     atomic_write_json,
@@ -282,7 +283,7 @@ def generate_completions(
             return client.complete([{"role": "user", "content": p}], **params)
 
         with ThreadPoolExecutor(max_workers=max(1, gen.concurrency)) as pool:
-            texts = list(pool.map(one, prompts))
+            texts = list(track(pool.map(one, prompts), "request", total=len(prompts), unit="req"))
     else:
         if not Path(model).is_dir():
             raise FileNotFoundError(f"model {model!r}: neither a directory nor an http(s) endpoint")
@@ -298,6 +299,7 @@ def generate_completions(
             greedy=gen.greedy,
             batch_size=gen.batch_size,
             seed=seed,
+            progress="sample",
             device=device,
         )
     return [cut_at_stop(t, gen.stop) for t in texts]
