@@ -23,6 +23,7 @@ import logging
 import logging.handlers
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,23 @@ def _tag(handler: logging.Handler) -> None:
 def configure_logging(level: int = logging.INFO) -> None:
     """Make every root handler tag records with their stage: a console handler at ``level`` when
     the root has none (Hydra's handlers when a recipe runs), then each handler gets a
-    :class:`StageFilter` and the :data:`STAGE_FORMAT` format (its date format kept)."""
+    :class:`StageFilter` and the :data:`STAGE_FORMAT` format (its date format kept). The
+    ``rlhfstack`` logger gets ``level`` unless it has one; transformers' records (when it is
+    imported) go to the root's handlers rather than its own."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=level)
     for handler in root.handlers:
         _tag(handler)
+    # transformers prints through a handler of its own and stops its records at its logger:
+    # routed to the root instead, they get the stage tag and reach the stage's and pipeline's logs
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+    package = logging.getLogger("rlhfstack")
+    if package.level == logging.NOTSET:  # the project's records pass a root left at WARNING
+        package.setLevel(level)
 
 
 def open_stage_log(stage: str, run_dir: str | os.PathLike) -> Path:

@@ -32,9 +32,12 @@ T = TypeVar("T")
 log = logging.getLogger("rlhfstack.progress")
 
 #: seconds between two log lines of a loop without ``every``
-DEFAULT_INTERVAL = 15.0
+DEFAULT_INTERVAL = 10.0
 
 _mode: dict[str, str | None] = {"forced": None}
+
+#: the clock of rates and intervals (a module attribute so that tests can drive it)
+_now = time.perf_counter
 
 
 def set_mode(mode: str | None) -> None:
@@ -105,7 +108,8 @@ class Progress:
     ``desc``: what is counted, first word of each line (``step``, ``sample``, ``judgment``);
     ``unit``: the rate's unit; ``initial``: updates already done (a resumed run: the rate counts
     only this run's); ``every``: a line every N updates (None: by time, every ``interval``
-    seconds); ``enabled``: False draws and logs nothing (ranks other than 0)."""
+    seconds, default :data:`DEFAULT_INTERVAL`); ``enabled``: False draws and logs nothing (ranks
+    other than 0)."""
 
     def __init__(
         self,
@@ -114,19 +118,20 @@ class Progress:
         *,
         unit: str = "it",
         every: int | None = None,
-        interval: float = DEFAULT_INTERVAL,
+        interval: float | None = None,
         initial: int = 0,
         enabled: bool = True,
         logger: logging.Logger | None = None,
     ) -> None:
         self.total, self.desc, self.unit = int(total), desc, unit
-        self.every, self.interval = every, interval
+        self.every = every
+        self.interval = DEFAULT_INTERVAL if interval is None else interval
         self.done = self.initial = int(initial)
         self.enabled = enabled
         self.log = logger or log
         self.postfix: dict[str, Any] = {}
         self.lines = 0
-        self._t0 = self._last_line = time.perf_counter()
+        self._t0 = self._last_line = _now()
         self._bar = None
         self._redirect: contextlib.ExitStack | None = None
         if enabled and total > 0 and bar_wanted():
@@ -153,7 +158,7 @@ class Progress:
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self._t0
+        return _now() - self._t0
 
     @property
     def rate(self) -> float:
@@ -190,7 +195,7 @@ class Progress:
             if postfix:
                 self._bar.set_postfix({k: _fmt_value(v) for k, v in postfix.items()}, refresh=False)
             self._bar.update(n)
-        now = time.perf_counter()
+        now = _now()
         finished = self.done >= self.total
         if self.every:
             due = self.done % self.every == 0 or finished
@@ -223,7 +228,7 @@ def track(
     total: int | None = None,
     unit: str = "it",
     every: int | None = None,
-    interval: float = DEFAULT_INTERVAL,
+    interval: float | None = None,
     enabled: bool = True,
 ) -> Iterator[T]:
     """Yield the items of ``iterable`` while a :class:`Progress` counts them."""
