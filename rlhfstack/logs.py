@@ -107,7 +107,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     the root has none (Hydra's handlers when a recipe runs), then each handler gets a
     :class:`StageFilter` and the :data:`STAGE_FORMAT` format (its date format kept). The
     ``rlhfstack`` logger gets ``level`` unless it has one; transformers' records (when it is
-    imported) go to the root's handlers rather than its own."""
+    imported) go to the root's handlers rather than its own, and so do Python warnings."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=level)
@@ -119,6 +119,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     if hf_logging is not None:
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
+    logging.captureWarnings(True)  # Python warnings too: tagged, and in the log files
     package = logging.getLogger("rlhfstack")
     if package.level == logging.NOTSET:  # the project's records pass a root left at WARNING
         package.setLevel(level)

@@ -728,13 +728,7 @@ def finish_stage(
         plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
     cost = run.cost.summary()
     write_stage_done(run.run_dir, {"stage": stage, "steps": steps, "cost": cost, **done_info})
-    log_stage_summary(
-        stage,
-        run.run_dir,
-        steps=steps,
-        cost=cost,
-        model_dir=run.run_dir / "model" if model else None,
-    )
+    log_stage_summary(stage, run.run_dir, steps=steps, cost=cost)
     close_stage_log()
     return run.run_dir
 
@@ -775,7 +769,8 @@ def stage_summary(
 ) -> list[str]:
     """The lines of a stage's closing block: where its model, metrics, plots and log are; its
     steps; wall and CPU time (and tokens); its headline metrics (by default
-    :func:`headline_metrics`). Only the outputs that exist are named."""
+    :func:`headline_metrics`). Only the outputs that exist are named; ``model_dir`` defaults
+    to ``run_dir/model``."""
     run_dir = Path(run_dir)
     cost = cost or {}
     head = f"== {stage} done"
@@ -795,8 +790,7 @@ def stage_summary(
             lines.append(f"   {label:<8} {path}{extra}")
 
     where("run_dir", run_dir)
-    if model_dir is not None:
-        where("model", Path(model_dir))
+    where("model", Path(model_dir) if model_dir is not None else run_dir / "model")
     tb = run_dir / "tb"
     where("metrics", run_dir / "metrics.jsonl", f" (TensorBoard: {tb})" if tb.exists() else "")
     plots = run_dir / "plots"

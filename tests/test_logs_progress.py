@@ -305,8 +305,11 @@ def test_every_stage_of_the_smoke_pipeline_writes_a_tagged_log_ending_in_its_sum
         text = "\n".join(lines)
         assert f"- == {stage} done" in text, stage
         assert f"   log      {smoke / stage / (stage + '.log')}" in text, stage
+    for stage in ("sft", "rm", "ppo", "dpo"):  # where each trained model is
+        assert (
+            f"   model    {smoke / stage / 'model'}" in (smoke / stage / f"{stage}.log").read_text()
+        )
     sft = (smoke / "sft" / "sft.log").read_text()
-    assert f"   model    {smoke / 'sft' / 'model'}" in sft
     assert re.search(r"step 2/2 loss [\d.]+ .*\[100%, .* ETA 0:00\]", sft)
     assert "sampling 4 completions" in (smoke / "data" / "data.log").read_text()
     ev = (smoke / "eval" / "eval.log").read_text()

@@ -195,7 +195,8 @@ class TrainerConfig:
     eval_every: int = nonnegative(0)
     """Evaluate every N steps; 0 only at the end."""
     log_every: int = at_least(1, lo=1)
-    """Write metrics every N steps."""
+    """A metrics row and a progress line (loss, rate, ETA) every N steps and at the last; a step
+    with an evaluation also gets its row."""
 
 
 @dataclass
