@@ -137,8 +137,8 @@ def open_stage_log(stage: str, run_dir: str | os.PathLike) -> Path:
     handler.setLevel(logging.INFO)
     handler.setFormatter(StageFormatter())
     handler.addFilter(StageFilter())
+    _current["file"] = handler  # first: forward_from_children's thread must skip it at once
     logging.getLogger().addHandler(handler)
-    _current["file"] = handler
     set_stage(stage)
     return path
 
@@ -177,6 +177,17 @@ def log_to_queue(queue: Any, stage: str, level: int = logging.INFO) -> None:
     set_stage(stage)
 
 
+class _ToRootHandlers(logging.Handler):
+    """Hands a record to the root's handlers of the moment, except the open stage log (it
+    belongs to the stage running in this process): a console handler that a progress bar
+    swapped for its own (records printed above the bar) is the one used."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in list(logging.getLogger().handlers):
+            if handler is not _current["file"] and record.levelno >= handler.level:
+                handler.handle(record)
+
+
 @contextlib.contextmanager
 def forward_from_children() -> Iterator[Any]:
     """A queue for :func:`log_to_queue` in spawned processes; while the block runs, a listener
@@ -184,8 +195,7 @@ def forward_from_children() -> Iterator[Any]:
     belongs to the stage running here). On exit the records still queued are written first."""
     configure_logging()
     queue = mp.get_context("spawn").Queue()
-    handlers = [h for h in logging.getLogger().handlers if h is not _current["file"]]
-    listener = logging.handlers.QueueListener(queue, *handlers, respect_handler_level=True)
+    listener = logging.handlers.QueueListener(queue, _ToRootHandlers())
     listener.start()
     try:
         yield queue

@@ -315,3 +315,18 @@ def test_every_stage_of_the_smoke_pipeline_writes_a_tagged_log_ending_in_its_sum
     ev = (smoke / "eval" / "eval.log").read_text()
     assert "Win-rates on the test split" in ev and re.search(r"Targets \(\d of 3 met\)", ev)
     assert f"report: {smoke / 'EVAL_REPORT.md'}" in ev
+
+
+def test_the_llm_judge_reports_progress_after_announcing_its_requests(monkeypatch, caplog):
+    from test_judges_llm import PROMPTS, A, B, FakeChatServer, _judge
+
+    from rlhfstack.evaluation.judges import JudgmentCache
+
+    monkeypatch.setattr(progress, "DEFAULT_INTERVAL", 0.0)  # a line per answer
+    with caplog.at_level(logging.INFO, logger="rlhfstack"), FakeChatServer() as server:
+        _judge(server, "longer", JudgmentCache(None)).judge(PROMPTS, A, B)
+    msgs = [r.getMessage() for r in caplog.records]
+    start = next(i for i, m in enumerate(msgs) if "6 judgments to request" in m)
+    done = [int(m[1]) for m in (re.search(r"judgment (\d)/6 \[.*ETA ", x) for x in msgs) if m]
+    assert done == [1, 2, 3, 4, 5, 6]
+    assert all(i > start for i, x in enumerate(msgs) if "judgment " in x and "/6 [" in x)
