@@ -98,7 +98,7 @@ def format_rate(per_second: float, unit: str) -> str:
 
 def _fmt_value(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}" if math.isfinite(v) and abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+        return f"{v:.4f}" if v == 0 or (math.isfinite(v) and abs(v) >= 1e-3) else f"{v:.3g}"
     return str(v)
 
 
@@ -198,7 +198,7 @@ class Progress:
         now = _now()
         finished = self.done >= self.total
         if self.every:
-            due = self.done % self.every == 0 or finished
+            due = self.done // self.every > (self.done - n) // self.every or finished
         else:
             due = now - self._last_line >= self.interval or (finished and self.lines > 0)
         if due:

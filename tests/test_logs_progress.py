@@ -330,3 +330,12 @@ def test_the_llm_judge_reports_progress_after_announcing_its_requests(monkeypatc
     done = [int(m[1]) for m in (re.search(r"judgment (\d)/6 \[.*ETA ", x) for x in msgs) if m]
     assert done == [1, 2, 3, 4, 5, 6]
     assert all(i > start for i, x in enumerate(msgs) if "judgment " in x and "/6 [" in x)
+
+
+def test_progress_every_n_counts_crossings_when_updates_are_larger_than_one(caplog):
+    with caplog.at_level(logging.INFO, logger="rlhfstack"):
+        with progress.Progress(10, "sample", every=4) as bar:
+            for n in (3, 3, 3, 1):
+                bar.update(n)
+    done = [int(re.match(r"sample (\d+)/10 ", r.getMessage())[1]) for r in caplog.records]
+    assert done == [6, 9, 10]  # past 4, past 8, the end

@@ -96,6 +96,7 @@ def _generate(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         device=device,
+        progress="sample",
     )
     out = []
     for t in texts:
