@@ -55,6 +55,14 @@ def set_default_stage(name: str) -> None:
     _current["default"] = name
 
 
+def tag_job(name: str) -> None:
+    """An evaluation job (``winrate``, ``rm_eval`` ...) names its records: handlers configured,
+    and ``name`` is the default tag unless a pipeline or an enclosing job set one already."""
+    configure_logging()
+    if _current["default"] == DEFAULT_STAGE:
+        set_default_stage(name)
+
+
 @contextlib.contextmanager
 def stage_context(stage: str) -> Iterator[None]:
     """Records logged inside the block are tagged ``stage`` (handlers configured first)."""

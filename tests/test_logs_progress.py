@@ -339,3 +339,11 @@ def test_progress_every_n_counts_crossings_when_updates_are_larger_than_one(capl
                 bar.update(n)
     done = [int(re.match(r"sample (\d+)/10 ", r.getMessage())[1]) for r in caplog.records]
     assert done == [6, 9, 10]  # past 4, past 8, the end
+
+
+def test_an_evaluation_job_names_its_records_unless_a_pipeline_did(collect):
+    logs.set_default_stage(logs.DEFAULT_STAGE)
+    logs.tag_job("hh_eval")
+    logs.tag_job("winrate")  # called inside hh_eval: the outer job's name stays
+    logging.getLogger("rlhfstack.winrate").info("judging")
+    assert collect.seen == [("hh_eval", "rlhfstack.winrate", "judging")]
