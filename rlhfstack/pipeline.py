@@ -13,13 +13,16 @@ are the same either way; only the wall time changes.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import multiprocessing as mp
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlhfstack import logs, progress
 from rlhfstack.configs import PipelineConfig, load_config, to_object
 from rlhfstack.tasks.demo import gold_scorer_for
 from rlhfstack.training import exit_on_divergence
@@ -57,9 +60,16 @@ def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
 
 
 def run_stage(stage: str, scfg: Any, command: str = "") -> None:
-    """Run one stage with its composed config (in this process)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    """Run one stage with its composed config (in this process); its records are tagged with
+    the stage, and its log ``<run_dir>/<stage>.log`` is closed when it ends, even on failure."""
+    with logs.stage_context(stage):
+        try:
+            _run_stage(stage, scfg, command)
+        finally:
+            logs.close_stage_log()
+
+
+def _run_stage(stage: str, scfg: Any, command: str) -> None:
     mod = importlib.import_module(STAGE_MODULES[stage])
     if stage == "ppo":
         gold = (
@@ -74,17 +84,37 @@ def run_stage(stage: str, scfg: Any, command: str = "") -> None:
         mod.train(scfg)
 
 
-def _run_stage_child(stage: str, scfg: Any, command: str) -> None:
-    """:func:`run_stage` in a background process: a diverged run logs one error paragraph and
-    exits with ``EXIT_DIVERGED`` (the parent reports the exit code)."""
-    with exit_on_divergence():
-        run_stage(stage, scfg, command)
+def _run_stage_child(stage: str, scfg: Any, command: str, log_queue: Any = None) -> None:
+    """:func:`run_stage` in a background process: its records (tagged ``stage``) go through
+    ``log_queue`` to the pipeline's handlers (``pipeline.log`` and the console), and it draws no
+    progress bar; the end of the stage is logged as soon as it finishes, a failure with its
+    traceback. A diverged run logs one error paragraph and exits with ``EXIT_DIVERGED`` (the
+    parent reports the exit code)."""
+    if log_queue is not None:
+        logs.log_to_queue(log_queue, stage)
+    progress.set_mode("lines")  # two bars on one terminal would overwrite each other
+    t0 = time.perf_counter()
+    try:
+        with exit_on_divergence():
+            run_stage(stage, scfg, command)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            log.error("== stage %s failed (exit code %s)", stage, e.code)
+        raise
+    except BaseException:
+        log.exception("== stage %s failed (background)", stage)
+        raise
+    if (Path(scfg.run_dir) / "done.json").exists():
+        log.info(
+            "== stage %s done (background, %s)",
+            stage,
+            progress.format_duration(time.perf_counter() - t0),
+        )
 
 
-def _spawn(stage: str, scfg: Any, command: str) -> Any:
-
+def _spawn(stage: str, scfg: Any, command: str, log_queue: Any = None) -> Any:
     p = mp.get_context("spawn").Process(
-        target=_run_stage_child, args=(stage, scfg, command), name=f"stage-{stage}"
+        target=_run_stage_child, args=(stage, scfg, command, log_queue), name=f"stage-{stage}"
     )
     p.start()
     return p
@@ -95,9 +125,13 @@ def run_pipeline(
 ) -> Path:
     """Run ``cfg.stages``; returns ``artifacts_dir``. ``spawn(stage, scfg, command)`` starts a
     stage in the background and returns a handle with ``is_alive()``, ``join()`` (blocks until
-    it ends), ``exitcode`` and ``terminate()`` (default: a spawned process; tests pass their own)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    it ends), ``exitcode`` and ``terminate()`` (default: a spawned process whose records reach
+    this process's handlers through a queue; tests pass their own).
+
+    Every record is tagged with its stage (``pipeline`` for the pipeline's own), and each stage
+    also writes ``<run_dir>/<stage>.log``."""
+    logs.configure_logging()
+    logs.set_default_stage("pipeline")
     unknown = [s for s in cfg.stages if s not in STAGE_MODULES]
     if unknown:
         raise ValueError(f"stages: unknown stage(s) {unknown}; choose from {list(STAGE_MODULES)}")
@@ -110,12 +144,21 @@ def run_pipeline(
             log.info("== %s: done.json exists, skipped", stage)
             continue
         todo.append((stage, scfg))
+    t0 = time.perf_counter()
     if cfg.jobs == 1:
         for stage, scfg in todo:
             log.info("== stage %s -> %s", stage, scfg.run_dir)
             run_stage(stage, scfg, command)
-        return Path(cfg.artifacts_dir)
-    _run_concurrently(todo, cfg, command, spawn or _spawn)
+    elif spawn is not None:
+        _run_concurrently(todo, cfg, command, spawn)
+    else:
+        with logs.forward_from_children() as queue:
+            _run_concurrently(todo, cfg, command, functools.partial(_spawn, log_queue=queue))
+    log.info(
+        "== pipeline done in %s: %s",
+        progress.format_duration(time.perf_counter() - t0),
+        ", ".join(f"{stage} -> {scfg.run_dir}" for stage, scfg in todo) or "nothing to run",
+    )
     return Path(cfg.artifacts_dir)
 
 
@@ -136,13 +179,15 @@ def _run_concurrently(
         handle, scfg = children.pop(stage)
         handle.join()
         if handle.exitcode != 0:
-            raise RuntimeError(f"stage {stage} failed (exit code {handle.exitcode}); see its log")
+            raise RuntimeError(
+                f"stage {stage} failed (exit code {handle.exitcode}); see its log "
+                f"{Path(scfg.run_dir) / (stage + '.log')}"
+            )
         if not (Path(scfg.run_dir) / "done.json").exists():
             # a stage that exits 0 without done.json was preempted (it saved a checkpoint)
             log.warning("== %s stopped before finishing (preempted): the pipeline stops", stage)
             raise SystemExit(0)
-        done.add(stage)
-        log.info("== stage %s done (background)", stage)
+        done.add(stage)  # its process logged "stage ... done" when it ended
 
     try:
         for i, (stage, scfg) in enumerate(todo):

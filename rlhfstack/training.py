@@ -27,19 +27,22 @@ from torch import nn
 
 from rlhfstack import distributed
 from rlhfstack.configs import recipe_diff, recipe_hash, recipe_of, validate
-from rlhfstack.dashboard import TRAINING_PANELS, Panel, write_dashboard
+from rlhfstack.dashboard import DASHBOARD_FILE, TRAINING_PANELS, Panel, write_dashboard
 from rlhfstack.data.collate import pairs_share_prompts
 from rlhfstack.data.loading import HUB_PREFIX, resolve_data_path
 from rlhfstack.data.schemas import LoadReport
+from rlhfstack.logs import close_stage_log, configure_logging, open_stage_log, set_stage
 from rlhfstack.models.card import write_card
 from rlhfstack.models.core import load_causal_lm, save_hf
 from rlhfstack.models.gguf import PKGGGUF_PREFIX
 from rlhfstack.models.paths import PKG_PREFIX, PKGPARTS_PREFIX
+from rlhfstack.progress import Progress, format_duration, quiet_library_bars
 from rlhfstack.runtime import (
     CostMeter,
     RunLogger,
     atomic_write_text,
     exit_on_missing_package,
+    read_jsonl,
     rng_state,
     save_resolved_config,
     seed_everything,
@@ -439,13 +442,14 @@ def check_paths(cfg: Any) -> None:
 def setup_run(cfg: Any) -> Run:
     """Check the stage's input paths (:func:`check_paths`), start the process group if launched
     distributed, seed, set threads, create ``run_dir``, check a resume's recipe or start over
-    (:func:`prepare_run_dir`), save the resolved config and the recipe, open the metrics log (the
-    writes on rank 0 only)."""
+    (:func:`prepare_run_dir`), save the resolved config and the recipe, open the metrics log and
+    the stage's log ``run_dir/<stage>.log`` (the writes on rank 0 only); records are tagged with
+    the stage from here on."""
     if is_dataclass(cfg):
         validate(cfg)  # configs built in Python, not through to_object, get the same checks
     check_paths(cfg)  # before run_dir exists and before any model loads
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    configure_logging()  # every record names its stage
+    quiet_library_bars()
     parallel = getattr(cfg, "parallel", None)
     _, world, _ = distributed.launch_env()
     stage = getattr(cfg, "stage", None)
@@ -472,9 +476,12 @@ def setup_run(cfg: Any) -> Run:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("cluster.device=cuda but no CUDA device is visible")
     run_dir = Path(cfg.run_dir)
+    if stage:
+        set_stage(stage)
     resuming, forced = prepare_run_dir(cfg, run_dir, state.is_main)
     if state.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        open_stage_log(stage or "main", run_dir)  # <run_dir>/<stage>.log
         save_resolved_config(cfg, run_dir)
         _write_recipe(run_dir, recipe_of(cfg), resuming, forced)
     logger = RunLogger(
@@ -732,16 +739,18 @@ def finish_stage(
     ``run_dir/model`` in HF format (with its model card, ``model/README.md``), the metrics log
     closed, the ``dashboard`` panels drawn into ``run_dir/dashboard.png`` when ``logging.plots``,
     then ``run_dir/done.json`` (stage, steps, cost summary, ``done_info``), written last because it
-    marks the stage finished. Returns ``run_dir``."""
+    marks the stage finished; the summary block (:func:`log_stage_summary`) is logged and the
+    stage's log closed. Returns ``run_dir``."""
     if model is not None:
         model.eval()
         save_hf(model, tokenizer, run.run_dir / "model")
         write_stage_card(run.cfg, stage, steps, run.run_dir / "model")
     run.logger.close()
     refresh_dashboard(run, dashboard)
-    write_stage_done(
-        run.run_dir, {"stage": stage, "steps": steps, "cost": run.cost.summary(), **done_info}
-    )
+    cost = run.cost.summary()
+    write_stage_done(run.run_dir, {"stage": stage, "steps": steps, "cost": cost, **done_info})
+    log_stage_summary(stage, run.run_dir, steps=steps, cost=cost)
+    close_stage_log()
     return run.run_dir
 
 
@@ -802,6 +811,81 @@ def write_stage_card(cfg: Any, stage: str, steps: int, out_dir: Path, **card: An
     """Write ``out_dir/README.md``, the model card of a stage's exported model
     (:func:`stage_card`; ``card`` adds to or replaces its arguments)."""
     return write_card(out_dir, **{**stage_card(cfg, stage, steps), **card})
+
+
+#: the metrics a stage's summary quotes (their last logged values), besides every ``val/*`` and
+#: ``eval/*`` metric
+HEADLINE_METRICS = {
+    "sft": ("loss",),
+    "rm": ("loss", "accuracy"),
+    "dpo": ("loss", "reward_accuracy", "reward_margin"),
+    "ppo": ("reward/rm_score", "kl/seq_k1", "kl/beta", "response/length"),
+}
+
+
+def headline_metrics(stage: str, metrics_path: Path) -> dict[str, float]:
+    """The last logged value of each of the stage's :data:`HEADLINE_METRICS` and of every
+    ``val/*`` / ``eval/*`` metric in ``metrics_path`` (empty when the file is missing)."""
+    if not metrics_path.exists():
+        return {}
+    last: dict[str, float] = {}
+    for row in read_jsonl(metrics_path):
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                last[k] = v
+    keys = [k for k in HEADLINE_METRICS.get(stage, ("loss",)) if k in last]
+    keys += [k for k in last if k.startswith(("val/", "eval/")) and k not in keys]
+    return {k: last[k] for k in keys}
+
+
+def stage_summary(
+    stage: str,
+    run_dir: Path,
+    *,
+    steps: int | None = None,
+    cost: dict[str, float] | None = None,
+    model_dir: Path | None = None,
+    headline: dict[str, float] | None = None,
+) -> list[str]:
+    """The lines of a stage's closing block: where its model, metrics, plots and log are; its
+    steps; wall and CPU time (and tokens); its headline metrics (by default
+    :func:`headline_metrics`). Only the outputs that exist are named; ``model_dir`` defaults
+    to ``run_dir/model``."""
+    run_dir = Path(run_dir)
+    cost = cost or {}
+    head = f"== {stage} done"
+    if steps is not None:
+        head += f": {steps} steps"
+    if cost:
+        head += (
+            f" in {format_duration(cost.get('wall_seconds', float('nan')))} "
+            f"(CPU {format_duration(cost.get('cpu_seconds', float('nan')))}"
+            + (f", {cost['tokens']:,} tokens" if cost.get("tokens") else "")
+            + ")"
+        )
+    lines = [head]
+
+    def where(label: str, path: Path, extra: str = "") -> None:
+        if path.exists():
+            lines.append(f"   {label:<8} {path}{extra}")
+
+    where("run_dir", run_dir)
+    where("model", Path(model_dir) if model_dir is not None else run_dir / "model")
+    tb = run_dir / "tb"
+    where("metrics", run_dir / "metrics.jsonl", f" (TensorBoard: {tb})" if tb.exists() else "")
+    where("plots", run_dir / DASHBOARD_FILE)
+    where("log", run_dir / f"{stage}.log")
+    metrics = headline_metrics(stage, run_dir / "metrics.jsonl") if headline is None else headline
+    if metrics:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        lines.append(f"   {'final':<8} {shown}")
+    return lines
+
+
+def log_stage_summary(stage: str, run_dir: Path, **kwargs: Any) -> None:
+    """Log :func:`stage_summary`'s lines, one record each (each names the stage)."""
+    for line in stage_summary(stage, run_dir, **kwargs):
+        log.info("%s", line)
 
 
 def micro_batches(batch: dict[str, torch.Tensor], micro: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -914,7 +998,10 @@ def train_loop(
     for _ in range(start):  # the data position: replay the index stream (indices only)
         next(batches)
 
-    with ckpt.watch():
+    bar = Progress(
+        steps, "step", unit="step", every=tcfg.log_every, initial=start, enabled=run.is_main
+    )
+    with ckpt.watch(), bar:
         for step in range(start + 1, steps + 1):
             idx = next(batches)
             batch = to_device(collate([items[i] for i in idx]), run.device)
@@ -941,12 +1028,14 @@ def train_loop(
             opt.step()
             sched.step()
             agg["lr"] = sched.get_last_lr()[0]
+            evaluated = False
             if (
                 eval_fn is not None
                 and tcfg.eval_every
                 and step % tcfg.eval_every == 0
                 and step < steps
             ):
+                evaluated = dm is None or dm.can_evaluate
                 if dm is None:
                     agg.update(guard.checked(step, eval_fn(), "evaluation"))
                 elif dm.can_evaluate:
@@ -962,13 +1051,14 @@ def train_loop(
             if step == steps and eval_fn is not None:  # rank 0 alone: a local check
                 final = eval_fn() if dm is None else dm.call(eval_fn)
                 agg.update(guard.checked(step, final, "final evaluation", collective=False))
-            if step % tcfg.log_every == 0 or step == steps:
+            # a metrics row every trainer.log_every steps, at the last, and with an evaluation
+            if step % tcfg.log_every == 0 or step == steps or evaluated:
                 run.logger.log(step, agg)
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < steps:
                 refresh_dashboard(run)  # the last step's is drawn by finish_stage
             guard.passed(step, agg)
-            if step % 20 == 0 or step == steps:
-                log.info("step %d/%d loss %.4f", step, steps, agg["loss"])
+            # the log line (rate, ETA) on the same steps: Progress(every=trainer.log_every)
+            bar.update(loss=agg["loss"], **{k: v for k, v in agg.items() if k.startswith("val/")})
             if step == steps:
                 break
             ckpt.end_of_step(step, steps)

@@ -117,6 +117,11 @@ def test_a_changed_recipe_stops_before_any_model_loads_unless_forced_or_overwrit
     run_dir = tmp_path / "run"
     _sft(launch_env, arts, run_dir)
     assert (run_dir / "ckpt-000002").is_dir() and (run_dir / "done.json").exists()
+    # the recipe's log is the stage's own, every line tagged; Hydra leaves none of its own
+    log_lines = (run_dir / "sft.log").read_text().splitlines()
+    assert log_lines and all("][sft][" in x for x in log_lines)
+    assert any("== sft done: 3 steps" in x for x in log_lines)
+    assert not list(run_dir.glob("train_sft*.log"))
     recorded = json.loads((run_dir / "recipe.json").read_text())
     old_lr, old_seed = recorded["recipe"]["trainer.lr"], recorded["recipe"]["seed"]
     assert old_seed == 0 and old_lr != 0.01

@@ -196,7 +196,8 @@ class TrainerConfig:
     """Evaluate every N steps, and redraw ``dashboard.png``; 0 only at the end. PPO evaluates
     with the gold reward (``gold_eval_every``); there this only redraws the dashboard."""
     log_every: int = at_least(1, lo=1)
-    """Write metrics every N steps."""
+    """A metrics row and a progress line (loss, rate, ETA) every N steps and at the last; a step
+    with an evaluation also gets its row."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -42,6 +42,7 @@ import openai
 
 from rlhfstack.data import map_records, require_field
 from rlhfstack.evaluation.metrics import win_outcomes
+from rlhfstack.progress import Progress
 
 log = logging.getLogger("rlhfstack.judges")
 
@@ -638,14 +639,16 @@ class LLMJudge:
     def _run(self, todo: list[tuple[str, str, str, str]], have: dict[str, Any]) -> None:
         """Request ``todo`` concurrently; each answer is cached as soon as it arrives. On a
         failure, requests not yet started are dropped, those in flight are awaited (and cached),
-        then the error is raised: rerunning resumes from the cache."""
+        then the error is raised: rerunning resumes from the cache. Progress (rate, ETA) is
+        reported as answers arrive."""
         done_count = 0
         error: BaseException | None = None
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        bar = Progress(len(todo), f"{self.name}: judgment", unit="req")
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool, bar:
             futures = {pool.submit(self._ask, q, f, s): key for key, q, f, s in todo}
             pending = set(futures)
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     if fut.cancelled():
                         continue
@@ -656,6 +659,7 @@ class LLMJudge:
                     have[key] = fut.result()
                     self.cache.put(key, self.identity, have[key])
                     done_count += 1
+                    bar.update()
                 if error is not None:
                     for fut in pending:
                         fut.cancel()

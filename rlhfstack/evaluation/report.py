@@ -122,6 +122,32 @@ def _winrate_table(L: list[str], winrate: dict, judge_winrate: dict) -> None:
     L.append("")
 
 
+def results_table(results: dict[str, Any]) -> list[str]:
+    """The headline of ``results.json`` as plain-text lines for a terminal: the test split's
+    win-rates with their 95% CIs (gold judge and judge pool) and each target, met or missed."""
+    n = results.get("n_prompts")
+    rows = [("pair", "gold win-rate", "judge-pool win-rate")]
+    for k, v in results.get("winrate", {}).items():
+        j = results.get("judge_winrate", {}).get(k)
+        rows.append((k.replace("_vs_", " vs "), _wr(v), _wr(j) if j else "-"))
+    L = [f"Win-rates on the test split ({n} prompts; ties count half, 95% paired bootstrap CI):"]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    L += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    targets = results.get("targets", {})
+    if targets:
+        met = sum(bool(t.get("met")) for t in targets.values())
+        L.append(f"Targets ({met} of {len(targets)} met):")
+        trows = []
+        for k, t in targets.items():
+            value = _num(t.get("value"), ".3f")
+            if t.get("ci95"):
+                value += f" [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]"
+            trows.append((k, value, "met" if t.get("met") else "MISSED"))
+        widths = [max(len(r[i]) for r in trows) for i in range(3)]
+        L += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in trows]
+    return L
+
+
 def render_report(art: Path, results: dict[str, Any]) -> str:
     per = results["policies"]
     names = [n for n in ("sft", "dpo", "ppo") if n in per]

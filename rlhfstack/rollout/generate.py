@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from rlhfstack.data.collate import collate_prompts
 from rlhfstack.models.core import position_ids_from_mask, response_logprobs
+from rlhfstack.progress import Progress
 from rlhfstack.rollout.fast import fast_decode, sample_categorical, supports_fast_decode
 
 
@@ -303,33 +304,48 @@ def sample_tokens(
     seed: int = 0,
     device: str = "cpu",
     stop_ids: tuple[int, ...] | None = None,
+    progress: Progress | str | None = None,
 ) -> SampledTokens:
-    """Sample one completion per prompt; keeps the sampled token ids beside the decoded texts."""
+    """Sample one completion per prompt; keeps the sampled token ids beside the decoded texts.
+
+    ``progress``: a :class:`~rlhfstack.progress.Progress` to advance by one per sample, or a
+    description (``"eval samples"``) for one of this call's own; None reports nothing."""
     g = torch.Generator(device=device).manual_seed(seed)
     out = SampledTokens(prompt_ids=[], response_ids=[], ended=[], texts=[])
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = left_pad_prompts(
-            tokenizer, prompts[i : i + batch_size], max_prompt_tokens, device
-        )
-        gen = generate(
-            model,
-            ids,
-            mask,
-            max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            temperature=temperature,
-            greedy=greedy,
-            generator=g,
-            stop_ids=stop_ids,
-        )
-        out.texts.extend(decode_responses(tokenizer, gen))
-        out.ended.extend(gen.ended_B.tolist())
-        for p, pm, r, rm in zip(
-            ids.tolist(), mask.tolist(), gen.response_ids_BR.tolist(), gen.response_mask_BR.tolist()
-        ):
-            out.prompt_ids.append([t for t, k in zip(p, pm) if k])
-            out.response_ids.append([t for t, k in zip(r, rm) if k])
+    own = isinstance(progress, str)
+    bar = Progress(len(prompts), progress, unit="sample") if own else progress
+    try:
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = left_pad_prompts(
+                tokenizer, prompts[i : i + batch_size], max_prompt_tokens, device
+            )
+            gen = generate(
+                model,
+                ids,
+                mask,
+                max_new_tokens=max_new_tokens,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                temperature=temperature,
+                greedy=greedy,
+                generator=g,
+                stop_ids=stop_ids,
+            )
+            out.texts.extend(decode_responses(tokenizer, gen))
+            out.ended.extend(gen.ended_B.tolist())
+            for p, pm, r, rm in zip(
+                ids.tolist(),
+                mask.tolist(),
+                gen.response_ids_BR.tolist(),
+                gen.response_mask_BR.tolist(),
+            ):
+                out.prompt_ids.append([t for t, k in zip(p, pm) if k])
+                out.response_ids.append([t for t, k in zip(r, rm) if k])
+            if bar is not None:
+                bar.update(len(gen.ended_B))
+    finally:
+        if own:
+            bar.close()
     return out
 
 
@@ -346,8 +362,10 @@ def sample_texts(
     seed: int = 0,
     device: str = "cpu",
     stop_ids: tuple[int, ...] | None = None,
+    progress: Progress | str | None = None,
 ) -> tuple[list[str], list[bool], int]:
-    """Sample one completion per prompt. Returns (texts, ended flags, tokens generated)."""
+    """Sample one completion per prompt. Returns (texts, ended flags, tokens generated);
+    ``progress`` as in :func:`sample_tokens`."""
     s = sample_tokens(
         model,
         tokenizer,
@@ -360,6 +378,7 @@ def sample_texts(
         seed=seed,
         device=device,
         stop_ids=stop_ids,
+        progress=progress,
     )
     return s.texts, s.ended, s.n_tokens
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from rlhfstack.configs import DemoDataConfig
+from rlhfstack.logs import close_stage_log
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
+from rlhfstack.progress import Progress
 from rlhfstack.rollout.generate import sample_texts
 from rlhfstack.runtime import atomic_write_json, atomic_write_jsonl, write_stage_done
 from rlhfstack.tasks.demo import cut_at_sentence, ensure_base_model, save_gold_params
@@ -34,7 +36,7 @@ from rlhfstack.tasks.stories import (
     make_story_prompts,
     split_prompts,
 )
-from rlhfstack.training import setup_run
+from rlhfstack.training import log_stage_summary, setup_run
 
 log = logging.getLogger("rlhfstack.data")
 
@@ -61,6 +63,13 @@ def train(cfg: DemoDataConfig) -> Path:
     pref_p = train_p[: cfg.n_pref_prompts]
     stop = (tok.eos_token_id, tok.bos_token_id)
     per_prompt: list[list[str]] = [[] for _ in pref_p]
+    log.info(
+        "sampling %d completions for each of %d prompts, and one for each of %d test prompts",
+        cfg.completions_per_prompt,
+        len(pref_p),
+        len(test_p),
+    )
+    bar = Progress(cfg.completions_per_prompt * len(pref_p) + len(test_p), "sample", unit="sample")
     for k in range(cfg.completions_per_prompt):
         texts, _, n_tok = sample_texts(
             base,
@@ -72,6 +81,7 @@ def train(cfg: DemoDataConfig) -> Path:
             device=run.device,
             batch_size=256,
             stop_ids=stop,
+            progress=bar,
         )
         run.cost.add_tokens(n_tok)
         for i, t in enumerate(texts):
@@ -87,7 +97,9 @@ def train(cfg: DemoDataConfig) -> Path:
         device=run.device,
         batch_size=256,
         stop_ids=stop,
+        progress=bar,
     )
+    bar.close()
     atomic_write_jsonl(
         out / "heldout_text.jsonl",
         [{"prompt": p, "completion": cut_at_sentence(t)} for p, t in zip(test_p, held_texts)],
@@ -116,6 +128,7 @@ def train(cfg: DemoDataConfig) -> Path:
         pref_p, per_prompt, pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed
     )
     uniq = sorted(set(zip(pa_p, pa_a)) | set(zip(pa_p, pa_b)))
+    log.info("gold features of %d distinct samples, then labels of %d pairs", len(uniq), len(pa_p))
     uf = gold.features([u[0] for u in uniq], [u[1] for u in uniq])
     row_of = {u: i for i, u in enumerate(uniq)}
 
@@ -178,5 +191,13 @@ def train(cfg: DemoDataConfig) -> Path:
     )
     run.logger.log(0, {"loss": 0.0, "pairs": len(labels), "label_gold_agreement": overall})
     run.logger.close()
-    write_stage_done(out, {"stage": "data", "cost": run.cost.summary(), "pairs": len(labels)})
+    cost = run.cost.summary()
+    write_stage_done(out, {"stage": "data", "cost": cost, "pairs": len(labels)})
+    log_stage_summary(
+        "data",
+        out,
+        cost=cost,
+        headline={"pairs": len(labels), "label/gold agreement": overall},
+    )
+    close_stage_log()
     return out

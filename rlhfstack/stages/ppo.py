@@ -80,6 +80,7 @@ from rlhfstack.models.core import (
     tokenizer_for,
 )
 from rlhfstack.models.value import VALUE_FILE, build_value_model, save_value_model
+from rlhfstack.progress import Progress
 from rlhfstack.rewards import (
     FunctionReward,
     Reward,
@@ -805,7 +806,11 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
     trainer.start_rollouts()
     gold = FunctionReward(gold_scorer, "gold") if gold_scorer is not None else None
     rows = slice(trainer.rank * trainer.Bl, (trainer.rank + 1) * trainer.Bl)  # this rank's rows
-    with ckpt.watch():
+    # a log line (rate, ETA) every trainer.log_every iterations; a bar too on a terminal
+    bar = Progress(
+        tcfg.max_steps, "step", unit="it", every=tcfg.log_every, initial=start, enabled=run.is_main
+    )
+    with ckpt.watch(), bar:
         for step in range(start + 1, tcfg.max_steps + 1):
             # 1. the next prompts (every rank draws the global batch, keeps its rows)
             prompts = stream.next()[rows]
@@ -830,16 +835,17 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             if evaluated and step < tcfg.max_steps:  # the last one is drawn by finish()
                 refresh_dashboard(run, trainer.dashboard)
             trainer.guard.passed(step, metrics)
-            log.info(
-                "step %d score %.3f kl %.3f beta %.4f len %.1f pg %.4f vf %.4f ratio0 %.6f",
-                step,
-                metrics["reward/rm_score"],
-                mean_kl,
-                exp.kl_coef,
-                metrics["response/length"],
-                metrics["loss/policy"],
-                stats.get("loss/value", 0.0),
-                stats.get("first_minibatch_ratio", float("nan")),
+            bar.update(
+                score=metrics["reward/rm_score"],
+                kl=mean_kl,
+                beta=exp.kl_coef,
+                len=metrics["response/length"],
+                pg=metrics["loss/policy"],
+                vf=stats.get("loss/value", 0.0),
+                ratio0=stats.get("first_minibatch_ratio", float("nan")),
+                **{
+                    k: metrics[k] for k in ("eval/gold_reward", "eval/proxy_reward") if k in metrics
+                },
             )
             # 6. checkpoint (every trainer.save_every steps, and on preemption: save and exit)
             ckpt.end_of_step(step, tcfg.max_steps, lambda: trainer.checkpoint_state(stream))

@@ -454,6 +454,7 @@ def _fit_normalization(cfg: RMConfig, rm: RewardModel, tok, pairs, device: str) 
             max_prompt_tokens=cfg.data.max_prompt_tokens,
             seed=cfg.seed,
             device=device,
+            progress="normalization sample",
         )
         texts = [t if t.strip() else "." for t in texts]
         source = f"{len(texts)} samples of {policy_path}"

@@ -31,14 +31,15 @@ from rlhfstack.evaluation.metrics import (
     distinct_n,
     winrate_from_outcomes,
 )
-from rlhfstack.evaluation.report import task_facts, write_eval_report
+from rlhfstack.evaluation.report import results_table, task_facts, write_eval_report
+from rlhfstack.logs import close_stage_log
 from rlhfstack.models.core import load_causal_lm, load_tokenizer, sequence_logprob_sums
 from rlhfstack.rewards import load_reward, score_samples
 from rlhfstack.rollout.generate import sample_tokens, sampled_logprob_sums
 from rlhfstack.runtime import atomic_write_json, atomic_write_jsonl, read_jsonl, write_stage_done
 from rlhfstack.tasks.demo import load_gold
 from rlhfstack.tasks.stories import judge_outcomes
-from rlhfstack.training import setup_run
+from rlhfstack.training import log_stage_summary, setup_run
 
 log = logging.getLogger("rlhfstack.eval")
 
@@ -134,7 +135,9 @@ def run_demo_eval(cfg: EvalConfig, command: str = "") -> Path:
             else load_causal_lm(str(mdir), trainable=False, device=device)
         )
         # one sampling seed for both splits (they hold different prompts)
-        sampled = sample_tokens(model, tok, prompts, seed=cfg.seed + 4242, **sample_kw)
+        sampled = sample_tokens(
+            model, tok, prompts, seed=cfg.seed + 4242, progress=f"{name} sample", **sample_kw
+        )
         run.cost.add_tokens(sampled.n_tokens)
         texts = sampled.texts
         samples[name] = texts
@@ -148,7 +151,14 @@ def run_demo_eval(cfg: EvalConfig, command: str = "") -> Path:
             ],
         )
         if dev_prompts:
-            dev = sample_tokens(model, tok, dev_prompts, seed=cfg.seed + 4242, **sample_kw)
+            dev = sample_tokens(
+                model,
+                tok,
+                dev_prompts,
+                seed=cfg.seed + 4242,
+                progress=f"{name} dev sample",
+                **sample_kw,
+            )
             run.cost.add_tokens(dev.n_tokens)
             dev_samples[name] = dev.texts
         feats = gold.features(prompts, texts)
@@ -224,10 +234,14 @@ def run_demo_eval(cfg: EvalConfig, command: str = "") -> Path:
         "targets": _targets(winrate, per),
     }
     atomic_write_json(art / "results.json", results)
-    write_eval_report(art, results)
+    report = write_eval_report(art, results)
     run.logger.log(0, {"loss": 0.0})
     run.logger.close()
     write_stage_done(run.run_dir, {"stage": "eval", "cost": cost["eval"]})
+    for line in [*results_table(results), f"report: {report}"]:
+        log.info("%s", line)
+    log_stage_summary("eval", run.run_dir, cost=cost["eval"], headline={})
+    close_stage_log()
     return art
 
 

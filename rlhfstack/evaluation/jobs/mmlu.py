@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from rlhfstack import logs
 from rlhfstack.evaluation.mmlu import (
     CHOICE_LETTERS,
     TASK_PREFIX,
@@ -359,6 +360,7 @@ def run_mmlu(cfg: Any) -> dict[str, Any]:
     """Run MMLU as configured by an ``MMLUEvalConfig``; write ``output_dir/mmlu.json`` (summary,
     per-subject results, ``alignment_tax`` when a baseline is given) and ``mmlu_items.json``
     (per-question 0/1 correctness, for later pairing). Returns the summary written."""
+    logs.tag_job("mmlu")
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

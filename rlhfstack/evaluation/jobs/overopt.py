@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhfstack import logs
 from rlhfstack.evaluation.jobs.plots import plot_overoptimization
 from rlhfstack.evaluation.overopt import GOLD_KEY, KL_KEY, PROXY_KEY, fit_gao, read_kl_rewards
 from rlhfstack.runtime import atomic_write_json, save_resolved_config
@@ -86,6 +87,7 @@ def run_overoptimization(cfg: Any) -> dict[str, Any]:
     """``eval/overoptimization.py``: :func:`overoptimization_report` as configured by an
     :class:`rlhfstack.configs.OveroptimizationConfig`, then ``config.yaml`` beside it. Returns the
     JSON written."""
+    logs.tag_job("overoptimization")
     result = overoptimization_report(
         cfg.run_dir,
         cfg.output_dir,

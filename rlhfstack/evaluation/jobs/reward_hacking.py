@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from rlhfstack import logs
 from rlhfstack.configs import DetectorThresholds
 from rlhfstack.data.templates import get_template
 from rlhfstack.evaluation.detectors import (
@@ -96,6 +97,7 @@ def _generate(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         device=device,
+        progress="sample",
     )
     out = []
     for t in texts:
@@ -120,6 +122,7 @@ def run_reward_hacking(cfg: Any) -> dict[str, Any]:
     """Run every detector as configured by a ``RewardHackingConfig`` and write
     ``output_dir/reward_hacking.json`` (plus ``xstest_samples.jsonl`` / ``sycophancy.json`` when a
     model was queried). Returns the JSON written."""
+    logs.tag_job("reward_hacking")
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

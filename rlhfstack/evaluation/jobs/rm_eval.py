@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhfstack import logs
 from rlhfstack.data.loading import load_preferences, resolve_data_path
 from rlhfstack.data.templates import get_template
 from rlhfstack.evaluation.jobs.plots import plot_reliability
@@ -236,6 +237,7 @@ def run_rm_eval(cfg: Any) -> dict:
     """Score ``cfg.rm_path`` on ``cfg.data_path``; write ``rm_eval.json``, ``reliability.png`` and
     ``rm_eval_scores.jsonl`` into ``cfg.output_dir`` (and ``README.md`` into the RM directory
     when it has none and ``cfg.model_card``). ``cfg`` is an :class:`rlhfstack.configs.RMEvalConfig`."""
+    logs.tag_job("rm_eval")
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

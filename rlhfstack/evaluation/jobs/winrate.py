@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from rlhfstack import logs
 from rlhfstack.configs import LLMJudgeConfig, validate
 from rlhfstack.data.loading import load_prompts
 from rlhfstack.evaluation.jobs.judges import RMJudge, load_gold_judge
@@ -43,6 +44,7 @@ from rlhfstack.evaluation.winrate import (
     pair_samples,
 )
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
+from rlhfstack.progress import track
 from rlhfstack.rollout.generate import sample_texts
 from rlhfstack.runtime import (
     atomic_write_json,
@@ -215,6 +217,7 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
 def run_winrate(cfg: Any) -> dict[str, Any]:
     """``eval/winrate.py``: judge ``cfg.a`` against ``cfg.b``; writes ``winrate.json``,
     ``judgments.jsonl`` and ``config.yaml`` into ``cfg.output_dir``."""
+    logs.tag_job("winrate")
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out_dir)
@@ -279,7 +282,7 @@ def generate_completions(
             return client.complete([{"role": "user", "content": p}], **params)
 
         with ThreadPoolExecutor(max_workers=max(1, gen.concurrency)) as pool:
-            texts = list(pool.map(one, prompts))
+            texts = list(track(pool.map(one, prompts), "request", total=len(prompts), unit="req"))
     else:
         if not Path(model).is_dir():
             raise FileNotFoundError(f"model {model!r}: neither a directory nor an http(s) endpoint")
@@ -295,6 +298,7 @@ def generate_completions(
             greedy=gen.greedy,
             batch_size=gen.batch_size,
             seed=seed,
+            progress="sample",
             device=device,
         )
     return [cut_at_stop(t, gen.stop) for t in texts]
@@ -302,6 +306,7 @@ def generate_completions(
 
 def run_generate_samples(cfg: Any) -> Path:
     """``eval/generate_samples.py``: write ``cfg.output`` (jsonl of ``{prompt, completion}``)."""
+    logs.tag_job("generate_samples")
     seed_everything(cfg.seed)
     examples, _ = load_prompts(
         cfg.prompts,
@@ -329,6 +334,7 @@ def run_hh_eval(cfg: Any) -> dict[str, Any]:
     """``eval/hh_eval.py``: policy vs baseline on Anthropic HH prompts, judged by the reward
     model and/or LLM judges. Writes ``policy_samples.jsonl``, ``baseline_samples.jsonl``,
     ``winrate.json``, ``judgments.jsonl``, ``hh_eval.json`` and ``config.yaml``."""
+    logs.tag_job("hh_eval")
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
