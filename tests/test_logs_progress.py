@@ -145,7 +145,7 @@ def _toy_run(tmp_path: Path, log_every: int) -> Run:
         eval_every=3,
         log_every=log_every,
     )
-    cfg = SimpleNamespace(seed=0, trainer=trainer)
+    cfg = SimpleNamespace(seed=0, trainer=trainer, logging=SimpleNamespace(plots=False))
     logger = RunLogger(tmp_path, tensorboard=False)
     return Run(cfg=cfg, run_dir=tmp_path, logger=logger, cost=CostMeter(), device="cpu")
 

@@ -104,7 +104,13 @@ class _Tok:
 
 @pytest.mark.parametrize("plots", [False, True])
 def test_finish_stage_saves_closes_plots_and_writes_done_last(tmp_path, plots):
-    cfg = SimpleNamespace(logging=SimpleNamespace(plots=plots))
+    cfg = SimpleNamespace(
+        logging=SimpleNamespace(plots=plots),
+        seed=0,
+        trainer={"max_steps": 2, "lr": 0.1},
+        model=SimpleNamespace(path="hf:org/base"),
+        data=SimpleNamespace(train_path="train.jsonl", eval_path=None),
+    )
     logger = RunLogger(tmp_path, tensorboard=False)
     logger.log(1, {"loss": 1.0})
     logger.log(2, {"loss": 0.5})
@@ -112,6 +118,7 @@ def test_finish_stage_saves_closes_plots_and_writes_done_last(tmp_path, plots):
     model = _Saved(2, 1)
     assert finish_stage(run, "sft", 2, model=model, tokenizer=_Tok(), extra=0.5) == tmp_path
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "README.md",  # the model card
         "tokenizer.json",
         "weights.pt",
     ]
