@@ -28,7 +28,18 @@ from rlhfstack.configs.checks import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
+"""The repository root in a checkout (editable install); in an installed wheel, the directory
+holding the ``rlhfstack`` package."""
+
+
+def find_conf_dir(package_dir: Path, repo_root: Path) -> Path:
+    """The Hydra config tree: ``rlhfstack/conf`` inside an installed wheel (``conf/`` shipped as
+    the package ``rlhfstack.conf``), else the checkout's top-level ``conf/``."""
+    packaged = package_dir / "conf"
+    return packaged if packaged.is_dir() else repo_root / "conf"
+
+
+CONF_DIR = find_conf_dir(Path(__file__).resolve().parents[1], REPO_ROOT)
 
 
 def default_data_root() -> str:
