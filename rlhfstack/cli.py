@@ -164,6 +164,16 @@ OTHER_COMMANDS = {
     "export": "one servable HF directory (safetensors, LoRA merged, one dtype); --help for flags",
 }
 
+#: ``(command, key) -> key``: ``rlhf generate model=URL`` names a path or URL, not a conf/model
+#: choice; the pipeline's output directory is ``artifacts_dir`` (each stage in ``<it>/<stage>``)
+_ALIASES = {("generate", "model"): "model_path", ("pipeline", "run_dir"): "artifacts_dir"}
+
+
+def _alias(name: str, arg: str) -> str:
+    key, eq, value = arg.partition("=")
+    return f"{_ALIASES[(name, key)]}={value}" if eq and (name, key) in _ALIASES else arg
+
+
 # Hydra flags that ask for something else than a run: no precheck before them
 _HYDRA_INFO_FLAGS = {
     "--cfg",
@@ -455,10 +465,10 @@ def field_lines(cls: type, values: Any, prefix: str = "") -> list[str]:
             value = f.default if f.default is not dataclasses.MISSING else None
         check = f.metadata.get(CHECK)
         doc = docs.get(f.name, "")
-        if check is not None and check.allowed.startswith("one of"):
-            doc += f" [{check.allowed}]"
         lines.append(f"  {key} = {json.dumps(value, default=str)}")
         lines.extend("      " + w for w in textwrap.wrap(doc, 92))
+        if check is not None and check.allowed.startswith("one of"):
+            lines.append(f"      [{check.allowed}]")
     return lines
 
 
@@ -592,8 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in args or "--help" in args:
         print(command_help(name))
         return 0
-    if name == "generate":  # ``model=`` names a path or URL here, not a conf/model choice
-        args = [("model_path=" + a[len("model=") :]) if a.startswith("model=") else a for a in args]
+    args = [_alias(name, a) for a in args]
     precheck_or_exit(name, args, prog=f"rlhf {name}")
     _invocation[:] = ["rlhf", name, *args]
     # Hydra reads sys.argv; its job name (the log file's name) is the command's

@@ -119,9 +119,10 @@ def sweep_subdir() -> str:
     and ends with a hash of the whole. Used as ``hydra.sweep.subdir: ${sweep_subdir:}``."""
     job = HydraConfig.get().job
     name = re.sub(r"[/\\\s]", "_", str(job.override_dirname))
-    if len(name) > _SUBDIR_MAX:
-        name = name[: _SUBDIR_MAX - 13] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
-    return f"{job.num}_{name}" if name else str(job.num)
+    full = f"{job.num}_{name}" if name else str(job.num)
+    if len(full) > _SUBDIR_MAX:
+        full = full[: _SUBDIR_MAX - 13] + "-" + hashlib.sha256(full.encode()).hexdigest()[:12]
+    return full
 
 
 if not OmegaConf.has_resolver("sweep_subdir"):
