@@ -38,6 +38,7 @@ from rlhfstack.configs import (
     CONF_DIR,
     EVAL_ENTRY_SCHEMAS,
     EVAL_SUITE_SCHEMAS,
+    RENAMED_KEYS,
     STAGE_SCHEMAS,
     PipelineConfig,
     RMEvalConfig,
@@ -372,6 +373,10 @@ def precheck(name: str, args: list[str]) -> None:
     if any(a.split("=")[0] in _HYDRA_INFO_FLAGS for a in args):
         return
     overrides = [a for a in args if not a.startswith("-")]
+    for o in overrides:
+        key = o.partition("=")[0].lstrip("+~")
+        if key in RENAMED_KEYS:
+            raise CommandError(f"{key} is now spelled {RENAMED_KEYS[key]}")
     check_experiment(name, overrides)
     if any(a in _MULTIRUN_FLAGS for a in args):
         return
@@ -383,6 +388,12 @@ def precheck(name: str, args: list[str]) -> None:
         obj = to_object(load_config(command.config, overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise CommandError(str(err)) from None
+    url = getattr(obj, "model_path", None) if name == "generate" else None
+    if url and str(url).startswith(("http://", "https://")):
+        raise CommandError(
+            f"an endpoint is spelled generation.base_url={url} generation.model=NAME "
+            "(model= / model_path= name a local model directory)"
+        )
     if command.stage in ("sft", "rm", "ppo", "dpo"):
         from rlhfstack.training import check_paths
 

@@ -8,6 +8,7 @@ field's choices, an experiment of another stage, a missing input model.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import tomllib
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from rlhfstack import cli
-from rlhfstack.configs import CONF_DIR, load_config
+from rlhfstack.configs import CONF_DIR, load_config, to_object
 from rlhfstack.configs.common import find_conf_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,3 +190,31 @@ def test_pipeline_takes_run_dir_as_its_artifacts_dir_and_generate_takes_model():
     assert cli._alias("generate", "model=http://h:8000/v1") == "model_path=http://h:8000/v1"
     assert cli._alias("ppo", "run_dir=/x") == "run_dir=/x"
     assert cli._alias("pipeline", "+experiment=demo") == "+experiment=demo"
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def test_judge_and_generation_spell_an_endpoint_the_same_way():
+    from rlhfstack.configs import EndpointConfig, GenerationConfig, LLMJudgeConfig
+
+    names = {f.name for f in dataclasses.fields(EndpointConfig)}
+    assert names == {"base_url", "model", "api_key_env"}
+    for block in (LLMJudgeConfig, GenerationConfig):
+        assert issubclass(block, EndpointConfig)
+    gen = to_object(
+        load_config(
+            "generate_samples",
+            ["generation.base_url=http://h:8000/v1", "generation.model=m", "prompts=p", "output=o"],
+        )
+    )
+    assert (gen.generation.base_url, gen.generation.model) == ("http://h:8000/v1", "m")
+    judge = to_object(load_config("winrate", ["a=x", "b=y", "llm.base_url=http://h:8000/v1"]))
+    assert (judge.llm.base_url, judge.llm.model) == ("http://h:8000/v1", "gpt-4o")
+
+
+def test_old_endpoint_spellings_fail_naming_the_new_one(capsys):
+    err = _fails(capsys, ["generate", "generation.api_model=m", "prompts=p", "output=o"])
+    assert "generation.api_model is now spelled generation.model" in err
+    err = _fails(capsys, ["generate", "model=http://h:8000/v1", "prompts=p", "output=o"])
+    assert "generation.base_url=http://h:8000/v1 generation.model=NAME" in err

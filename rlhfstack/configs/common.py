@@ -224,6 +224,30 @@ class LoggingConfig:
 
 
 @dataclass
+class EndpointConfig:
+    """An OpenAI-compatible chat-completions endpoint (vLLM, a vendor gateway, the OpenAI API):
+    the one spelling of an endpoint in every config block that talks to one (``llm.*`` for the
+    judges, ``generation.*`` for sampling)."""
+
+    base_url: str | None = free(
+        None, "an endpoint URL, reached (and reported when down) by the client"
+    )
+    """Endpoint root, e.g. ``http://127.0.0.1:8000/v1`` (local vLLM) or a vendor gateway."""
+    model: str | None = free(None, "a served model name, checked by the endpoint")
+    """Model name sent with each request (for vLLM: the served model's name)."""
+    api_key_env: str | None = free("OPENAI_API_KEY", "an environment variable name, any text")
+    """NAME of the environment variable holding the API key; the key itself never appears in
+    configs, logs or the cache. Local servers without a key get a placeholder."""
+
+
+#: Config keys that were renamed: ``old -> new``; an override of the old key stops with the new
+#: one named (``rlhfstack.cli.precheck``).
+RENAMED_KEYS: dict[str, str] = {
+    "generation.api_model": "generation.model (and generation.base_url=URL for the endpoint)",
+}
+
+
+@dataclass
 class StageConfig:
     """Fields every stage shares."""
 
