@@ -24,6 +24,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import os
 import sys
 import textwrap
 import typing
@@ -405,8 +406,12 @@ def precheck(name: str, args: list[str]) -> None:
 
 def precheck_or_exit(name: str, args: list[str] | None = None, prog: str | None = None) -> None:
     """:func:`precheck` for an entry point: on a problem, print it (``prog: error: ...``) and exit
-    with status 2."""
+    with status 2. ``--help`` / ``-h`` print :func:`command_help` (Hydra's own help lists the
+    schemas' internal names; ``--hydra-help`` still shows it) and exit 0."""
     args = sys.argv[1:] if args is None else args
+    if "-h" in args or "--help" in args:
+        print(command_help(name))
+        raise SystemExit(0)
     try:
         precheck(name, args)
     except CommandError as err:
@@ -603,7 +608,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, args = argv[0], argv[1:]
     if name == "list":
-        print(list_text())
+        try:
+            print(list_text())
+        except BrokenPipeError:  # rlhf list | head
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no second error at exit
         return 0
     if name == "export":
         return export_main(args)

@@ -218,3 +218,15 @@ def test_old_endpoint_spellings_fail_naming_the_new_one(capsys):
     assert "generation.api_model is now spelled generation.model" in err
     err = _fails(capsys, ["generate", "model=http://h:8000/v1", "prompts=p", "output=o"])
     assert "generation.base_url=http://h:8000/v1 generation.model=NAME" in err
+
+
+def test_recipe_help_is_the_commands_help(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "recipes/train_dpo.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "dpo.beta = 0.1" in p.stdout and "_schema" not in p.stdout
