@@ -14,6 +14,9 @@ directory, :func:`precheck` composes the config and checks it: an experiment mea
 stage, a value outside a field's allowed ones, a missing input model or data file end the command
 with one message and exit status 2. A stage whose ``run_dir`` holds ``done.json`` is finished: it
 is not trained again unless ``overwrite=true``.
+
+The stages, torch and the evaluation jobs are imported when a command runs, not with this module:
+``rlhf list`` and ``--help`` answer without loading them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from rlhfstack.configs import (
     CONF_DIR,
@@ -246,9 +254,6 @@ def _target(command: Command) -> Callable[[Any], Any]:
 
 
 def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -262,8 +267,6 @@ def run_command(name: str, cfg: DictConfig) -> Any:
 
     command = COMMANDS[name]
     if _multirun():
-        from hydra.core.hydra_config import HydraConfig
-
         key = "artifacts_dir" if name == "pipeline" else "run_dir"
         if key in cfg:
             cfg[key] = HydraConfig.get().runtime.output_dir
@@ -382,9 +385,6 @@ def precheck(name: str, args: list[str]) -> None:
     if any(a in _MULTIRUN_FLAGS for a in args):
         return
     command = COMMANDS[name]
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         obj = to_object(load_config(command.config, overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as err:
@@ -588,8 +588,6 @@ def export_main(argv: list[str] | None = None) -> int:
 
 def hydra_entry(name: str) -> Callable[[], Any]:
     """The Hydra main function of a command (``conf/<config>.yaml``, :func:`run_command`)."""
-    import hydra
-
     command = COMMANDS[name]
 
     def task(cfg: DictConfig) -> None:
