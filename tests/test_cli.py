@@ -9,6 +9,7 @@ field's choices, an experiment of another stage, a missing input model.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -57,9 +58,13 @@ def test_pyproject_lists_every_package_and_conf_folder():
 
 
 def test_wheel_ships_the_config_tree(tmp_path):
+    # built from a copy: an in-tree build reuses build/lib, which may hold files of older trees
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns(".git", "build", "runs", ".venv*", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO, src, ignore=skip)
     p = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(tmp_path), str(REPO)],
+        + ["-w", str(tmp_path), str(src)],
         capture_output=True,
         text=True,
         timeout=300,
