@@ -16,8 +16,10 @@ from rlhfstack.configs import CONF_DIR, to_object
 @hydra.main(config_path=str(CONF_DIR), config_name="mmlu", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from rlhfstack.evaluation.jobs.mmlu import run_mmlu
+    from rlhfstack.runtime import exit_on_missing_package
 
-    run_mmlu(to_object(cfg))
+    with exit_on_missing_package():  # no lm-eval: its install hint
+        run_mmlu(to_object(cfg))
 
 
 if __name__ == "__main__":

@@ -412,6 +412,10 @@ def precheck_or_exit(name: str, args: list[str] | None = None, prog: str | None 
     if "-h" in args or "--help" in args:
         print(command_help(name))
         raise SystemExit(0)
+    from rlhfstack.runtime import exit_on_missing_package, require_launcher  # imports torch
+
+    with exit_on_missing_package():  # hydra/launcher=slurm without its plugin: the install hint
+        require_launcher(args)
     try:
         precheck(name, args)
     except CommandError as err:
@@ -560,7 +564,6 @@ def export_main(argv: list[str] | None = None) -> int:
     from rlhfstack.models.convert import export_hf
 
     ap = argparse.ArgumentParser(
-        prog="rlhf export",
         description="Export one servable HF directory (safetensors + config + tokenizer), LoRA "
         "merged, in one dtype. It loads with AutoModelForCausalLM.from_pretrained and serves "
         "with vLLM.",

@@ -8,21 +8,95 @@ checkpoint or report behind.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
 from rlhfstack.configs import resolved_yaml
+
+# ----------------------------------------------------------------------------- optional packages
+
+OPTIONAL_PACKAGES: dict[str, tuple[str, str | None]] = {
+    "wandb": ("wandb", "wandb"),
+    "hydra_plugins.hydra_submitit_launcher": ("hydra-submitit-launcher", "slurm"),
+    "vllm": ("vllm", "gpu"),
+    "bitsandbytes": ("bitsandbytes", "gpu"),
+    "lm_eval": ("lm-eval", "eval"),
+    "gguf": ("gguf", "rm-gemma"),
+    # dependencies of every install, imported only where used (slow, or rarely needed)
+    "peft": ("peft", None),
+    "matplotlib": ("matplotlib", None),
+    "torch.utils.tensorboard": ("tensorboard", None),
+    "datasets": ("datasets", None),
+    "pyarrow.parquet": ("pyarrow", None),
+}
+"""Packages imported only where a feature needs them: import name -> (distribution, the
+``rlhfstack`` extra that installs it; None for a dependency of every install)."""
+
+
+class MissingPackage(ImportError):
+    """A package a feature needs is not installed; the message is one line naming the feature and
+    the install command (entry points print it without a traceback, :func:`exit_on_missing_package`)."""
+
+
+def install_hint(module: str) -> str:
+    """The command that installs the package of ``module`` (a key of :data:`OPTIONAL_PACKAGES`)."""
+    dist, extra = OPTIONAL_PACKAGES[module]
+    if extra is None:
+        return f"pip install {dist}  (a dependency of rlhfstack: the install is incomplete)"
+    return f"pip install 'rlhfstack[{extra}]'  (from a checkout: pip install -e '.[{extra}]')"
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Import ``module`` (a key of :data:`OPTIONAL_PACKAGES`) for ``feature`` (what the user
+    switched on, e.g. ``"logging.wandb=true"``); raise :class:`MissingPackage` with the install
+    command when it (or a package it needs) is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        dist = OPTIONAL_PACKAGES[module][0]
+        raise MissingPackage(
+            f"{feature} needs the '{dist}' package ({err}): {install_hint(module)}"
+        ) from err
+
+
+@contextlib.contextmanager
+def exit_on_missing_package() -> Iterator[None]:
+    """For entry points: a :class:`MissingPackage` is printed as its one line (no traceback) and
+    the process exits with status 1."""
+    try:
+        yield
+    except MissingPackage as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+SUBMITIT_LAUNCHERS = ("slurm", "submitit_slurm", "submitit_local")
+"""``hydra/launcher=`` choices that need the submitit launcher plugin."""
+
+
+def require_launcher(overrides: list[str]) -> None:
+    """Check, before Hydra composes the config, that a ``hydra/launcher=`` override naming the
+    submitit launcher has its plugin installed (Hydra itself only says that it "could not load
+    'hydra/launcher/submitit_slurm'"); raises :class:`MissingPackage`."""
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "hydra/launcher" and value in SUBMITIT_LAUNCHERS:
+            require("hydra_plugins.hydra_submitit_launcher", arg)
+
 
 # ----------------------------------------------------------------------------- seeding
 
@@ -196,17 +270,10 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+            tb = require("torch.utils.tensorboard", "logging.tensorboard=true")
+            self._tb = tb.SummaryWriter(log_dir=str(self.run_dir / "tb"))
         if wandb:
-            try:
-                import wandb as _wandb  # optional extra: imported only when it logs
-            except ImportError as e:
-                raise ImportError(
-                    "logging.wandb=true needs the 'wandb' package (pip install '.[wandb]')"
-                ) from e
-
+            _wandb = require("wandb", "logging.wandb=true")
             os.environ.setdefault("WANDB_MODE", wandb_mode)
             self._wandb = _wandb.init(
                 project=wandb_project, dir=str(self.run_dir), config=config, mode=wandb_mode
@@ -260,48 +327,6 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-
-def plot_metrics(
-    metrics_path: str | os.PathLike, out_dir: str | os.PathLike, keys: list[str] | None = None
-) -> list[Path]:
-    """One PNG per numeric metric in ``metrics.jsonl`` (against ``step``). Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_jsonl(metrics_path)
-    if not rows:
-        return []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = keys or sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
-    paths = []
-    for name in names:
-        if name == "step":
-            continue
-        pts = [
-            (r["step"], r[name])
-            for r in rows
-            if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])
-        ]
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
-        ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out / f"{name.replace('/', '_')}.png"
-        tmp = p.with_name(f".{p.name}.tmp.png")
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        os.replace(tmp, p)
-        paths.append(p)
-    return paths
 
 
 # ----------------------------------------------------------------------------- timing

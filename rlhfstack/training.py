@@ -15,20 +15,23 @@ import logging
 import math
 import shutil
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from rlhfstack import distributed
 from rlhfstack.configs import recipe_diff, recipe_hash, recipe_of, validate
+from rlhfstack.dashboard import TRAINING_PANELS, Panel, write_dashboard
 from rlhfstack.data.collate import pairs_share_prompts
 from rlhfstack.data.loading import HUB_PREFIX, resolve_data_path
 from rlhfstack.data.schemas import LoadReport
+from rlhfstack.models.card import write_card
 from rlhfstack.models.core import load_causal_lm, save_hf
 from rlhfstack.models.gguf import PKGGGUF_PREFIX
 from rlhfstack.models.paths import PKG_PREFIX, PKGPARTS_PREFIX
@@ -36,7 +39,7 @@ from rlhfstack.runtime import (
     CostMeter,
     RunLogger,
     atomic_write_text,
-    plot_metrics,
+    exit_on_missing_package,
     rng_state,
     save_resolved_config,
     seed_everything,
@@ -196,9 +199,12 @@ class FiniteGuard:
 @contextlib.contextmanager
 def exit_on_divergence() -> Iterator[None]:
     """For recipes: a :class:`TrainingDiverged` is logged as one error paragraph (no traceback)
-    and the process exits with :data:`EXIT_DIVERGED`. Other exceptions pass through."""
+    and the process exits with :data:`EXIT_DIVERGED`; a missing optional package is its one-line
+    install hint, exit status 1 (:func:`rlhfstack.runtime.exit_on_missing_package`). Other
+    exceptions pass through."""
     try:
-        yield
+        with exit_on_missing_package():
+            yield
     except TrainingDiverged as err:
         log.error("training stopped: %s: %s", type(err).__name__, err)
         raise SystemExit(EXIT_DIVERGED) from None
@@ -699,6 +705,19 @@ def load_train_eval(
     return train, held
 
 
+def refresh_dashboard(run: Run, panels: Sequence[Panel] = TRAINING_PANELS) -> Path | None:
+    """Redraw ``run_dir/dashboard.png`` from ``metrics.jsonl`` (rank 0, when ``logging.plots``);
+    called at every evaluation and at the end of a stage. A drawing failure is logged, never
+    raised: the picture must not cost the run."""
+    if not (run.is_main and run.cfg.logging.plots):
+        return None
+    try:
+        return write_dashboard(run.run_dir, panels, title=str(run.run_dir))
+    except Exception as err:  # matplotlib's errors have no common base class
+        log.warning("dashboard not drawn: %s: %s", type(err).__name__, err)
+        return None
+
+
 def finish_stage(
     run: Run,
     stage: str,
@@ -706,22 +725,83 @@ def finish_stage(
     *,
     model: nn.Module | None = None,
     tokenizer: Any = None,
+    dashboard: Sequence[Panel] = TRAINING_PANELS,
     **done_info: Any,
 ) -> Path:
     """End a stage: ``model`` (when given) in eval mode saved with ``tokenizer`` to
-    ``run_dir/model`` in HF format, the metrics log closed, plots of ``metrics.jsonl`` when
-    ``logging.plots``, then ``run_dir/done.json`` (stage, steps, cost summary, ``done_info``),
-    written last because it marks the stage finished. Returns ``run_dir``."""
+    ``run_dir/model`` in HF format (with its model card, ``model/README.md``), the metrics log
+    closed, the ``dashboard`` panels drawn into ``run_dir/dashboard.png`` when ``logging.plots``,
+    then ``run_dir/done.json`` (stage, steps, cost summary, ``done_info``), written last because it
+    marks the stage finished. Returns ``run_dir``."""
     if model is not None:
         model.eval()
         save_hf(model, tokenizer, run.run_dir / "model")
+        write_stage_card(run.cfg, stage, steps, run.run_dir / "model")
     run.logger.close()
-    if run.cfg.logging.plots:
-        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "plots")
+    refresh_dashboard(run, dashboard)
     write_stage_done(
         run.run_dir, {"stage": stage, "steps": steps, "cost": run.cost.summary(), **done_info}
     )
     return run.run_dir
+
+
+STAGE_CARDS = {
+    "sft": ("Supervised fine-tuned policy", "A causal LM fine-tuned on demonstrations (SFT)."),
+    "dpo": ("DPO policy", "A causal LM trained on preference pairs with a direct preference loss."),
+    "ppo": ("PPO policy", "A causal LM trained with PPO against a reward model (RLHF)."),
+    "rm": ("Reward model", "A Bradley-Terry reward model: one scalar score per sequence."),
+}
+"""Title and one-line description of each stage's model card."""
+
+# the hyperparameter groups a card lists, by stage (the stage's own group and the trainer's)
+_CARD_TRAINER_KEYS = (
+    "max_steps", "batch_size", "micro_batch_size", "lr", "lr_schedule", "warmup_steps",
+    "weight_decay", "grad_clip",
+)  # fmt: skip
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return asdict(obj)
+    if isinstance(obj, DictConfig):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+def _hub_id(path: str | None) -> str | None:
+    if path and path.startswith(HUB_PREFIX):
+        return path[len(HUB_PREFIX) :].split(":")[0]
+    return path
+
+
+def stage_card(cfg: Any, stage: str, steps: int) -> dict[str, Any]:
+    """The model-card arguments (:func:`rlhfstack.models.card.render_card`) of a stage's model:
+    base model, data, and a "Training" section (seed, steps, the trainer's and the stage's
+    hyperparameters)."""
+    trainer = _plain(cfg.trainer)
+    hyper: dict[str, Any] = {"stage": stage, "steps": steps, "seed": cfg.seed}
+    hyper.update({k: trainer[k] for k in _CARD_TRAINER_KEYS if k in trainer})
+    group = _plain(getattr(cfg, stage, None))
+    if isinstance(group, dict):
+        hyper.update(
+            {f"{stage}.{k}": v for k, v in group.items() if isinstance(v, (str, int, float, bool))}
+        )
+    title, description = STAGE_CARDS.get(stage, (f"{stage} model", ""))
+    return {
+        "title": title,
+        "description": description,
+        "base_model": cfg.model.path,
+        "datasets": [_hub_id(p) for p in (cfg.data.train_path, cfg.data.eval_path) if p],
+        "tags": ["rlhf", stage],
+        "pipeline_tag": "text-generation",
+        "sections": {"Training": hyper},
+    }
+
+
+def write_stage_card(cfg: Any, stage: str, steps: int, out_dir: Path, **card: Any) -> Path:
+    """Write ``out_dir/README.md``, the model card of a stage's exported model
+    (:func:`stage_card`; ``card`` adds to or replaces its arguments)."""
+    return write_card(out_dir, **{**stage_card(cfg, stage, steps), **card})
 
 
 def micro_batches(batch: dict[str, torch.Tensor], micro: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -884,6 +964,8 @@ def train_loop(
                 agg.update(guard.checked(step, final, "final evaluation", collective=False))
             if step % tcfg.log_every == 0 or step == steps:
                 run.logger.log(step, agg)
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < steps:
+                refresh_dashboard(run)  # the last step's is drawn by finish_stage
             guard.passed(step, agg)
             if step % 20 == 0 or step == steps:
                 log.info("step %d/%d loss %.4f", step, steps, agg["loss"])

@@ -262,7 +262,7 @@ def test_named_llm_judges_are_checked_after_their_merge():
 def test_ppo_choice_fields_match_the_code_registries():
     """The schema lists the names the code accepts (configs import nothing else of the library,
     so the lists live twice): every registered name composes, and nothing else does."""
-    from rlhfstack.losses import ADVANTAGE_ESTIMATORS
+    from rlhfstack.losses import ADVANTAGE_ESTIMATORS, ROLLOUT_IS_MODES
     from rlhfstack.models.value import VALUE_MODELS
     from rlhfstack.rewards import INPUT_PATHS
 
@@ -270,6 +270,7 @@ def test_ppo_choice_fields_match_the_code_registries():
         ("ppo.advantage_estimator", ADVANTAGE_ESTIMATORS),
         ("ppo.value_model", VALUE_MODELS),
         ("reward_input", INPUT_PATHS),
+        ("ppo.rollout_is", ROLLOUT_IS_MODES),
     ):
         for name in names:
             extra = ["rollout.samples_per_prompt=2"] if key.endswith("estimator") else []

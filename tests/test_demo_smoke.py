@@ -44,6 +44,10 @@ def test_every_output_appears(smoke: Path):
         rows = read_jsonl(d / "metrics.jsonl")
         assert rows and all("step" in r and "loss" in r for r in rows), stage
         assert all(_finite(r) for r in rows), stage
+        # one dashboard image per stage (the RM's calibration diagrams beside it)
+        pngs = {p.name for p in d.rglob("*.png") if not p.name.startswith("calibration")}
+        assert pngs == {"dashboard.png"}, (stage, pngs)
+    assert "![PPO dashboard](ppo/dashboard.png)" in (smoke / "EVAL_REPORT.md").read_text()
 
 
 def test_results_keys_and_finite(smoke: Path):

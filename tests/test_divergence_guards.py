@@ -45,7 +45,7 @@ PPO_SMALL = [
 
 def _assert_nothing_saved_after(run_dir: Path, last_ckpt_step: int | None) -> None:
     """No done.json, model or end-of-run files; checkpoints only up to ``last_ckpt_step``."""
-    for name in ("done.json", "model", "kl_controller.json", "value_head.pt"):
+    for name in ("done.json", "model", "kl_controller.json", "value_model.safetensors"):
         assert not (run_dir / name).exists(), name
     steps = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("ckpt-*"))
     assert steps == ([] if last_ckpt_step is None else list(range(1, last_ckpt_step + 1)))

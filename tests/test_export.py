@@ -221,3 +221,11 @@ def test_ckpt_to_hf_rejects_mismatched_policy(base_dir, tmp_path):
         ckpt_to_hf(ck, base_dir, tmp_path / "o")
     with pytest.raises(FileNotFoundError):
         find_checkpoint(tmp_path / "nowhere")
+
+
+def test_export_writes_a_card_with_relative_paths(base_dir, tmp_path):
+    out = export_hf(base_dir, tmp_path / "exp" / "o", dtype="float32")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and 'library_name: "transformers"' in card
+    assert str(tmp_path) not in card and "## Export" in card
+    assert "../../" in card  # the source, relative to the export

@@ -240,6 +240,18 @@ def test_sample_categorical_matches_the_distribution():
     assert a.item() in (0, 2)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (make gpu-check runs PPO there)"
+)
+def test_a_cpu_generator_drives_a_cuda_rollout_with_the_cpu_draws():
+    # PPO's sampling generator lives on CPU (it is checkpointed); torch.rand refuses it for a
+    # CUDA tensor, so the uniforms are drawn on CPU and moved
+    probs = torch.rand(16, 300, generator=torch.Generator().manual_seed(3))
+    cpu = sample_categorical(probs, torch.Generator().manual_seed(0))
+    cuda = sample_categorical(probs.cuda(), torch.Generator().manual_seed(0))
+    assert cuda.device.type == "cuda" and torch.equal(cpu, cuda.cpu())
+
+
 def test_preallocated_cache_refuses_to_overflow():
     cache = PreallocatedCache(1, 3)
     k = torch.zeros(1, 2, 2, 4)

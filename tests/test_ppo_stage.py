@@ -79,7 +79,7 @@ def test_critic_free_estimators_train_the_policy_alone(smoke, tmp_path, estimato
         assert r["first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-6)
         assert r["advantages/abs_mean"] > 0
         assert "loss/value" not in r and "values/explained_variance" not in r
-    assert not (run_dir / "value_head.pt").exists()  # no value model was trained
+    assert not (run_dir / "value_model.safetensors").exists()  # no value model was trained
     assert (run_dir / "model" / "config.json").exists()
 
 
@@ -225,3 +225,33 @@ def test_prompts_longer_than_the_cap_are_counted_once_and_recorded(smoke, tmp_pa
         "and are cut to their last 8 tokens"
     )
     assert sum(msg in r.getMessage() for r in caplog.records) == 1
+
+
+def test_dashboard_is_redrawn_at_each_gold_evaluation(smoke, tmp_path, monkeypatch):
+    """3 iterations with a gold evaluation each: the dashboard is drawn after iterations 1 and 2
+    while the run goes on, then once more at the end; it is the run's only image, and its KL
+    panel carries the adaptive controller's target."""
+    import numpy as np
+
+    from rlhfstack import training
+    from rlhfstack.stages import ppo
+
+    draws: list[tuple[int, bool]] = []  # (last logged step, stage done)
+    panels_seen: list = []
+    real = training.write_dashboard
+
+    def spy(rd, panels, title=""):
+        path = real(rd, panels, title)
+        assert path is not None and path.exists()
+        draws.append((read_jsonl(rd / "metrics.jsonl")[-1]["step"], (rd / "done.json").exists()))
+        panels_seen.append(panels)
+        return path
+
+    monkeypatch.setattr(training, "write_dashboard", spy)
+    extra = ["trainer.max_steps=3", "gold_eval_every=1", "gold_eval_prompts=4", "kl.target=5"]
+    cfg = _cfg(smoke, tmp_path / "ppo", [*extra, "logging.plots=true"])
+    run_dir = ppo.train(cfg, gold_scorer=lambda p, c: np.array([len(x) for x in c], float))
+    assert draws == [(1, False), (2, False), (3, False)]
+    assert sorted(p.name for p in run_dir.rglob("*.png")) == ["dashboard.png"]
+    (kl_panel,) = [p for p in panels_seen[-1] if p.keys == ("kl/seq_k1",)]
+    assert kl_panel.hline == 5.0

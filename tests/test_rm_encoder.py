@@ -325,7 +325,7 @@ def test_rm_stage_trains_tiny_encoder_and_writes_card(bert_dir, tmp_path, data_r
     assert res["heldout_accuracy"] >= 0.9
     assert res["train_pairs"] == 60 and res["val_pairs"] == 20
     model = run_dir / "model"
-    card = (model / "MODEL_CARD.md").read_text()
+    card = (model / "README.md").read_text()
     for word in ("Length", "Flattery", "Refusals", "Sanity", "gain", "accuracy"):
         assert word in card
     rm = RewardModel.load(model)

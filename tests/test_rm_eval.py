@@ -138,7 +138,7 @@ def test_rm_eval_keys_accuracy_and_skips(tiny_rm_dir, tmp_path, data_root):
     # the longer answer is the chosen one in pair 1 only
     assert res["baselines"]["length"] == pytest.approx(1 / 3)
     assert (tmp_path / "out" / "reliability.png").stat().st_size > 0
-    assert not (tiny_rm_dir / "MODEL_CARD.md").exists()
+    assert not (tiny_rm_dir / "README.md").exists()
 
 
 def test_rm_eval_ultrafeedback_format_autodetected(tiny_rm_dir, tmp_path, data_root):
@@ -183,8 +183,8 @@ def test_rm_eval_writes_missing_model_card(tiny_rm_dir, tmp_path, data_root):
     shutil.copytree(tiny_rm_dir, rm_dir)
     data = write_eval_file(tmp_path / "pairs.jsonl")
     res = run_rm_eval(_cfg(rm_dir, data, tmp_path / "out"))
-    card = (rm_dir / "MODEL_CARD.md").read_text()
-    assert res["model_card"].endswith("MODEL_CARD.md")
+    card = (rm_dir / "README.md").read_text()
+    assert res["model_card"].endswith("README.md")
     for word in ("Length", "Flattery", "Refusals of safe requests", "Sanity", "accuracy"):
         assert word in card
     probes = json.loads((rm_dir / "probes.json").read_text())

@@ -29,7 +29,7 @@ def test_rm_experiment_reaches_target(experiment, tmp_path, data_root):
     run_dir = train(cfg)
     res = json.loads((run_dir / "rm_results.json").read_text())
     assert res["heldout_accuracy"] >= TARGETS[experiment], res["heldout"]
-    card = (run_dir / "model" / "MODEL_CARD.md").read_text()
+    card = (run_dir / "model" / "README.md").read_text()
     assert "Bias probes" in card and "Sanity" in card
     # the standalone evaluator agrees with the stage on the same held-out file
     if cfg.data.eval_path:

@@ -118,7 +118,8 @@ def test_finish_stage_saves_closes_plots_and_writes_done_last(tmp_path, plots):
     done = json.loads((tmp_path / "done.json").read_text())
     assert list(done) == ["stage", "steps", "cost", "extra"]
     assert done["stage"] == "sft" and done["steps"] == 2 and done["extra"] == 0.5
-    assert (tmp_path / "plots").exists() == plots
+    assert (tmp_path / "dashboard.png").exists() == plots
+    assert not (tmp_path / "plots").exists()  # one image per stage, no loose per-metric PNGs
 
 
 def test_finish_stage_without_a_model_writes_no_model_dir(tmp_path):

@@ -41,7 +41,6 @@ def test_winrate_cli_llm_judges_cache_and_secret(tmp_path, data_root):
             "llm.model=longer",
             f"llm.base_url={server.url}",
             "llm.api_key_env=JUDGE_TEST_KEY",
-            "llm.backoff_base_s=0.01",
             "llm.requests_per_minute=0",
             "+llm_judges.kw.model=keyword",
             "n_bootstrap=200",

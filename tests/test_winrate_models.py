@@ -188,7 +188,6 @@ def test_generate_samples_local_and_endpoint(stories_hf, tmp_path):
                     f"output={out2}",
                     "generation.model=longer",
                     "generation.api_key_env=null",
-                    "generation.backoff_base_s=0.01",
                     "generation.requests_per_minute=0",
                 ],
             )

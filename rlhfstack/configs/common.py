@@ -115,7 +115,7 @@ class DataConfig:
     train_path: str | None = free(
         None, "a data path: checked when the stage starts (training.check_paths)"
     )
-    """Training file (json, jsonl, jsonl.gz, csv), relative to ``data_root`` unless absolute; or ``hf://org/name:split``."""
+    """Training file (json, jsonl, jsonl.gz, csv, parquet), relative to ``data_root`` unless absolute; or ``hf://org/name:split``."""
     eval_path: str | None = free(
         None, "a data path: checked when the stage starts (training.check_paths)"
     )
@@ -204,7 +204,8 @@ class TrainerConfig:
     grad_clip: float = nonnegative(1.0)
     """Max global gradient norm; 0 disables clipping."""
     eval_every: int = nonnegative(0)
-    """Evaluate every N steps; 0 only at the end."""
+    """Evaluate every N steps, and redraw ``dashboard.png``; 0 only at the end. PPO evaluates
+    with the gold reward (``gold_eval_every``); there this only redraws the dashboard."""
     log_every: int = at_least(1, lo=1)
     """Write metrics every N steps."""
 
@@ -220,7 +221,8 @@ class LoggingConfig:
     wandb_project: str = free("rlhfstack", "a W&B project name, any text")
     """W&B project name."""
     plots: bool = True
-    """Write PNG plots of the logged metrics at the end of the run."""
+    """Draw the stage's dashboard (``run_dir/dashboard.png``, a grid of its logged diagnostics)
+    at every evaluation (``trainer.eval_every``; PPO: also every gold evaluation) and at the end."""
 
 
 @dataclass
@@ -319,6 +321,7 @@ RECIPE_EXCLUDE: tuple[str, ...] = (
     "rollout.compile",
     "rollout.packed_weights",
     "ppo.logprobs_from_rollout",
+    "ppo.mismatch_threshold",
     # PPO: the runaway-KL guard stops a run; it does not change the math of one that goes on
     "kl.stop_multiple",
     "kl.stop_patience",

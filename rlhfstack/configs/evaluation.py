@@ -102,7 +102,7 @@ class RMEvalConfig:
     seed: int = free(0, "any integer seeds python, numpy and torch")
     """Seed of the random pair order used for calibration."""
     model_card: bool = True
-    """Run the bias probes and write ``MODEL_CARD.md`` into ``rm_path`` when it is missing."""
+    """Run the bias probes and write ``README.md`` into ``rm_path`` when it is missing."""
     probe_max_items: int = at_least(100, lo=1)
     """Cap on items per probe."""
     xstest_path: str = free(
@@ -125,17 +125,15 @@ class LLMJudgeConfig(EndpointConfig):
     max_tokens: int | None = at_least(2048, lo=1)
     """Cap on the judge's reply (MT-Bench: 2048); None sends no cap."""
     requests_per_minute: float = nonnegative(60.0)
-    """Rate limit (request starts per minute, retries included); 0 disables it."""
+    """Rate limit (requests started per minute; a request's retries wait by the client's
+    backoff or the server's ``Retry-After``); 0 disables it."""
     max_retries: int = nonnegative(6)
-    """Retries of a request on HTTP 408/409/429/5xx and timeouts."""
+    """The ``openai`` client's retries of a request on HTTP 408/409/429/5xx and timeouts
+    (backoff 0.5 s doubling to at most 8 s, or the server's ``Retry-After`` up to 60 s)."""
     max_connection_retries: int = nonnegative(3)
-    """Retries when the endpoint cannot be reached at all (refused, unknown host): 1+2+4 s of
+    """Retries when the endpoint cannot be reached at all (refused, unknown host): 0.5+1 s of
     backoff with the defaults, then the judge stops instead of waiting minutes on a server that
     is down."""
-    backoff_base_s: float = nonnegative(1.0)
-    """Exponential backoff: wait ``backoff_base_s * 2**attempt`` (+0-25% jitter) before retrying."""
-    backoff_max_s: float = nonnegative(60.0)
-    """Cap on one backoff wait (also on an honoured ``Retry-After``)."""
     timeout_s: float = positive(120.0)
     """Per-request timeout."""
     concurrency: int = at_least(4, lo=1)
@@ -243,11 +241,10 @@ class GenerationConfig(EndpointConfig):
     requests_per_minute: float = nonnegative(60.0)
     """Endpoints: rate limit; 0 disables it."""
     max_retries: int = nonnegative(6)
-    """Endpoints: retries on 429/5xx/timeouts with exponential backoff."""
+    """Endpoints: the ``openai`` client's retries on 408/409/429/5xx/timeouts (exponential
+    backoff, or the server's ``Retry-After``)."""
     max_connection_retries: int = nonnegative(3)
     """Endpoints: retries when the endpoint cannot be reached at all (refused, unknown host)."""
-    backoff_base_s: float = nonnegative(1.0)
-    """Endpoints: first backoff wait (doubles per retry)."""
     timeout_s: float = positive(120.0)
     """Endpoints: per-request timeout."""
     concurrency: int = at_least(4, lo=1)

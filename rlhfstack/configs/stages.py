@@ -71,7 +71,7 @@ class RMHyperparams:
     batches whose prompts differ (one process) and runs where any pair's prompts differ or with
     tensor / pipeline parallelism (several processes) use the ``[2B, T]`` pass."""
     probes: bool = True
-    """Run the bias probes (length, flattery, refusals, sanity) and write MODEL_CARD.md beside the model."""
+    """Run the bias probes (length, flattery, refusals, sanity) and write the model card (README.md) beside the model."""
     probe_max_items: int = at_least(100, lo=1)
     """Cap on responses / XSTest prompts used per probe."""
     xstest_path: str = free(
@@ -230,7 +230,20 @@ class PPOHyperparams:
     logprobs_from_rollout: bool = True
     """Take the old log-probs (and the shared value head's values) from the rollout's KV-cache
     forward passes instead of a second forward over the batch (same function, equal up to float
-    rounding; native HF rollouts only, others always score separately). false: the separate pass."""
+    rounding; native HF rollouts only, others always score separately). false: the separate pass,
+    and the rollout engine's own log-probs are kept beside it to measure the gap (``mismatch/*``
+    metrics, docs/algorithms/ppo.md)."""
+    rollout_is: str = choice("none", "token_tis")
+    """Correction for the gap between the rollout engine's sampling distribution mu and the
+    trainer's pi_old (kernels, precision, vLLM): none | token_tis (truncated importance sampling,
+    Yao et al. 2025: each token's policy loss times ``min(pi_old / mu, rollout_is_cap)``,
+    detached). Needs the trainer's own old log-probs: with the native backend set
+    ``logprobs_from_rollout=false`` (one extra forward per iteration)."""
+    rollout_is_cap: float = at_least(2.0, lo=1.0)
+    """C, the cap of the truncated importance weights (Yao et al. 2025 and verl's default: 2)."""
+    mismatch_threshold: float = positive(0.1)
+    """``mismatch/frac_above`` counts the tokens whose |log pi_old - log mu| exceeds this (nats;
+    0.1 is a ratio outside [0.905, 1.105]). Logging only."""
 
 
 @dataclass

@@ -12,8 +12,12 @@ name            record                                                       kin
 =============== ============================================================ ==============
 hh              ``{chosen, rejected}`` full "\\n\\nHuman: .. \\n\\nAssistant: .." texts  pref, sft, prompt
 ultrafeedback   ``{prompt?, chosen: [{role, content}..], rejected: [..]}``    pref, sft, prompt
+                (without ``prompt``: TRL's implicit-prompt rows, the
+                conversation before the last reply is the prompt)
 plain           ``{prompt, completion}`` / ``{prompt, chosen, rejected}`` /   all
-                ``{prompt}`` (strings)
+                ``{prompt}`` (strings, or TRL's conversational rows: message
+                lists ``[{role, content}..]``; chosen / rejected / completion
+                end with the assistant's reply)
 alpaca          ``{instruction, input?, output, system?, history?}``          sft, prompt
 sharegpt        ``{conversations: [{from, value}..], chosen?, rejected?,      all
                 system?}``
@@ -290,33 +294,62 @@ def _prompt_value(record: Mapping[str, Any], template: ChatTemplate) -> str:
     return _render(template, _text(value, "prompt"), "prompt")
 
 
+def _prompt_and_reply(
+    record: Mapping[str, Any], key: str, template: ChatTemplate
+) -> tuple[list[dict[str, str]] | str, str]:
+    """The prompt (messages, or a string) and the reply of ``record[key]``: a string, or a message
+    list ending with the assistant's reply (TRL's conversational rows). When that list holds
+    messages before the reply, they are the whole prompt (TRL's implicit-prompt preference rows;
+    UltraFeedback, whose ``prompt`` field repeats the first user turn); else the prompt is
+    ``record["prompt"]``, a string or a message list."""
+    prefix, reply = _response(_require(record, key), key)
+    if prefix:
+        return _check_prompt_turns(prefix, key), reply
+    prompt = _require(record, "prompt")
+    if isinstance(prompt, list):
+        return _check_prompt_turns(_messages(prompt, "prompt"), "prompt"), reply
+    return _text(prompt, "prompt"), reply
+
+
+def _prompt_source(record: Mapping[str, Any], key: str) -> str:
+    """Where a prompt came from, for errors: the conversation in ``key`` when it holds more than
+    the reply, else ``prompt``."""
+    value = record.get(key)
+    return key if isinstance(value, list) and len(value) > 1 else "prompt"
+
+
 def _pref_plain(record: Mapping[str, Any], template: ChatTemplate) -> PreferenceExample:
-    c_prefix, chosen = _response(_require(record, "chosen"), "chosen")
-    r_prefix, rejected = _response(_require(record, "rejected"), "rejected")
-    if c_prefix:  # UltraFeedback message lists: the conversation before the reply is the prompt
-        if r_prefix != c_prefix:
-            raise DataError(
-                "chosen and rejected conversations differ before the final response",
-                field="rejected",
-                reason="bad_format",
-            )
-        prompt = _render(template, _check_prompt_turns(c_prefix, "chosen"), "chosen")
-    else:
-        prompt = _prompt_value(record, template)
-    return PreferenceExample(prompt, chosen, rejected)
+    c_prompt, chosen = _prompt_and_reply(record, "chosen", template)
+    r_prompt, rejected = _prompt_and_reply(record, "rejected", template)
+    if r_prompt != c_prompt:
+        raise DataError(
+            "chosen and rejected conversations differ before the final response",
+            field="rejected",
+            reason="bad_format",
+        )
+    return PreferenceExample(
+        _render(template, c_prompt, _prompt_source(record, "chosen")), chosen, rejected
+    )
 
 
 def _sft_plain(record: Mapping[str, Any], template: ChatTemplate) -> SFTExample:
-    return SFTExample(_prompt_value(record, template), _req_text(record, "completion"))
+    prompt, completion = _prompt_and_reply(record, "completion", template)
+    return SFTExample(_render(template, prompt, _prompt_source(record, "completion")), completion)
 
 
 def _prompt_plain(record: Mapping[str, Any], template: ChatTemplate) -> PromptExample:
     return PromptExample(_prompt_value(record, template))
 
 
+def _prompt_of_pair(record: Mapping[str, Any], template: ChatTemplate) -> PromptExample:
+    """The prompt of a preference row: ``prompt``, or the conversation before the chosen reply."""
+    prompt, _ = _prompt_and_reply(record, "chosen", template)
+    return PromptExample(_render(template, prompt, _prompt_source(record, "chosen")))
+
+
 def _unpaired_plain(record: Mapping[str, Any], template: ChatTemplate) -> UnpairedExample:
     """``{"prompt", "completion", "label"}`` (TRL's KTO format): ``label`` true = desirable."""
-    prefix, completion = _response(_require(record, "completion"), "completion")
+    prompt, completion = _prompt_and_reply(record, "completion", template)
     label = _require(record, "label")
     if not isinstance(label, bool):
         raise DataError(
@@ -324,11 +357,8 @@ def _unpaired_plain(record: Mapping[str, Any], template: ChatTemplate) -> Unpair
             field="label",
             reason="bad_type",
         )
-    if prefix:
-        prompt = _render(template, _check_prompt_turns(prefix, "completion"), "completion")
-    else:
-        prompt = _prompt_value(record, template)
-    return UnpairedExample(prompt, completion, label)
+    field = _prompt_source(record, "completion")
+    return UnpairedExample(_render(template, prompt, field), completion, label)
 
 
 # --------------------------------------------------------------------------- alpaca
@@ -488,7 +518,7 @@ ADAPTERS: dict[str, dict[str, Adapter]] = {
         "sharegpt": _prompt_conversation("conversations"),
         "messages": _prompt_conversation("messages"),
         "hh": _prompt_hh,
-        "ultrafeedback": _prompt_plain,
+        "ultrafeedback": _prompt_of_pair,
         "turns": _prompt_turns,
     },
 }
@@ -540,6 +570,8 @@ def detect_adapter(kind: Kind, record: Mapping[str, Any]) -> str:
             return "turns"
         if "chosen" in keys and isinstance(chosen, str):
             return "hh"
+        if "chosen" in keys and isinstance(chosen, list):
+            return "ultrafeedback"
         for name in _PROMPT_FIELDS:
             if name in keys:
                 return f"field:{name}"

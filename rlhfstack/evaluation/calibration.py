@@ -15,6 +15,10 @@ def reliability_bins(probs: np.ndarray, outcomes: np.ndarray, n_bins: int = 10) 
     """
     probs = np.asarray(probs, dtype=float)
     outcomes = np.asarray(outcomes, dtype=float)
+    # Not sklearn.calibration.calibration_curve: its bins are (lo, hi] (np.searchsorted, left)
+    # where these are [lo, hi), so a probability on an inner edge -- 0.5 = sigmoid(0) for a tied
+    # pair is common -- lands in another bin; and it drops empty bins and returns no counts,
+    # which the ECE weights and the reliability diagram need.
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     idx = np.clip(np.digitize(probs, edges[1:-1]), 0, n_bins - 1)
     bins, ece = [], 0.0

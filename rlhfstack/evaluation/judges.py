@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import sqlite3
 import threading
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import httpx2
 import numpy as np
 import openai
 
@@ -380,19 +380,41 @@ class ChatAPIError(RuntimeError):
     """A chat request failed for good (message redacted of the API key)."""
 
 
+class _ConnectRetries(httpx2.BaseTransport):
+    """httpx's own transport with ``retries`` extra connection attempts (refused, unknown host;
+    httpcore's backoff of 0, 0.5, 1, 2 ... s), whose last failure is raised as openai's
+    ``APIConnectionError``. An ``OpenAIError`` raised while sending is passed on by the client
+    as it is, without its own retries: those are kept for answers that may change (HTTP
+    408/409/429/5xx, timeouts), while an endpoint that refuses connections is down or misnamed,
+    which waiting rarely fixes."""
+
+    def __init__(self, retries: int, describe: Callable[[Exception], str]) -> None:
+        self._inner = httpx2.HTTPTransport(retries=retries)
+        self._describe = describe
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            return self._inner.handle_request(request)
+        except httpx2.ConnectError as err:
+            raise openai.APIConnectionError(message=self._describe(err), request=request) from err
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 class ChatClient:
     """Chat completions against an OpenAI-compatible endpoint, with retries and a rate limit.
 
-    Uses the ``openai`` client with its own retries disabled; transient failures (HTTP 408, 409,
-    429, 5xx, timeouts) are retried here up to ``max_retries`` times with exponential backoff
-    (``backoff_base_s * 2**attempt``, capped at ``backoff_max_s``, 0-25% jitter; a
-    ``Retry-After`` header, when larger, is honoured up to the cap). A failure to connect at all
-    (refused, unknown host: the endpoint is down or misnamed, which waiting rarely fixes) gets
-    its own, shorter budget of ``max_connection_retries`` retries with the same backoff (1+2+4 s
-    with the defaults), and its retries skip the rate limit (the server never saw the request).
-    The first connection failure is logged at once with the endpoint, the error and what happens
-    next; once one request has given up on connecting, the others give up too instead of each
-    spending its own budget. Other errors (bad request, authentication) raise at once.
+    Retries are the ``openai`` client's own (``max_retries``): HTTP 408, 409, 429, 5xx and
+    timeouts, with its exponential backoff (0.5 s doubling, at most 8 s, less up to 25% jitter),
+    or the server's ``Retry-After`` / ``retry-after-ms`` when it sends one (up to 60 s; a longer
+    one is not waited for). A failure to connect at all (refused, unknown host) is retried by the
+    HTTP transport instead, ``max_connection_retries`` times without the client's retries on top
+    (0 + 0.5 + 1 s with the defaults), then logged once with the endpoint and what happened; once
+    one request has given up on connecting, the others give up too instead of each spending its
+    own budget. Other errors (bad request, authentication) raise at once. The rate limit spaces
+    the requests this client starts; the client's retries of one request are spaced by its
+    backoff.
 
     Args:
         model: model name sent in each request.
@@ -403,8 +425,6 @@ class ChatClient:
             servers need no key), a placeholder key is sent.
     """
 
-    RETRY_STATUS = (408, 409, 429)
-
     def __init__(
         self,
         model: str,
@@ -413,8 +433,6 @@ class ChatClient:
         api_key_env: str | None = "OPENAI_API_KEY",
         requests_per_minute: float = 60.0,
         max_retries: int = 6,
-        backoff_base_s: float = 1.0,
-        backoff_max_s: float = 60.0,
         timeout_s: float = 120.0,
         max_connection_retries: int = 3,
     ) -> None:
@@ -429,20 +447,22 @@ class ChatClient:
             key = "EMPTY"
         self.model = model
         self._key = key
+        self.max_retries = max_retries
+        self.max_connection_retries = max_connection_retries
+        transport = _ConnectRetries(max_connection_retries, self._connect_failure)
         self._client = openai.OpenAI(
-            api_key=key, base_url=base_url, max_retries=0, timeout=timeout_s
+            api_key=key,
+            base_url=base_url,
+            max_retries=max_retries,
+            timeout=timeout_s,
+            http_client=openai.DefaultHttpxClient(transport=transport),
         )
         self.base_url = str(self._client.base_url).rstrip("/")
         self.limiter = RateLimiter(requests_per_minute)
-        self.max_retries = max_retries
-        self.max_connection_retries = max_connection_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
         self._count_lock = threading.Lock()
-        self._warned_unreachable = False
         # set when a request gives up connecting: every later request then fails at once
         self._unreachable: str | None = None
-        self.n_requests = 0
+        self.n_requests = 0  # HTTP requests sent, retries included
         self.n_retries = 0
 
     def __repr__(self) -> str:  # never show the key
@@ -454,110 +474,58 @@ class ChatClient:
             text = text.replace(self._key, "***")
         return _KEY_LIKE.sub("***", text)
 
-    @staticmethod
-    def _is_connection_failure(err: Exception) -> bool:
-        """Could not connect at all (a timeout is not one: the server may just be busy)."""
-        return isinstance(err, openai.APIConnectionError) and not isinstance(
-            err, openai.APITimeoutError
+    def _connect_failure(self, err: Exception) -> str:
+        """The message of a request that could not connect after its attempts; logged once."""
+        msg = (
+            f"{self.model}: cannot connect to {self.base_url} after "
+            f"{self.max_connection_retries + 1} attempts: {self._redact(f'{type(err).__name__}: {err}')}"
         )
-
-    def _retryable(self, err: Exception) -> bool:
-        if isinstance(err, openai.APIConnectionError):  # includes timeouts
-            return True
-        if isinstance(err, openai.APIStatusError):
-            return err.status_code in self.RETRY_STATUS or err.status_code >= 500
-        return False
-
-    def _backoff(self, attempt: int) -> float:
-        """The wait before retry ``attempt + 1`` without jitter."""
-        return min(self.backoff_max_s, self.backoff_base_s * (2**attempt))
-
-    def _delay(self, attempt: int, err: Exception) -> float:
-        d = self._backoff(attempt)
-        d *= 1.0 + 0.25 * random.random()
-        resp = getattr(err, "response", None)
-        retry_after = resp.headers.get("retry-after") if resp is not None else None
-        try:
-            if retry_after is not None:
-                d = max(d, min(self.backoff_max_s, float(retry_after)))
-        except ValueError:
-            pass
-        return d
-
-    def _error_text(self, err: Exception) -> str:
-        cause = err.__cause__ or err.__context__
-        text = f"{type(err).__name__}: {err}"
-        if cause is not None and str(cause) and str(cause) not in text:
-            text += f" ({cause})"
-        return self._redact(text)
-
-    def _warn_unreachable_once(self, err: Exception) -> None:
         with self._count_lock:
-            if self._warned_unreachable:
-                return
-            self._warned_unreachable = True
-        n = self.max_connection_retries
-        total = sum(self._backoff(a) for a in range(n)) * 1.25
-        plan = (
-            f"retrying up to {n} times with backoff of up to {self._backoff(n - 1):.0f}s "
-            f"(about {total:.0f}s in all), then giving up"
-            if n > 0
-            else "giving up (max_connection_retries=0)"
-        )
-        log.warning(
-            "%s: cannot connect to %s: %s; %s. Is the server running at that address?",
-            self.model,
-            self.base_url,
-            self._error_text(err),
-            plan,
-        )
+            first = self._unreachable is None
+            self._unreachable = msg
+        if first:
+            log.warning("%s. Is the server running at that address? Giving up.", msg)
+        return msg
+
+    @staticmethod
+    def _retries_taken(err: Exception) -> int:
+        """Retries the client made before ``err`` (its ``x-stainless-retry-count`` header)."""
+        resp = getattr(err, "response", None)
+        request = resp.request if resp is not None else getattr(err, "request", None)
+        try:
+            return int(request.headers.get("x-stainless-retry-count", 0))
+        except (AttributeError, ValueError):
+            return 0
+
+    def _count(self, retries: int) -> None:
+        with self._count_lock:
+            self.n_requests += 1 + retries
+            self.n_retries += retries
 
     def complete(self, messages: list[dict[str, str]], **params: Any) -> str:
         """The first choice's text for ``messages`` (extra ``params`` go into the request)."""
-        attempt = conn_attempt = 0  # retries so far: all transient errors / connection failures
-        conn = False  # whether the last try failed to connect
-        while True:
-            if self._unreachable is not None:
-                raise ChatAPIError(self._unreachable)
-            if not conn:  # a try that never reached the server does not use up a rate slot
-                self.limiter.acquire()
-            with self._count_lock:
-                self.n_requests += 1
-            try:
-                resp = self._client.chat.completions.create(
-                    model=self.model, messages=messages, **params
-                )
-                self._warned_unreachable = False  # a later outage is reported again
-                return resp.choices[0].message.content or ""
-            except Exception as err:  # openai raises its own hierarchy
-                conn = self._is_connection_failure(err)
-                if conn:
-                    self._warn_unreachable_once(err)
-                if conn and conn_attempt >= self.max_connection_retries:
-                    msg = (
-                        f"{self.model}: cannot connect to {self.base_url} after "
-                        f"{conn_attempt + 1} attempts: {self._error_text(err)}"
-                    )
-                    self._unreachable = msg
-                    raise ChatAPIError(msg) from None
-                if attempt >= self.max_retries or not self._retryable(err):
-                    raise ChatAPIError(self._redact(f"{type(err).__name__}: {err}")) from None
-                delay = self._delay(conn_attempt if conn else attempt, err)
-                with self._count_lock:
-                    self.n_retries += 1
-                # connection failures: the first one was announced with the plan above
-                (log.info if conn else log.warning)(
-                    "%s: %s from %s (attempt %d/%d); retrying in %.2fs",
-                    self.model,
-                    type(err).__name__,
-                    self.base_url,
-                    (conn_attempt if conn else attempt) + 1,
-                    (self.max_connection_retries if conn else self.max_retries) + 1,
-                    delay,
-                )
-                attempt += 1
-                conn_attempt += conn
-                time.sleep(delay)
+        if self._unreachable is not None:
+            raise ChatAPIError(self._unreachable)
+        self.limiter.acquire()
+        try:
+            raw = self._client.chat.completions.with_raw_response.create(
+                model=self.model, messages=messages, **params
+            )
+        except openai.APIConnectionError as err:
+            self._count(self._retries_taken(err))
+            if self._unreachable is not None and not isinstance(err, openai.APITimeoutError):
+                raise ChatAPIError(self._unreachable) from None
+            raise ChatAPIError(self._redact(f"{type(err).__name__}: {err}")) from None
+        except openai.OpenAIError as err:  # status errors: retried by the client where useful
+            retries = self._retries_taken(err)
+            self._count(retries)
+            raise ChatAPIError(
+                self._redact(f"{type(err).__name__} after {retries + 1} attempt(s): {err}")
+            ) from None
+        self._count(raw.retries_taken)
+        if raw.retries_taken:
+            log.info("%s: answered after %d retries", self.model, raw.retries_taken)
+        return raw.parse().choices[0].message.content or ""
 
 
 class LLMJudge:

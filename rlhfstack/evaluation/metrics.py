@@ -1,6 +1,6 @@
 """Evaluation metrics: win-rates with bootstrap CIs, diversity and length statistics.
 
-Pure numpy + stdlib so it can run anywhere (no torch import).
+Pure numpy / scipy + stdlib so it can run anywhere (no torch import).
 
 Conventions:
     * A "win" of system A over system B on one prompt is 1.0 if A's score is higher, 0.5 on a
@@ -12,15 +12,18 @@ Conventions:
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 from rlhfstack.data.text_stats import ngrams
 
 __all__ = [
+    "bootstrap_ci",
     "bootstrap_mean_ci",
     "distinct_n",
     "mean_length_tokens",
@@ -31,18 +34,55 @@ __all__ = [
 ]
 
 
-def _bootstrap_means(values_N: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Means of ``n_boot`` resamples (with replacement) of ``values_N``; shape (n_boot,)."""
-    rng = np.random.default_rng(seed)
-    n = values_N.shape[0]
-    # Chunk so that memory stays bounded for large n * n_boot.
-    out_R = np.empty(n_boot, dtype=np.float64)
-    chunk = max(1, int(2_000_000 // max(n, 1)))
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx_RN = rng.integers(0, n, size=(stop - start, n))
-        out_R[start:stop] = values_N[idx_RN].mean(axis=1)
-    return out_R
+def bootstrap_ci(
+    data: Sequence[np.ndarray],
+    statistic: Callable[..., Any],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    vectorized: bool = True,
+) -> list[float]:
+    """(1 - alpha) percentile bootstrap interval of ``statistic(*data)`` over items.
+
+    ``scipy.stats.bootstrap`` with ``paired=True``: one resample draws item indices once and
+    takes them from every array of ``data``, so a statistic of paired columns (policy and
+    baseline on the same prompt) keeps its pairs. ``method="percentile"`` rather than BCa: it is
+    the interval the reports have always stated; it stays defined on degenerate samples (a
+    policy winning every prompt gives [1, 1], where BCa's acceleration is 0/0 and gives NaN);
+    and BCa's jackknife would refit a non-vectorized statistic (the length-controlled model)
+    once per item. ``statistic`` takes the arrays and ``axis`` when ``vectorized``; a NaN from a
+    resample where it is undefined (e.g. a refit that cannot be done) is left out of the
+    percentiles. ``n_boot == 0`` gives ``[nan, nan]``; one item gives its own statistic twice.
+    """
+    if n_boot == 0:
+        return [float("nan"), float("nan")]
+    arrays = tuple(np.asarray(d, dtype=np.float64).reshape(-1) for d in data)
+    n = arrays[0].shape[0]
+    if n == 1:  # every resample is the one item (scipy wants two or more)
+        v = float(statistic(*arrays, axis=-1) if vectorized else statistic(*arrays))
+        return [v, v]
+    with warnings.catch_warnings():  # a NaN end is handled below
+        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        res = scipy.stats.bootstrap(
+            arrays,
+            statistic,
+            n_resamples=n_boot,
+            # bounds memory at ~2M resampled values per batch for large n * n_boot
+            batch=max(1, 2_000_000 // max(n, 1)),
+            vectorized=vectorized,
+            paired=True,
+            confidence_level=1.0 - alpha,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if np.isnan(lo) or np.isnan(hi):
+        dist_R = res.bootstrap_distribution
+        if np.isnan(dist_R).all():
+            return [float("nan"), float("nan")]
+        lo, hi = np.nanpercentile(dist_R, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return [float(lo), float(hi)]
 
 
 def bootstrap_mean_ci(
@@ -51,7 +91,7 @@ def bootstrap_mean_ci(
     seed: int = 0,
     alpha: float = 0.05,
 ) -> dict[str, Any]:
-    """Mean of ``values`` with a percentile bootstrap CI.
+    """Mean of ``values`` with a percentile bootstrap CI (:func:`bootstrap_ci`).
 
     Args:
         values: shape (N,) per-item values (NaNs are not allowed).
@@ -69,9 +109,8 @@ def bootstrap_mean_ci(
         return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
     if np.isnan(values_N).any():
         raise ValueError("bootstrap_mean_ci: values contain NaN")
-    means_R = _bootstrap_means(values_N, n_boot, seed)
-    lo, hi = np.percentile(means_R, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return {"mean": float(values_N.mean()), "ci95": [float(lo), float(hi)], "n": n}
+    ci = bootstrap_ci((values_N,), np.mean, n_boot=n_boot, seed=seed, alpha=alpha)
+    return {"mean": float(values_N.mean()), "ci95": ci, "n": n}
 
 
 def win_outcomes(

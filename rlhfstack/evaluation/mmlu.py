@@ -40,6 +40,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from rlhfstack.evaluation.metrics import bootstrap_ci
+
 __all__ = [
     "CHOICE_LETTERS",
     "FewshotChoice",
@@ -176,10 +178,10 @@ def alignment_tax(
         p_N = np.array([policy_items[k] for k in shared], dtype=np.float64)
         d_N = b_N - p_N
         n = d_N.size
-        rng = np.random.default_rng(seed)
-        idx_RN = rng.integers(0, n, size=(n_boot, n))
-        boots_R = d_N[idx_RN].mean(axis=1)
-        lo, hi = np.percentile(boots_R, [2.5, 97.5])
+        # paired: one resample takes the same questions from both models
+        lo, hi = bootstrap_ci(
+            (b_N, p_N), lambda b, p, axis: np.mean(b - p, axis=axis), n_boot=n_boot, seed=seed
+        )
         se = float(d_N.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
         tax = float(d_N.mean())
         return {

@@ -12,7 +12,9 @@ import numpy as np
 import yaml
 from safetensors import safe_open
 
-from rlhfstack.runtime import atomic_write_text, read_jsonl
+from rlhfstack.dashboard import DASHBOARD_FILE
+from rlhfstack.evaluation.overopt import GOLD_KEY, KL_KEY, PROXY_KEY, plot_gao_fits
+from rlhfstack.runtime import atomic_write_text, read_jsonl, require
 
 
 def _ci(d: dict) -> str:
@@ -74,31 +76,32 @@ def task_facts(art: str | os.PathLike) -> dict[str, Any]:
 
 
 def _plot_gold_vs_proxy(art: Path) -> str | None:
-    """PPO's periodic gold and proxy reward on the dev prompts against sqrt(KL) (Gao et al. 2022's axis)."""
+    """PPO's periodic gold and proxy reward on the dev prompts: against the step (left), and
+    against sqrt(KL) (Gao et al. 2022's axis; right) as points with the fitted RL curves
+    ``R0 + d (alpha - beta log d)`` (:func:`rlhfstack.evaluation.overopt.plot_gao_fits`)."""
     mpath = art / "ppo" / "metrics.jsonl"
     if not mpath.exists():
         return None
-    rows = [r for r in read_jsonl(mpath) if "eval/gold_reward" in r]
+    rows = [r for r in read_jsonl(mpath) if r.get(GOLD_KEY) is not None]
     if len(rows) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
+    gold_C = np.array([r[GOLD_KEY] for r in rows], dtype=np.float64)
+    proxy_C = np.array([r.get(PROXY_KEY, np.nan) for r in rows], dtype=np.float64)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    axes[0].plot(steps, [r["eval/gold_reward"] for r in rows], "o-", label="gold (hidden)")
-    axes[0].plot(steps, [r["eval/proxy_reward"] for r in rows], "s-", label="proxy RM")
+    axes[0].plot(steps, gold_C, "o-", color="tab:orange", label="gold (hidden)")
+    axes[0].plot(steps, proxy_C, "s-", color="tab:blue", label="proxy RM")
     axes[0].set_xlabel("PPO step")
     axes[0].set_ylabel("mean reward, dev prompts")
     axes[0].legend()
     axes[0].grid(alpha=0.3)
-    d = [max(0.0, r["kl/seq_k1"]) ** 0.5 for r in rows]
-    axes[1].plot(d, [r["eval/gold_reward"] for r in rows], "o-", label="gold")
-    axes[1].plot(d, [r["eval/proxy_reward"] for r in rows], "s-", label="proxy")
+    kl_C = np.array([r[KL_KEY] for r in rows], dtype=np.float64)
+    plot_gao_fits(axes[1], kl_C, {"gold": gold_C, "proxy": proxy_C}, form="rl")
     axes[1].set_xlabel("sqrt(KL to SFT), rollout batch")
-    axes[1].legend()
+    axes[1].legend(fontsize=7)
     axes[1].grid(alpha=0.3)
     fig.tight_layout()
     out = art / "plots" / "gold_vs_proxy.png"
@@ -204,20 +207,8 @@ def render_report(art: Path, results: dict[str, Any]) -> str:
     L.append("## PPO diagnostics\n")
     if gp:
         L.append(f"![gold vs proxy]({gp})\n")
-    for key in (
-        "reward_rm_score",
-        "kl_seq_k1",
-        "kl_beta",
-        "response_length",
-        "ppo_clipfrac",
-        "ppo_approx_kl",
-        "entropy",
-        "values_explained_variance",
-        "loss_value",
-        "loss_policy",
-    ):
-        if (art / "ppo" / "plots" / f"{key}.png").exists():
-            L.append(f"![{key}](ppo/plots/{key}.png)")
+    if (art / "ppo" / DASHBOARD_FILE).exists():
+        L.append(f"![PPO dashboard](ppo/{DASHBOARD_FILE})")
     L.append("")
     L.append("## Samples (first 5 test prompts)\n")
     samples = {n: read_jsonl(art / "samples" / f"{n}.jsonl") for n in names}

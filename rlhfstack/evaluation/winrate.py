@@ -38,13 +38,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import cohen_kappa_score
 
 from rlhfstack.data import DataError, map_records, require_field
 from rlhfstack.evaluation.judges import (
     Judge,
     JudgeResult,
 )
-from rlhfstack.evaluation.metrics import winrate_from_outcomes
+from rlhfstack.evaluation.metrics import bootstrap_ci, winrate_from_outcomes
 
 log = logging.getLogger("rlhfstack.winrate")
 
@@ -240,24 +241,22 @@ def length_controlled_winrate(
     n_boot: int = 200,
     seed: int = 0,
 ) -> dict[str, Any] | None:
-    """:func:`fit_length_controlled` plus a percentile bootstrap interval (refits on prompts
-    resampled with replacement; ``n_boot=0`` skips it). None when lengths never differ."""
+    """:func:`fit_length_controlled` plus a percentile bootstrap interval (:func:`bootstrap_ci`:
+    refits on prompts resampled with replacement, all columns paired; ``n_boot=0`` skips it).
+    None when lengths never differ."""
     fit = fit_length_controlled(outcomes_N, len_a_N, len_b_N, difficulty_N)
     if fit is None:
         return None
     y_N = np.asarray(outcomes_N, dtype=np.float64)
     la_N, lb_N = np.asarray(len_a_N, dtype=np.float64), np.asarray(len_b_N, dtype=np.float64)
     d_N = None if difficulty_N is None else np.asarray(difficulty_N, dtype=np.float64)
-    rates = []
-    rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y_N), len(y_N))
-        f = fit_length_controlled(y_N[idx], la_N[idx], lb_N[idx], None if d_N is None else d_N[idx])
-        if f is not None:
-            rates.append(f["rate"])
-    fit["ci95"] = (
-        [float(x) for x in np.percentile(rates, [2.5, 97.5])] if rates else [math.nan, math.nan]
-    )
+
+    def refit_rate(y, la, lb, *d) -> float:  # NaN where a resample cannot be fitted
+        f = fit_length_controlled(y, la, lb, d[0] if d else None)
+        return math.nan if f is None else f["rate"]
+
+    columns = (y_N, la_N, lb_N) + (() if d_N is None else (d_N,))
+    fit["ci95"] = bootstrap_ci(columns, refit_rate, n_boot=n_boot, seed=seed, vectorized=False)
     fit["n"] = int(len(y_N))
     return fit
 
@@ -278,10 +277,9 @@ def cohen_kappa(labels_1: Sequence[int], labels_2: Sequence[int]) -> float:
     x, y = np.asarray(labels_1), np.asarray(labels_2)
     if x.shape != y.shape or x.size == 0:
         raise ValueError("cohen_kappa: label arrays must be non-empty and the same length")
-    cats = np.union1d(x, y)
-    p_o = float(np.mean(x == y))
-    p_e = float(sum(np.mean(x == c) * np.mean(y == c) for c in cats))
-    return math.nan if p_e >= 1.0 else (p_o - p_e) / (1.0 - p_e)
+    if np.unique(np.concatenate([x, y])).size == 1:  # chance agreement 1: undefined
+        return math.nan
+    return float(cohen_kappa_score(x, y))
 
 
 def fleiss_kappa(labels_JN: Sequence[Sequence[int]] | np.ndarray) -> float:

@@ -2,7 +2,8 @@
 
 Submodules: :mod:`.masking` (masked reductions, log-probs, entropy), :mod:`.kl` (KL estimators and
 controllers), :mod:`.advantages` (KL-shaped rewards, GAE, GRPO, RLOO), :mod:`.ppo` (PPO losses),
-:mod:`.preference` (Bradley-Terry, DPO/cDPO/IPO, KTO).
+:mod:`.preference` (Bradley-Terry, DPO/cDPO/IPO, KTO), :mod:`.mismatch` (rollout engine vs trainer
+log-prob gap, truncated importance weights).
 """
 
 from rlhfstack.losses.advantages import (
@@ -33,6 +34,13 @@ from rlhfstack.losses.masking import (
     masked_var,
     masked_whiten,
 )
+from rlhfstack.losses.mismatch import (
+    ROLLOUT_IS_MODES,
+    logprob_gap,
+    mismatch_metrics,
+    mismatch_sums,
+    truncated_is_weights,
+)
 from rlhfstack.losses.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from rlhfstack.losses.preference import (
     DPO_LOSS_TYPES,
@@ -49,6 +57,7 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "FixedKLController",
     "KL_ESTIMATORS",
+    "ROLLOUT_IS_MODES",
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_bonus",
@@ -65,12 +74,16 @@ __all__ = [
     "kto_loss",
     "last_token_index",
     "leave_one_out_advantages",
+    "logprob_gap",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "mismatch_metrics",
+    "mismatch_sums",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sequence_logprobs",
+    "truncated_is_weights",
 ]

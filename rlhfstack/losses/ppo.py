@@ -35,6 +35,7 @@ def ppo_policy_loss(
     clip_eps: float = 0.2,
     normalizer: float | None = None,
     clip_eps_high: float | None = None,
+    is_weights_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss, Schulman et al. 2017 eq. 7 (negated, to minimise).
 
@@ -53,6 +54,10 @@ def ppo_policy_loss(
         normalizer: if given, divide the masked sum by this (global valid-token count).
         clip_eps_high: optional separate upper epsilon (``clip(rho, 1 - eps, 1 + eps_high)``,
             "clip-higher" of DAPO, Yu et al. 2025). ``None`` means symmetric.
+        is_weights_BT: optional (B, T) constant per-token weights ``w_t`` (detached), the loss
+            becoming the mean of ``w_t * L_t``: the truncated importance weights of the rollout
+            engine vs trainer correction (:func:`rlhfstack.losses.mismatch.truncated_is_weights`).
+            The statistics below stay those of the unweighted ratio.
 
     Returns:
         ``(loss, stats)``: 0-dim loss; stats is a dict of detached 0-dim tensors over valid tokens:
@@ -72,6 +77,9 @@ def ppo_policy_loss(
     clipped_ratio = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)  # clip(rho, 1-e, 1+e)
     loss_clipped = -advantages_BT * clipped_ratio  # -A clip(rho)
     per_token = torch.maximum(loss_unclipped, loss_clipped)  # max(-A rho, -A clip(rho))
+    if is_weights_BT is not None:  # w_t * L_t (TIS: w = min(pi_old / mu, C))
+        one = torch.ones((), dtype=per_token.dtype, device=per_token.device)
+        per_token = per_token * torch.where(mask_b, is_weights_BT.detach().to(per_token.dtype), one)
     loss = _reduce(per_token, mask_BT, normalizer)
 
     with torch.no_grad():

@@ -54,8 +54,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rlhfstack.distributed import CKPT_EXTRA, latest_checkpoint, read_checkpoint_tensors
+from rlhfstack.models.card import write_card
 from rlhfstack.models.core import DTYPES
-from rlhfstack.runtime import atomic_dir
+from rlhfstack.runtime import atomic_dir, require
 
 Tensor = torch.Tensor
 ShardKey = tuple[int, int]  # (tp_rank, pp_rank)
@@ -698,7 +699,8 @@ def ckpt_to_hf(
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     is_lora = any(".lora_A." in k for k in policy_sd)
     if is_lora:
-        from peft import LoraConfig, get_peft_model
+        peft = require("peft", "a LoRA checkpoint")
+        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
         a_keys = [k for k in policy_sd if ".lora_A." in k]
         r = int(policy_sd[a_keys[0]].shape[0])
@@ -759,7 +761,7 @@ def export_hf(
         ]
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     if lora_adapter is not None:
-        from peft import PeftModel
+        PeftModel = require("peft", "merging a LoRA adapter").PeftModel
 
         model = PeftModel.from_pretrained(model, str(lora_adapter)).merge_and_unload()
     model = model.to(DTYPES[dtype])
@@ -771,4 +773,37 @@ def export_hf(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        _export_card(tmp, model_dir, base_dir, lora_adapter, dtype)
     return Path(out_dir)
+
+
+def _export_card(
+    out: Path, model_dir: Path, base_dir: Path | str, lora_adapter: Any, dtype: str
+) -> None:
+    """``out/README.md``: the source's model card (its text after the metadata, when it has one)
+    under fresh metadata, plus an "Export" section; local paths relative to the export's final
+    place (``out`` is its sibling while being written)."""
+    source_card = model_dir / "README.md"
+    body = ""
+    if source_card.exists():
+        text = source_card.read_text(encoding="utf-8")
+        body = text.split("\n---\n", 1)[1] if text.startswith("---\n") else text
+    write_card(
+        out,
+        title=None if body else "Exported model",
+        description="A causal LM exported by `tools/export_hf.py` (safetensors, one dtype).",
+        body=body,
+        base_model=str(base_dir),
+        tags=["rlhf", "export"],
+        pipeline_tag="text-generation",
+        sections={
+            "Export": {
+                "source": str(model_dir.resolve()),
+                "LoRA adapter merged": str(Path(lora_adapter).resolve())
+                if lora_adapter
+                else "none",
+                "dtype": dtype,
+                "written by": "tools/export_hf.py",
+            }
+        },
+    )

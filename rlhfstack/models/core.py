@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 from contextlib import nullcontext
@@ -19,7 +20,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 
 from rlhfstack.losses import (
     entropy_from_logits,
@@ -28,7 +35,9 @@ from rlhfstack.losses import (
     logprobs_from_logits,
 )
 from rlhfstack.models.paths import resolve_model_path
-from rlhfstack.runtime import atomic_dir
+from rlhfstack.runtime import atomic_dir, require
+
+log = logging.getLogger("rlhfstack.models")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -108,6 +117,7 @@ def load_causal_lm(
     if lora is not None and getattr(lora, "quantize_4bit", False):
         if not torch.cuda.is_available():
             raise RuntimeError("model.lora.quantize_4bit (QLoRA) needs a CUDA GPU and bitsandbytes")
+        require("bitsandbytes", "model.lora.quantize_4bit=true")
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -122,16 +132,12 @@ def load_causal_lm(
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if lora is not None and getattr(lora, "enabled", False):
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
+        peft = require("peft", "model.lora.enabled=true")
         if getattr(lora, "quantize_4bit", False):
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model)
-        model = get_peft_model(
+            model = peft.prepare_model_for_kbit_training(model)
+        model = peft.get_peft_model(
             model,
-            PeftLoraConfig(
+            peft.LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
@@ -342,11 +348,73 @@ class RewardModel(nn.Module):
         std = r_Bk.std(-1) if r_Bk.shape[-1] > 1 else torch.zeros_like(r_Bk[:, 0])
         return {"mean": r_Bk.mean(-1), "std": std}
 
-    def save(self, out_dir: str | os.PathLike) -> None:
-        """Backbone as an HF directory + ``reward_head.safetensors`` + ``reward_config.json``."""
+    @torch.no_grad()
+    def sequence_classifier(self, pad_token_id: int | None) -> tuple[nn.Module, float] | None:
+        """This causal-LM reward model as a standard ``*ForSequenceClassification`` model
+        (``num_labels=1``) and the constant ``offset`` with ``score = logits + offset``; None when
+        transformers has no sequence-classification class for the backbone's architecture or no
+        ``pad_token_id`` is known.
 
+        The ensemble mean and the normalization fold into the score head: ``mean_k(gain *
+        (w_k . h + b_k) + bias) = (gain * mean_k w_k) . h + (gain * mean_k b_k + bias)``. The
+        score head of transformers' decoder classifiers is ``nn.Linear(d, 1, bias=False)`` and
+        the final RMS/LayerNorm rescales every hidden feature, so no feature of ``h`` is a
+        constant that could carry the additive term: it is stored as ``config.reward_offset``
+        (and in the model card). Differences of scores, hence preferences and Bradley-Terry
+        probabilities, are exact without it. ``pad_token_id`` goes into the config so that
+        transformers reads the last non-pad token, as :meth:`raw_scores` does (right padding;
+        positions count from the first token)."""
+        if self.kind != "causal_lm":
+            return None
+        pad_token_id = (
+            pad_token_id if pad_token_id is not None else self.backbone.config.pad_token_id
+        )
+        if pad_token_id is None:  # transformers would read the last position, PAD or not
+            log.warning(
+                "reward model saved without a sequence-classification export: no pad_token_id "
+                "given (RewardModel.save(..., pad_token_id=tokenizer.pad_token_id))"
+            )
+            return None
+        config = copy.deepcopy(self.backbone.config)
+        config.num_labels = 1
+        config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
+        config.problem_type = "regression"
+        config.pad_token_id = int(pad_token_id)
+        config.architectures = None
+        weight_1D = self.head.linear.weight.float().mean(0, keepdim=True) * float(self.gain)
+        offset = float(self.head.linear.bias.float().mean() * float(self.gain) + float(self.bias))
+        config.reward_offset = offset
+        trunk = self.trunk()
+        dtype = next(trunk.parameters()).dtype
+        try:
+            seq = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        except ValueError:  # no *ForSequenceClassification for this model type
+            return None
+        score = getattr(seq, "score", None)
+        if not isinstance(score, nn.Linear) or score.weight.shape != weight_1D.shape:
+            return None
+        getattr(seq, seq.base_model_prefix).load_state_dict(trunk.state_dict())
+        score.weight.copy_(weight_1D.to(score.weight.dtype))
+        return seq.eval(), offset
+
+    def save(self, out_dir: str | os.PathLike, pad_token_id: int | None = None) -> None:
+        """The backbone as an HF directory + ``reward_head.safetensors`` + ``reward_config.json``.
+
+        A causal-LM reward model is saved as a sequence-classification model
+        (:meth:`sequence_classifier`): ``AutoModelForSequenceClassification.from_pretrained``
+        loads the directory and its logits plus ``config.reward_offset`` are this model's
+        normalized scores (the ensemble mean). The head file keeps every ensemble head for
+        :meth:`load` (the ensemble spread, the critic's initialization). Encoders are saved as
+        their base model: transformers' encoder classifiers read a tanh pooler of ``[CLS]``,
+        not the mean pooling these reward models use, so no standard class scores like them."""
         out = Path(out_dir)
-        self.backbone.save_pretrained(out)
+        exported = self.sequence_classifier(pad_token_id)
+        if exported is not None:
+            exported[0].save_pretrained(out)
+            layout = "sequence_classification"
+        else:
+            self.backbone.save_pretrained(out)
+            layout = "base_model"
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
             str(out / "reward_head.safetensors"),
@@ -355,9 +423,11 @@ class RewardModel(nn.Module):
             json.dumps(
                 {
                     "kind": self.kind,
+                    "layout": layout,
                     "k": self.head.linear.out_features,
                     "gain": float(self.gain),
                     "bias": float(self.bias),
+                    "offset": exported[1] if exported is not None else None,
                     "pooling": self.pooling,
                     "sep_token_id": self.sep_token_id,
                     "max_length": self.max_length,
@@ -372,7 +442,7 @@ class RewardModel(nn.Module):
     def load(
         cls, path: str | os.PathLike, dtype: str = "float32", device: str = "cpu"
     ) -> RewardModel:
-
+        """Read a directory written by :meth:`save` (either layout)."""
         path = Path(path)
         cfg_path = path / "reward_config.json"
         if not cfg_path.exists():
@@ -380,7 +450,13 @@ class RewardModel(nn.Module):
                 f"{cfg_path}: not a reward model directory (reward_config.json missing)"
             )
         meta = json.loads(cfg_path.read_text())
-        if meta["kind"] == "causal_lm":
+        if meta.get("layout") == "sequence_classification":
+            # the trunk is read from it; its score head (the folded mean) stays unused
+            backbone = AutoModelForSequenceClassification.from_pretrained(
+                str(path), dtype=torch_dtype(dtype)
+            )
+            disable_dropout(backbone)
+        elif meta["kind"] == "causal_lm":
             backbone = load_causal_lm(str(path), dtype=dtype, trainable=False)
         else:
             backbone = AutoModel.from_pretrained(str(path), dtype=torch_dtype(dtype))

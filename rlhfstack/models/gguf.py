@@ -29,7 +29,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhfstack.runtime import atomic_dir
+from rlhfstack.runtime import atomic_dir, require
 
 PKGGGUF_PREFIX = "pkggguf:"
 """Prefix of model paths whose GGUF file is split over installed ``<dist>-partN`` distributions."""
@@ -98,12 +98,7 @@ def expected_sha256(dist: str) -> tuple[str, str] | None:
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """De-quantize ``gguf_file`` into an HF causal-LM directory ``out_dir`` (model + tokenizer)."""
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF loader imports it)
-    except ImportError as e:
-        raise ImportError(
-            f"{gguf_file}: reading GGUF needs the 'gguf' package (pip install '.[rm-gemma]')"
-        ) from e
+    require("gguf", f"reading {gguf_file.name} (GGUF)")  # transformers' GGUF loader imports it
     kw = {"gguf_file": gguf_file.name}
     model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype="float32", **kw)
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)

@@ -16,9 +16,11 @@ Values are read at the position that predicts each response token: ``V(s_j)`` fo
 from __future__ import annotations
 
 import copy
+import os
 from typing import Protocol, runtime_checkable
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from rlhfstack.models.core import RewardModel, ValueHead, causal_lm_parts, trunk_hidden
@@ -104,3 +106,22 @@ def build_value_model(
             )
         return Critic(reward_model)
     raise ValueError(f"ppo.value_model: unknown value {kind!r} ({' | '.join(VALUE_MODELS)})")
+
+
+VALUE_FILE = "value_model.safetensors"
+"""The file name of a trained value model in a PPO ``run_dir``."""
+
+
+def save_value_model(value: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``value``'s parameters to ``path`` in safetensors (tensors shared inside it, such as
+    tied embeddings, once; no pickle)."""
+    save_model(value, str(path))
+
+
+def load_value_model(value: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load parameters written by :func:`save_value_model` into ``value`` (built the same way,
+    e.g. by :func:`build_value_model`); strict: every parameter must be present."""
+    missing, unexpected = load_model(value, str(path))
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    return value

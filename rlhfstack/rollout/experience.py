@@ -45,6 +45,12 @@ class Experience:
     Advantages (``ppo.advantage_estimator``):
         advantages_BR: per-token advantages (whitened when ``ppo.whiten_advantages``), 0 on padding.
         returns_BR: the value targets ``A + V`` (before whitening); None when critic-free.
+
+    Rollout engine vs trainer (:mod:`rlhfstack.losses.mismatch`):
+        rollout_logprobs_BR: the rollout engine's log-probs of the sampled tokens, kept when the
+            trainer recomputed ``old_logprobs_BR`` (NaN where the engine gave none); else None.
+        is_weights_BR: truncated importance weights ``min(pi_old / mu, C)`` multiplying each
+            token's policy loss (``ppo.rollout_is=token_tis``); None without the correction.
     """
 
     prompts: list[str]
@@ -67,6 +73,8 @@ class Experience:
     seq_kl_B: torch.Tensor
     advantages_BR: torch.Tensor
     returns_BR: torch.Tensor | None
+    rollout_logprobs_BR: torch.Tensor | None = None
+    is_weights_BR: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -1,8 +1,10 @@
 """Rollouts through vLLM (GPU only), behind the same interface as ``generate``.
 
 NOT exercised in CI (there is no GPU and vLLM is not installed by default; ``pip install '.[gpu]'``).
-The training pass recomputes old log-probs with the training model, so vLLM only supplies tokens:
-the ratio == 1 invariant does not depend on vLLM's numerics. Weights are pushed from the training
+The training pass recomputes old log-probs with the training model, so the ratio == 1 invariant does
+not depend on vLLM's numerics; vLLM's own log-probs of the sampled tokens (after temperature,
+``logprobs_mode="processed_logprobs"``) come back in ``Generation.logprobs_BR`` so that PPO can
+measure and correct the gap between the two (``mismatch/*``, ``ppo.rollout_is``). Weights are pushed from the training
 policy into the vLLM engine before every rollout (``sync_weights``), LoRA merged on the fly.
 """
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from rlhfstack.rollout.generate import Generation
+from rlhfstack.runtime import require
 
 
 class VLLMRollout:
@@ -32,15 +35,10 @@ class VLLMRollout:
         seed: int = 0,
         max_model_len: int | None = None,
     ) -> None:
-        try:
-            from vllm import LLM
-        except ImportError as err:  # pragma: no cover - GPU-only dependency
-            raise RuntimeError(
-                "rollout.backend=vllm needs vLLM and a CUDA GPU: pip install '.[gpu]'"
-            ) from err
+        LLM = require("vllm", "rollout.backend=vllm").LLM
         if not torch.cuda.is_available():  # pragma: no cover
             raise RuntimeError("rollout.backend=vllm needs a CUDA GPU")
-        self.llm = LLM(
+        kwargs = dict(
             model=model_path,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -48,6 +46,10 @@ class VLLMRollout:
             max_model_len=max_model_len,
             enable_prefix_caching=False,
         )
+        try:  # log-probs after temperature scaling: the distribution the tokens were drawn from
+            self.llm = LLM(**kwargs, logprobs_mode="processed_logprobs")
+        except TypeError:  # older vLLM: raw log-probs, i.e. of softmax(logits) at temperature 1
+            self.llm = LLM(**kwargs)
 
     @torch.no_grad()
     def sync_weights(self, policy: nn.Module) -> None:  # pragma: no cover - GPU only
@@ -78,7 +80,7 @@ class VLLMRollout:
         **_: Any,
     ) -> Generation:
         """Same contract as ``rlhfstack.rollout.generate.generate`` (no top-k/top-p)."""
-        from vllm import SamplingParams
+        SamplingParams = require("vllm", "rollout.backend=vllm").SamplingParams
 
         stops = list(stop_ids) if stop_ids is not None else [eos_id]
         params = SamplingParams(
@@ -89,26 +91,34 @@ class VLLMRollout:
             stop_token_ids=stops,
             seed=seed,
             skip_special_tokens=False,
+            logprobs=0,  # the sampled token's log-prob only
         )
         prompts = [
             {"prompt_token_ids": ids[m.bool()].tolist()}
             for ids, m in zip(prompt_ids_BP.cpu(), prompt_mask_BP.cpu())
         ]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        seqs, ended = [], []
+        seqs, lps, ended = [], [], []
         for o in outs:
             toks = list(o.outputs[0].token_ids)
+            step_lps = o.outputs[0].logprobs or []
+            lp = [float(d[t].logprob) if t in d else float("nan") for t, d in zip(toks, step_lps)]
+            lp += [float("nan")] * (len(toks) - len(lp))
             fin = o.outputs[0].finish_reason == "stop"
             if fin and (not toks or toks[-1] not in stops):
                 toks.append(eos_id)
+                lp.append(float("nan"))  # an EOS vLLM did not return: no log-prob for it
             seqs.append(toks)
+            lps.append(lp)
             ended.append(fin)
         R = max(1, max(len(s) for s in seqs))
         ids = torch.full((len(seqs), R), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), R), dtype=torch.long)
+        logprobs = torch.zeros((len(seqs), R), dtype=torch.float32)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
+            logprobs[i, : len(s)] = torch.tensor(lps[i], dtype=torch.float32)
         dev = prompt_ids_BP.device
         return Generation(
             prompt_ids_BP=prompt_ids_BP,
@@ -116,4 +126,5 @@ class VLLMRollout:
             response_ids_BR=ids.to(dev),
             response_mask_BR=mask.to(dev),
             ended_B=torch.tensor(ended, device=dev),
+            logprobs_BR=logprobs.to(dev),
         )

@@ -28,7 +28,11 @@ RewardModelReward`). The value model (:mod:`rlhfstack.models.value`) is a head o
 trunk (``shared``), a critic initialized from the reward model (``separate``), or none.
 
 Diagnostics are logged beside the loss every iteration; ``first_minibatch_ratio`` and
-``first_minibatch_approx_kl`` must read 1 and 0 (the rollout and training passes agree).
+``first_minibatch_approx_kl`` must read 1 and 0 (the rollout and training passes agree). When the
+trainer recomputes the old log-probs (``ppo.logprobs_from_rollout=false``, or vLLM rollouts), the
+rollout engine's own log-probs are kept too and ``mismatch/*`` measures the per-token gap between
+the two; ``ppo.rollout_is=token_tis`` corrects for it with truncated importance weights on the
+policy loss (:mod:`rlhfstack.losses.mismatch`).
 
 Under ``torchrun`` with ``parallel.dp_shard=N`` (FSDP2 data parallel): every rank draws the same
 global batch of prompts and keeps its ``B / N`` rows; it generates and scores them on a full
@@ -51,6 +55,7 @@ from rlhfstack import distributed
 from rlhfstack.configs import PPOConfig, validate
 from rlhfstack.data.collate import count_long_prompts
 from rlhfstack.data.loading import load_prompts
+from rlhfstack.evaluation.jobs.plots import ppo_dashboard_panels
 from rlhfstack.losses import (
     ADVANTAGE_ESTIMATORS,
     CRITIC_FREE_ESTIMATORS,
@@ -61,8 +66,11 @@ from rlhfstack.losses import (
     kl_shaped_rewards,
     masked_mean,
     masked_whiten,
+    mismatch_metrics,
+    mismatch_sums,
     ppo_policy_loss,
     ppo_value_loss,
+    truncated_is_weights,
 )
 from rlhfstack.models.core import (
     adapter_disabled,
@@ -71,7 +79,7 @@ from rlhfstack.models.core import (
     response_logprobs,
     tokenizer_for,
 )
-from rlhfstack.models.value import build_value_model
+from rlhfstack.models.value import VALUE_FILE, build_value_model, save_value_model
 from rlhfstack.rewards import (
     FunctionReward,
     Reward,
@@ -101,6 +109,7 @@ from rlhfstack.training import (
     finish_stage,
     load_policy,
     load_train_eval,
+    refresh_dashboard,
     setup_run,
 )
 
@@ -132,6 +141,16 @@ def _validate(cfg: PPOConfig) -> None:
         raise ValueError(
             f"ppo.advantage_estimator={est} compares the samples of a prompt: "
             f"rollout.samples_per_prompt must be >= 2 (got {G})"
+        )
+    if (
+        cfg.ppo.rollout_is != "none"
+        and cfg.ppo.logprobs_from_rollout
+        and cfg.rollout.backend == "native"
+    ):
+        raise ValueError(
+            f"ppo.rollout_is={cfg.ppo.rollout_is} weighs each token by pi_old / mu_rollout, with "
+            "pi_old the trainer's own log-probs: set ppo.logprobs_from_rollout=false (with it "
+            "true the old log-probs are the rollout engine's and there is nothing to correct)"
         )
 
 
@@ -215,6 +234,9 @@ class PPOTrainer:
         self.critic_free = pcfg.advantage_estimator in CRITIC_FREE_ESTIMATORS
         self.G = cfg.rollout.samples_per_prompt
         self.dp, self.rank = run.dist.dp, run.dist.dp_rank
+        # run_dir/dashboard.png: the KL panel shows the adaptive controller's target
+        adaptive = cfg.kl.controller == "adaptive"
+        self.dashboard = ppo_dashboard_panels(cfg.kl.target if adaptive else None)
         self.B = tcfg.batch_size  # global responses; this rank rolls out Bl = B / dp of them
         self.Bl = self.B // self.dp
         self.mb_size = self.Bl // pcfg.num_minibatches
@@ -302,6 +324,15 @@ class PPOTrainer:
             and cfg.rollout.backend == "native"
             and supports_fast_decode(self.r_policy)
         )
+        # the engine's own log-probs of what it sampled (free with the native fast loop; vLLM
+        # returns them): the old log-probs above, or, when the trainer recomputes those, the
+        # other side of the mismatch/* gap
+        self.engine_logprobs = cfg.rollout.backend == "vllm" or supports_fast_decode(self.r_policy)
+        if cfg.ppo.rollout_is != "none" and not self.engine_logprobs:
+            raise ValueError(
+                f"ppo.rollout_is={cfg.ppo.rollout_is} needs the rollout engine's log-probs, which "
+                "the native engine returns for HF causal LMs only"
+            )
         self.vllm_engine = None
         if cfg.rollout.backend == "vllm":
             self.vllm_engine = VLLMRollout(cfg.model.path, dtype="bfloat16", seed=cfg.seed)
@@ -344,7 +375,7 @@ class PPOTrainer:
             p_mask,
             **common,
             generator=self.gen_rng,
-            return_logprobs=self.from_rollout,
+            return_logprobs=self.engine_logprobs,
             return_hidden=self.from_rollout
             and self.r_value is not None
             and self.r_value.shares_policy_trunk,
@@ -359,7 +390,7 @@ class PPOTrainer:
         r_value = self.r_value
         shared = r_value is not None and r_value.shares_policy_trunk
         old_values = None  # critic-free estimators
-        if gen.logprobs_BR is not None:  # old log-probs (and values) from the rollout
+        if self.from_rollout:  # old log-probs (and values) from the rollout
             old_logprobs = gen.logprobs_BR
             if r_value is not None:
                 old_values = r_value.values(ids, mask, P, hidden_BRD=gen.hidden_BRD)
@@ -420,6 +451,16 @@ class PPOTrainer:
                     else masked_whiten(advantages, resp_mask)
                 )
         seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * resp_mask).sum(-1)
+        # the engine's log-probs beside the trainer's (when the trainer recomputed them)
+        rollout_logprobs = None if self.from_rollout else gen.logprobs_BR
+        is_weights = None
+        if pcfg.rollout_is == "token_tis":
+            is_weights = truncated_is_weights(
+                old_logprobs,
+                rollout_logprobs,
+                _known(rollout_logprobs, resp_mask),
+                pcfg.rollout_is_cap,
+            )
         return Experience(
             prompts=prompts,
             completions=completions,
@@ -441,6 +482,8 @@ class PPOTrainer:
             seq_kl_B=seq_kl,
             advantages_BR=advantages,
             returns_BR=returns,
+            rollout_logprobs_BR=rollout_logprobs,
+            is_weights_BR=is_weights,
         )
 
     def check_experience(self, exp: Experience, step: int) -> float:
@@ -523,6 +566,7 @@ class PPOTrainer:
             m,
             pcfg.clip_eps,
             normalizer=mb_tokens,
+            is_weights_BT=None if exp.is_weights_BR is None else exp.is_weights_BR[sub],
         )
         loss, vf_loss, vf_stats = pg_loss, None, {}
         if v is not None:
@@ -640,7 +684,31 @@ class PPOTrainer:
             metrics = {k: v / self.dp for k, v in distributed.sum_stats(metrics).items()}
             metrics["kl/seq_k1"] = mean_kl
         metrics["tokens"] = distributed.sum_stats({"n": float(m.sum())})["n"]
+        metrics.update(self.mismatch_metrics(exp))
         return metrics
+
+    def mismatch_metrics(self, exp: Experience) -> dict[str, float]:
+        """``mismatch/*`` of the global batch: the rollout engine's log-probs vs the trainer's old
+        ones over the valid response tokens (:func:`rlhfstack.losses.mismatch_metrics`); empty
+        when the old log-probs are the engine's own."""
+        if exp.rollout_logprobs_BR is None:
+            return {}
+        pcfg = self.cfg.ppo
+        sums = mismatch_sums(
+            exp.old_logprobs_BR,
+            exp.rollout_logprobs_BR,
+            _known(exp.rollout_logprobs_BR, exp.response_mask_BR),
+            pcfg.mismatch_threshold,
+            cap=pcfg.rollout_is_cap if exp.is_weights_BR is not None else None,
+        )
+        top = sums.pop("abs_gap_max")
+        sums = distributed.sum_stats(sums)
+        sums["abs_gap_max"] = float(
+            distributed.all_reduce_max(
+                torch.tensor([top], dtype=torch.float64, device=distributed.comm_device())
+            )[0]
+        )
+        return mismatch_metrics(sums)
 
     def gold_eval(self, prompts: list[str], gold: Reward) -> dict[str, float]:
         """Sample completions of the dev prompts (a fixed seed) and score them with the hidden
@@ -672,11 +740,23 @@ class PPOTrainer:
             self.policy = self.trained["policy"]
             self.value = self.trained["value"] if "value" in self.trained else None
         if self.value is not None:  # gae only
-            torch.save(self.value.state_dict(), run.run_dir / "value_head.pt")
+            save_value_model(self.value, run.run_dir / VALUE_FILE)
         atomic_write_json(run.run_dir / "kl_controller.json", self.kl_ctl.state_dict())
         return finish_stage(
-            run, "ppo", cfg.trainer.max_steps, model=self.policy, tokenizer=self.tok, **done_info
+            run,
+            "ppo",
+            cfg.trainer.max_steps,
+            model=self.policy,
+            tokenizer=self.tok,
+            dashboard=self.dashboard,
+            **done_info,
         )
+
+
+def _known(rollout_logprobs_BR: torch.Tensor, resp_mask_BR: torch.Tensor) -> torch.Tensor:
+    """The response tokens the engine gave a log-prob for (vLLM may append an EOS it did not
+    score: NaN there)."""
+    return resp_mask_BR * torch.isfinite(rollout_logprobs_BR)
 
 
 def _prompts(cfg: PPOConfig, tokenizer: Any) -> tuple[list[str], list[str], dict[str, int]]:
@@ -746,6 +826,9 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
                 metrics.update(trainer.gold_eval(dev_prompts, gold))
             if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
+            evaluated = gold_now or bool(tcfg.eval_every and step % tcfg.eval_every == 0)
+            if evaluated and step < tcfg.max_steps:  # the last one is drawn by finish()
+                refresh_dashboard(run, trainer.dashboard)
             trainer.guard.passed(step, metrics)
             log.info(
                 "step %d score %.3f kl %.3f beta %.4f len %.1f pg %.4f vf %.4f ratio0 %.6f",

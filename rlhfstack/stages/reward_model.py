@@ -16,11 +16,13 @@ Details that matter (Huang et al. 2024; Stiennon et al. 2020): no dropout, a ded
 head init std 1/sqrt(d+1), one epoch by default. After training, rewards are normalized so that
 samples of the starting policy (causal LM; or ``rm.normalize_policy_path``) — or, for encoders by
 default, the training responses — score mean 0, std 1 (gain and bias recorded). The model
-directory gets a ``MODEL_CARD.md`` with held-out accuracy, calibration and bias probes.
+directory is a standard sequence-classification model for a causal-LM backbone (see
+``RewardModel.save``) with a model card, ``README.md``: held-out accuracy, calibration, bias probes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,12 +34,13 @@ import torch
 
 from rlhfstack.configs import RMConfig
 from rlhfstack.data.collate import collate_preference, tokenize_preference
-from rlhfstack.data.loading import load_preferences
+from rlhfstack.data.loading import load_preferences, resolve_data_path
 from rlhfstack.data.schemas import PreferenceExample
 from rlhfstack.evaluation.jobs.plots import plot_reliability
-from rlhfstack.evaluation.jobs.rm_eval import run_probes, write_model_card
+from rlhfstack.evaluation.jobs.rm_eval import RM_CARD, run_probes, write_model_card
 from rlhfstack.evaluation.rm_eval import length_baseline, preference_metrics
 from rlhfstack.losses import bradley_terry_loss
+from rlhfstack.models.card import portable_path, write_card
 from rlhfstack.models.core import (
     RewardModel,
     count_parameters,
@@ -64,6 +67,7 @@ from rlhfstack.training import (
     load_train_eval,
     setup_run,
     shared_prompt_pad,
+    stage_card,
     train_loop,
 )
 
@@ -223,12 +227,16 @@ def train(cfg: RMConfig) -> Path:
     results["train_cpu_seconds"] = round(train_cpu, 1)
     results["train_wall_seconds"] = round(train_wall, 1)
     with atomic_dir(run.run_dir / "model") as tmp:
-        rm.save(tmp)
+        rm.save(tmp, pad_token_id=tok.pad_token_id)
         tok.save_pretrained(tmp)
+        card = {**stage_card(cfg, "rm", steps), **RM_CARD}
+        card["sections"] = {**card["sections"], "Usage": _usage(tmp)}
         if cfg.rm.probes:
             results["probes"] = _write_card(
-                cfg, rm, tok, val_pairs, val_scores, evaluation, norm, results, tmp, device
+                cfg, rm, tok, val_pairs, val_scores, evaluation, norm, results, tmp, device, card
             )
+        else:
+            write_card(tmp, **card)
     atomic_write_json(run.run_dir / "rm_results.json", results)
     return finish_stage(run, "rm", steps, heldout_accuracy=results["heldout_accuracy"])
 
@@ -334,8 +342,43 @@ def _heldout_evaluation(
     return results, evaluation, (c, r)
 
 
+def _usage(model_dir: Path) -> str:
+    """How to score with the exported directory, in plain transformers (the card's "Usage")."""
+    meta = json.loads((model_dir / "reward_config.json").read_text())
+    if meta["layout"] != "sequence_classification":
+        return (
+            "Load with `rlhfstack.models.core.RewardModel.load(<this directory>)`; "
+            f"`reward_config.json` holds the head layout ({meta['kind']}, pooling "
+            f"{meta['pooling']}) and the normalization."
+        )
+    return f"""A standard sequence-classification model (`num_labels=1`); the normalized reward is
+the logit plus `config.reward_offset` ({meta["offset"]:.6g}), a constant that the bias-free
+score head of transformers cannot hold (differences of scores need no offset). Inputs are
+`[BOS] prompt response [EOS]`, the prompt formatted with template `{meta["template"]}`,
+right-padded with the tokenizer's PAD:
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+model = AutoModelForSequenceClassification.from_pretrained("path/to/this/directory")
+tok = AutoTokenizer.from_pretrained("path/to/this/directory")
+ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False).input_ids,
+       *tok(response, add_special_tokens=False).input_ids, tok.eos_token_id]
+reward = model(torch.tensor([ids])).logits[0, 0] + model.config.reward_offset
+```
+
+`rlhfstack.models.core.RewardModel.load` reads the same directory (with every ensemble head
+from `reward_head.safetensors`)."""
+
+
+def _portable_text(text: str, out_dir: Path) -> str:
+    """``text`` with each absolute path in it made relative to ``out_dir``."""
+    return " ".join(str(portable_path(w, out_dir)) for w in text.split(" "))
+
+
 def _write_card(
-    cfg, rm, tok, val_pairs, scores, evaluation, norm, results, out_dir, device
+    cfg, rm, tok, val_pairs, scores, evaluation, norm, results, out_dir, device, card
 ) -> dict:
     probes = run_probes(
         rm,
@@ -349,18 +392,20 @@ def _write_card(
         scores=scores,
     )
     t = cfg.trainer
+    train_path = str(resolve_data_path(cfg.data.train_path, cfg.data_root))
+    eval_path = cfg.data.eval_path and str(resolve_data_path(cfg.data.eval_path, cfg.data_root))
     info = {
         "name": Path(cfg.run_dir).name,
         "kind": rm.kind,
-        "backbone": f"{cfg.model.name} ({cfg.model.path})",
+        "backbone": f"{cfg.model.name} ({portable_path(cfg.model.path, out_dir)})",
         "pooling": rm.pooling if rm.kind == "encoder" else "last non-pad token",
         "max_length": rm.max_length,
         "max_response_tokens": rm.max_response_tokens,
         "template": rm.template,
         "parameters": count_parameters(rm),
-        "normalization": norm,
+        "normalization": {**norm, "source": _portable_text(norm.get("source", ""), out_dir)},
         "training": {
-            "data": f"{cfg.data.train_path} (validation: {cfg.data.eval_path or f'{cfg.data.validation_fraction:.0%} held out'})",
+            "data": f"{portable_path(train_path, out_dir)} (validation: {portable_path(eval_path, out_dir) if eval_path else f'{cfg.data.validation_fraction:.0%} held out'})",
             "pairs": results["train_pairs"],
             "steps": results["steps"],
             "epochs": cfg.rm.epochs,
@@ -378,7 +423,8 @@ def _write_card(
         },
         "written_by": "the RM stage (rlhfstack/stages/reward_model.py)",
     }
-    write_model_card(out_dir, info, probes)
+    card = {**card, "sections": {"Usage": card["sections"]["Usage"]}}  # the body has the rest
+    write_model_card(out_dir, info, probes, **card)
     return probes
 
 

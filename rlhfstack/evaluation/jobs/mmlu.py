@@ -32,7 +32,7 @@ from rlhfstack.evaluation.mmlu import (
     subject_task_name,
 )
 from rlhfstack.models.core import load_causal_lm
-from rlhfstack.runtime import atomic_write_json, save_resolved_config, seed_everything
+from rlhfstack.runtime import atomic_write_json, require, save_resolved_config, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _evaluate(
     apply_chat_template: bool,
     seed: int,
 ) -> dict[str, Any]:
-    from lm_eval import simple_evaluate
+    simple_evaluate = require("lm_eval", "MMLU (eval/mmlu.py)").simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

@@ -1,5 +1,6 @@
-"""PNG plots of evaluation results: the reliability diagram of a reward model and the
-over-optimization curves of a PPO run. matplotlib is imported where a plot is drawn, after the
+"""PNG plots of evaluation results: the reliability diagram of a reward model, the
+over-optimization curves of a PPO run, and the panels of PPO's dashboard
+(:func:`ppo_dashboard_panels`, drawn by :mod:`rlhfstack.dashboard`). matplotlib is imported where a plot is drawn, after the
 file-only ``Agg`` backend is chosen.
 """
 
@@ -11,18 +12,64 @@ from typing import Any
 
 import numpy as np
 
-from rlhfstack.evaluation.overopt import gao_curve
+from rlhfstack.dashboard import Panel
+from rlhfstack.evaluation.overopt import GOLD_KEY, KL_KEY, PROXY_KEY, plot_gao_fits
+from rlhfstack.runtime import require
 
-__all__ = ["plot_overoptimization", "plot_reliability"]
+__all__ = ["gold_proxy_panel", "plot_overoptimization", "plot_reliability", "ppo_dashboard_panels"]
+
+
+def _draw_gold_proxy(ax: Any, rows: list[dict[str, Any]]) -> bool:
+    """PPO's periodic gold and proxy reward against sqrt(KL): points and fitted RL curves."""
+    pts = [r for r in rows if r.get(KL_KEY) is not None and r.get(GOLD_KEY) is not None]
+    if not pts:
+        return False
+    kl_C = np.array([r[KL_KEY] for r in pts], dtype=np.float64)
+    series = {
+        "gold": np.array([r[GOLD_KEY] for r in pts], dtype=np.float64),
+        "proxy": np.array([np.nan if r.get(PROXY_KEY) is None else r[PROXY_KEY] for r in pts]),
+    }
+    plot_gao_fits(ax, kl_C, series, form="rl")
+    ax.set_ylabel("mean reward, dev prompts")
+    return True
+
+
+def gold_proxy_panel() -> Panel:
+    """The dashboard panel of gold and proxy reward against sqrt(KL) with Gao et al.'s fits."""
+    return Panel("gold and proxy reward vs sqrt(KL)", draw=_draw_gold_proxy)
+
+
+def ppo_dashboard_panels(kl_target: float | None) -> tuple[Panel, ...]:
+    """PPO's dashboard: reward, KL (with ``kl_target``, the adaptive controller's target, as a
+    dashed line; None draws none), beta, entropy, clip fractions, approximate KL, losses,
+    explained variance, response length, and gold / proxy against sqrt(KL) where a gold reward
+    is evaluated. Metric names as :meth:`rlhfstack.stages.ppo.PPOTrainer.metrics` logs them."""
+    return (
+        Panel("reward (proxy RM score)", ("reward/rm_score", "reward/shaped_score")),
+        Panel(
+            "KL to reference (nats / sequence)",
+            (KL_KEY,),
+            hline=kl_target,
+            hline_label=f"KL target {kl_target:g}" if kl_target is not None else "target",
+        ),
+        Panel("KL coefficient beta", ("kl/beta",)),
+        Panel("entropy (nats / token)", ("entropy",)),
+        Panel("clip fraction", ("ppo/clipfrac", "ppo/vf_clipfrac")),
+        Panel("approx KL (old -> new policy)", ("ppo/approx_kl",)),
+        Panel("policy loss", ("loss/policy",)),
+        Panel("value loss", ("loss/value",)),
+        Panel("values explained variance", ("values/explained_variance",)),
+        Panel("response length (tokens)", ("response/length",)),
+        Panel("ended with EOS", ("response/ended_frac",)),
+        gold_proxy_panel(),
+    )
 
 
 def plot_reliability(
     rel: dict, path: str | os.PathLike, title: str = "reward model calibration"
 ) -> Path:
     """Reliability diagram PNG (written to a temporary name, then renamed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -57,36 +104,22 @@ def plot_overoptimization(
 ) -> Path:
     """Gold and proxy reward against ``d = sqrt(KL)`` with their fitted Gao curves (two panels,
     since the two rewards are on different scales); the gold peak ``d*`` is marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
-    d_C = np.sqrt(np.clip(data["kl"], 0.0, None))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    grid = np.linspace(0.0, max(float(d_C.max()) * 1.15, 1e-3), 200)
+    grid_end = max(float(np.sqrt(np.clip(data["kl"], 0.0, None)).max()) * 1.15, 1e-3)
     for ax, key, color in ((axes[0], "gold", "tab:orange"), (axes[1], "proxy", "tab:blue")):
-        y = data[key]
-        ok = np.isfinite(y)
-        ax.scatter(d_C[ok], y[ok], s=18, color=color, label=f"{key} reward")
+        plot_gao_fits(ax, data["kl"], {key: data[key]}, colors=(color,), fits={key: fits.get(key)})
         fit = fits.get(key)
-        if fit is not None:
-            ax.plot(
-                grid,
-                gao_curve(grid, fit["alpha"], fit["beta"], fit["offset"]),
-                color=color,
-                lw=1.5,
-                alpha=0.8,
-                label=f"fit a={fit['alpha']:.3g} b={fit['beta']:.3g} (R2={fit['r2']:.2f})",
+        if fit is not None and fit.get("d_star") is not None and fit["d_star"] <= grid_end:
+            ax.axvline(
+                fit["d_star"],
+                color="k",
+                ls="--",
+                lw=1,
+                label=f"d*={fit['d_star']:.3g} (KL*={fit['kl_star']:.3g})",
             )
-            if fit.get("d_star") is not None and fit["d_star"] <= grid[-1]:
-                ax.axvline(
-                    fit["d_star"],
-                    color="k",
-                    ls="--",
-                    lw=1,
-                    label=f"d*={fit['d_star']:.3g} (KL*={fit['kl_star']:.3g})",
-                )
         ax.set_xlabel("d = sqrt(KL(pi || pi_0))  [sqrt nats]")
         ax.set_ylabel(f"{key} reward")
         ax.set_title(f"{key} reward vs sqrt(KL)")

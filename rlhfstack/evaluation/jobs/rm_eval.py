@@ -36,12 +36,12 @@ from rlhfstack.evaluation.rm_probes import (
     read_xstest_safe,
     render_model_card,
 )
+from rlhfstack.models.card import write_card
 from rlhfstack.models.core import load_reward_model
 from rlhfstack.models.encoders import load_reward_tokenizer, reward_max_len, score_texts
 from rlhfstack.runtime import (
     atomic_write_json,
     atomic_write_jsonl,
-    atomic_write_text,
     seed_everything,
 )
 
@@ -211,14 +211,22 @@ def run_probes(
     return out
 
 
+RM_CARD = {"tags": ["rlhf", "reward-model"], "pipeline_tag": "text-classification"}
+"""Model-card metadata of every reward model."""
+
+
 def write_model_card(
-    model_dir: str | os.PathLike, info: dict[str, Any], probes: dict[str, Any]
+    model_dir: str | os.PathLike, info: dict[str, Any], probes: dict[str, Any], **card: Any
 ) -> Path:
-    """Write ``model_dir/MODEL_CARD.md`` (and ``probes.json``) atomically; returns the card path."""
+    """Write the model card ``model_dir/README.md`` (Hugging Face metadata, then the RM's
+    description, training, evaluation and bias probes) and ``probes.json`` atomically; returns
+    the card path. ``card``: more :func:`rlhfstack.models.card.render_card` arguments (base model,
+    datasets, sections)."""
     d = Path(model_dir)
-    atomic_write_text(d / "MODEL_CARD.md", render_model_card(info, probes))
+    args = {**RM_CARD, **card, "title": None, "body": render_model_card(info, probes)}
+    path = write_card(d, **args)
     atomic_write_json(d / "probes.json", probes)
-    return d / "MODEL_CARD.md"
+    return path
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -226,7 +234,7 @@ def write_model_card(
 
 def run_rm_eval(cfg: Any) -> dict:
     """Score ``cfg.rm_path`` on ``cfg.data_path``; write ``rm_eval.json``, ``reliability.png`` and
-    ``rm_eval_scores.jsonl`` into ``cfg.output_dir`` (and ``MODEL_CARD.md`` into the RM directory
+    ``rm_eval_scores.jsonl`` into ``cfg.output_dir`` (and ``README.md`` into the RM directory
     when it has none and ``cfg.model_card``). ``cfg`` is an :class:`rlhfstack.configs.RMEvalConfig`."""
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
@@ -290,7 +298,7 @@ def run_rm_eval(cfg: Any) -> dict:
         m["baselines"]["length"],
     )
     card_dir = rm_dir if (rm_dir / "reward_config.json").exists() else None
-    if cfg.model_card and card_dir is not None and not (card_dir / "MODEL_CARD.md").exists():
+    if cfg.model_card and card_dir is not None and not (card_dir / "README.md").exists():
         probes = run_probes(
             rm,
             tok,
@@ -313,7 +321,7 @@ def run_rm_eval(cfg: Any) -> dict:
             "written_by": "eval/rm_eval.py (the card was missing)",
         }
         write_model_card(card_dir, info, probes)
-        result["model_card"] = str(card_dir / "MODEL_CARD.md")
+        result["model_card"] = str(card_dir / "README.md")
     return result
 
 

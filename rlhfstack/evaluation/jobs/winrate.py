@@ -135,8 +135,6 @@ def build_judge(name: str, cfg: Any, cache: JudgmentCache) -> Judge:
             requests_per_minute=lc.requests_per_minute,
             max_retries=lc.max_retries,
             max_connection_retries=lc.max_connection_retries,
-            backoff_base_s=lc.backoff_base_s,
-            backoff_max_s=lc.backoff_max_s,
             timeout_s=lc.timeout_s,
         )
         prompt_path = _data_path(lc.prompt_file, cfg.data_root) if lc.prompt_file else None
@@ -278,7 +276,6 @@ def generate_completions(
             requests_per_minute=gen.requests_per_minute,
             max_retries=gen.max_retries,
             max_connection_retries=gen.max_connection_retries,
-            backoff_base_s=gen.backoff_base_s,
             timeout_s=gen.timeout_s,
         )
         params: dict[str, Any] = {"temperature": gen.temperature, "max_tokens": gen.max_new_tokens}
