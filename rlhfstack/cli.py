@@ -283,7 +283,9 @@ def run_command(name: str, cfg: DictConfig) -> Any:
     with exit_on_divergence():  # a diverged run: one error paragraph, exit status 3
         result = _target(command)(obj)
     if isinstance(result, dict) and command.stage is None and name != "pipeline":
-        print(json.dumps(result, indent=2, default=str))
+        # an evaluation's headline numbers (its files hold the rest: per-pair scores, ...)
+        scalars = {k: v for k, v in result.items() if isinstance(v, int | float | str | bool)}
+        print(json.dumps(scalars, indent=2))
     return result
 
 
