@@ -261,8 +261,9 @@ def run_command(name: str, cfg: DictConfig) -> Any:
     """The body of every Hydra entry point (``recipes/*.py``, ``rlhf <name>``): under ``-m`` the
     job's ``run_dir`` (the pipeline's ``artifacts_dir``) becomes its own sweep directory
     (``hydra.sweep.subdir``: ``<run_dir>/<job.num>_<overrides>``); a stage whose ``run_dir`` holds
-    ``done.json`` says so in one line and returns (``overwrite=true`` trains it again); else the
-    typed config goes to the command's function. A diverged run exits with status 3."""
+    ``done.json`` says so in one line and returns (``overwrite=true`` trains it again,
+    ``resume=force`` goes on from its newest checkpoint); else the typed config goes to the
+    command's function. A diverged run exits with status 3."""
     from rlhfstack.training import exit_on_divergence
 
     command = COMMANDS[name]
@@ -273,7 +274,7 @@ def run_command(name: str, cfg: DictConfig) -> Any:
     obj = to_object(cfg)
     if command.stage is not None:
         done = Path(obj.run_dir) / "done.json"
-        if done.exists() and not obj.overwrite:
+        if done.exists() and not obj.overwrite and obj.resume != "force":
             print(
                 f"{obj.run_dir} holds a finished {command.stage} run ({done.name}): nothing to "
                 "do (overwrite=true trains it again)",

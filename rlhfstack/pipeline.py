@@ -107,8 +107,10 @@ def run_pipeline(
     todo: list[tuple[str, Any]] = []
     for stage in cfg.stages:
         scfg = to_object(load_config(stage, stage_overrides(cfg, stage)))
-        if (Path(scfg.run_dir) / "done.json").exists() and not scfg.overwrite:
-            # a finished stage is never trained again unless asked (overwrite=true)
+        if (Path(scfg.run_dir) / "done.json").exists() and not (
+            scfg.overwrite or scfg.resume == "force"
+        ):
+            # a finished stage is not trained again unless asked (overwrite / resume=force)
             log.info("== %s: finished in %s (done.json), skipped", stage, scfg.run_dir)
             continue
         todo.append((stage, scfg))

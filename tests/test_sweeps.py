@@ -135,6 +135,9 @@ def test_pipeline_skips_finished_stages_unless_overwrite(tmp_path, monkeypatch):
     assert started == ["dpo"]
     pipeline.run_pipeline(to_object(load_config("pipeline", [*base, "overwrite=true"])))
     assert started == ["dpo", "sft", "dpo"]
+    forced = [*base, "common_overrides=['resume=force']"]  # go on from its checkpoint: asked too
+    pipeline.run_pipeline(to_object(load_config("pipeline", forced)))
+    assert started == ["dpo", "sft", "dpo", "sft", "dpo"]
 
 
 def test_rerunning_a_finished_run_exits_0_and_touches_nothing(tmp_path, arts):
