@@ -1,7 +1,7 @@
 """One completion per prompt from an exported HF model directory or an OpenAI-compatible endpoint.
 
     python eval/generate_samples.py model=DIR_or_URL prompts=FILE output=FILE
-    python eval/generate_samples.py model=http://127.0.0.1:8000/v1 generation.api_model=NAME ...
+    python eval/generate_samples.py generation.base_url=http://127.0.0.1:8000/v1 generation.model=NAME ...
 
 ``model=`` is an alias of the config field ``model_path`` (Hydra treats a bare ``model=`` as a
 choice in the ``conf/model`` group). See conf/generate_samples.yaml; logic in
@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from rlhfstack.cli import precheck_or_exit
 from rlhfstack.configs import CONF_DIR, to_object
 
 
@@ -30,4 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], *alias_model_arg(sys.argv[1:])]
+    precheck_or_exit("generate")  # a bad config or an old spelling stops here, with the new one
     main()

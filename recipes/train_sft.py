@@ -6,23 +6,15 @@ python recipes/train_sft.py +experiment=demo [key=value ...]
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.configs import CONF_DIR, to_object
+from rlhfstack.cli import precheck_or_exit, run_command
+from rlhfstack.configs import CONF_DIR
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sft", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rlhfstack.stages.sft import train
-    from rlhfstack.training import exit_on_divergence
-
-    with exit_on_divergence():  # a diverged run: one error paragraph, exit status 3
-        train(to_object(cfg))
+    run_command("sft", cfg)  # rlhfstack/cli.py: sweep run_dirs, finished runs, the stage call
 
 
 if __name__ == "__main__":
-    import sys
-
-    from rlhfstack.runtime import exit_on_missing_package, require_launcher
-
-    with exit_on_missing_package():  # hydra/launcher=slurm without its plugin: the install hint
-        require_launcher(sys.argv[1:])
+    precheck_or_exit("sft")  # a bad config stops here, before Hydra creates run_dir
     main()

@@ -54,6 +54,7 @@ def stage_overrides(cfg: PipelineConfig, stage: str) -> list[str]:
         f"artifacts_dir={cfg.artifacts_dir}",
         f"seed={cfg.seed}",
         f"data_root={cfg.data_root}",
+        *(["overwrite=true"] if cfg.overwrite else []),
         *cfg.common_overrides,
         *cfg.stage_overrides.get(stage, []),
     ]
@@ -140,8 +141,11 @@ def run_pipeline(
     todo: list[tuple[str, Any]] = []
     for stage in cfg.stages:
         scfg = to_object(load_config(stage, stage_overrides(cfg, stage)))
-        if cfg.skip_existing and (Path(scfg.run_dir) / "done.json").exists():
-            log.info("== %s: done.json exists, skipped", stage)
+        if (Path(scfg.run_dir) / "done.json").exists() and not (
+            scfg.overwrite or scfg.resume == "force"
+        ):
+            # a finished stage is not trained again unless asked (overwrite / resume=force)
+            log.info("== %s: finished in %s (done.json), skipped", stage, scfg.run_dir)
             continue
         todo.append((stage, scfg))
     t0 = time.perf_counter()

@@ -183,10 +183,10 @@ def test_generate_samples_local_and_endpoint(stories_hf, tmp_path):
             load_config(
                 "generate_samples",
                 [
-                    f"model_path={server.url}",
+                    f"generation.base_url={server.url}",
                     f"prompts={prompts}",
                     f"output={out2}",
-                    "generation.api_model=longer",
+                    "generation.model=longer",
                     "generation.api_key_env=null",
                     "generation.requests_per_minute=0",
                 ],

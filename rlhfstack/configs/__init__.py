@@ -17,12 +17,15 @@ recipe and the tests use it).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rlhfstack.configs.checks import validate
@@ -30,9 +33,11 @@ from rlhfstack.configs.common import (
     CONF_DIR,
     DATA_ROOT_INTERP,
     RECIPE_EXCLUDE,
+    RENAMED_KEYS,
     REPO_ROOT,
     ClusterConfig,
     DataConfig,
+    EndpointConfig,
     LoggingConfig,
     LoraConfig,
     ModelConfig,
@@ -102,6 +107,28 @@ def _abspath(path: str) -> str:
 # that the data loader never mistakes them for files under the shared data root.
 if not OmegaConf.has_resolver("abspath"):
     OmegaConf.register_new_resolver("abspath", _abspath)
+
+_SUBDIR_MAX = 160
+
+
+def sweep_subdir() -> str:
+    """The directory of one job of a Hydra multirun (``-m``), under the sweep's ``run_dir``:
+    ``<job.num>_<job.override_dirname>``, e.g. ``1_dpo.beta=0.2,trainer.max_steps=2``. The
+    overrides name the job (Hydra's ``override_dirname``; the stage YAMLs leave out ``run_dir``,
+    ``artifacts_dir``, ``overwrite`` and ``resume``, so that rerunning a sweep with
+    ``overwrite=true`` finds the same directories); the number keeps two jobs apart even where
+    their names would not be. ``/`` in a value becomes ``_``; a name over 160 characters is cut
+    and ends with a hash of the whole. Used as ``hydra.sweep.subdir: ${sweep_subdir:}``."""
+    job = HydraConfig.get().job
+    name = re.sub(r"[/\\\s]", "_", str(job.override_dirname))
+    full = f"{job.num}_{name}" if name else str(job.num)
+    if len(full) > _SUBDIR_MAX:
+        full = full[: _SUBDIR_MAX - 13] + "-" + hashlib.sha256(full.encode()).hexdigest()[:12]
+    return full
+
+
+if not OmegaConf.has_resolver("sweep_subdir"):
+    OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir)
 
 
 def register_configs() -> None:
@@ -177,6 +204,7 @@ __all__ = [
     "DemoDataConfig",
     "DetectorThresholds",
     "EVAL_ENTRY_SCHEMAS",
+    "EndpointConfig",
     "EVAL_SUITE_SCHEMAS",
     "EvalConfig",
     "GenerateSamplesConfig",
@@ -195,6 +223,7 @@ __all__ = [
     "PRIMARY_CONFIG_NAMES",
     "ParallelConfig",
     "PipelineConfig",
+    "RENAMED_KEYS",
     "REPO_ROOT",
     "RMConfig",
     "RMEvalConfig",
@@ -210,6 +239,7 @@ __all__ = [
     "load_config",
     "register_configs",
     "resolved_yaml",
+    "sweep_subdir",
     "to_object",
     "validate",
 ]

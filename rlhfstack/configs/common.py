@@ -28,7 +28,18 @@ from rlhfstack.configs.checks import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
+"""The repository root in a checkout (editable install); in an installed wheel, the directory
+holding the ``rlhfstack`` package."""
+
+
+def find_conf_dir(package_dir: Path, repo_root: Path) -> Path:
+    """The Hydra config tree: ``rlhfstack/conf`` inside an installed wheel (``conf/`` shipped as
+    the package ``rlhfstack.conf``), else the checkout's top-level ``conf/``."""
+    packaged = package_dir / "conf"
+    return packaged if packaged.is_dir() else repo_root / "conf"
+
+
+CONF_DIR = find_conf_dir(Path(__file__).resolve().parents[1], REPO_ROOT)
 
 
 def default_data_root() -> str:
@@ -213,6 +224,30 @@ class LoggingConfig:
     plots: bool = True
     """Draw the stage's dashboard (``run_dir/dashboard.png``, a grid of its logged diagnostics)
     at every evaluation (``trainer.eval_every``; PPO: also every gold evaluation) and at the end."""
+
+
+@dataclass
+class EndpointConfig:
+    """An OpenAI-compatible chat-completions endpoint (vLLM, a vendor gateway, the OpenAI API):
+    the one spelling of an endpoint in every config block that talks to one (``llm.*`` for the
+    judges, ``generation.*`` for sampling)."""
+
+    base_url: str | None = free(
+        None, "an endpoint URL, reached (and reported when down) by the client"
+    )
+    """Endpoint root, e.g. ``http://127.0.0.1:8000/v1`` (local vLLM) or a vendor gateway."""
+    model: str | None = free(None, "a served model name, checked by the endpoint")
+    """Model name sent with each request (for vLLM: the served model's name)."""
+    api_key_env: str | None = free("OPENAI_API_KEY", "an environment variable name, any text")
+    """NAME of the environment variable holding the API key; the key itself never appears in
+    configs, logs or the cache. Local servers without a key get a placeholder."""
+
+
+#: Config keys that were renamed: ``old -> new``; an override of the old key stops with the new
+#: one named (``rlhfstack.cli.precheck``).
+RENAMED_KEYS: dict[str, str] = {
+    "generation.api_model": "generation.model (and generation.base_url=URL for the endpoint)",
+}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from rlhfstack.configs.checks import (
     reason,
     torch_device,
 )
-from rlhfstack.configs.common import DATA_ROOT_INTERP, default_data_root
+from rlhfstack.configs.common import DATA_ROOT_INTERP, EndpointConfig, default_data_root
 
 
 @dataclass
@@ -113,19 +113,13 @@ class RMEvalConfig:
 
 
 @dataclass
-class LLMJudgeConfig:
-    """An LLM judge behind an OpenAI-compatible chat-completions endpoint."""
+class LLMJudgeConfig(EndpointConfig):
+    """An LLM judge behind an OpenAI-compatible chat-completions endpoint (``base_url``,
+    ``model``, ``api_key_env``: :class:`EndpointConfig`; ``base_url`` None = ``$OPENAI_BASE_URL``
+    or the OpenAI API)."""
 
-    model: str = free("gpt-4o", "a served model name, checked by the endpoint")
+    model: str | None = free("gpt-4o", "a served model name, checked by the endpoint")
     """Model name sent with each request (for vLLM: the served model's name)."""
-    base_url: str | None = free(
-        None, "an endpoint URL, reached (and reported when down) by the judge"
-    )
-    """Endpoint root, e.g. ``http://127.0.0.1:8000/v1`` (local vLLM) or a vendor gateway;
-    None = ``$OPENAI_BASE_URL`` or the OpenAI API."""
-    api_key_env: str | None = free("OPENAI_API_KEY", "an environment variable name, any text")
-    """NAME of the environment variable holding the API key; the key itself never appears in
-    configs, logs or the cache. Local servers without a key get a placeholder."""
     temperature: float = nonnegative(0.0)
     """Judge sampling temperature (MT-Bench, Zheng et al. 2023: 0)."""
     max_tokens: int | None = at_least(2048, lo=1)
@@ -226,8 +220,9 @@ class WinrateConfig(JudgingConfig):
 
 
 @dataclass
-class GenerationConfig:
-    """Sampling settings for local HF models and OpenAI-compatible endpoints."""
+class GenerationConfig(EndpointConfig):
+    """Sampling settings for local HF models and OpenAI-compatible endpoints. An endpoint is
+    ``base_url`` + ``model`` (:class:`EndpointConfig`, the same spelling as the judges')."""
 
     max_new_tokens: int = at_least(128, lo=1)
     """Completion length cap (tokens)."""
@@ -243,10 +238,6 @@ class GenerationConfig:
     """Cut each completion at the first of these strings (e.g. ``"\n\nHuman:"`` for HH)."""
     dtype: str = choice("float32", "bfloat16", "float16")
     """Local models: parameter dtype."""
-    api_model: str | None = free(None, "a served model name, checked by the endpoint")
-    """Endpoints: model name to request (required when ``model`` is a URL)."""
-    api_key_env: str | None = free("OPENAI_API_KEY", "an environment variable name, any text")
-    """Endpoints: NAME of the environment variable holding the API key."""
     requests_per_minute: float = nonnegative(60.0)
     """Endpoints: rate limit; 0 disables it."""
     max_retries: int = nonnegative(6)
@@ -262,12 +253,13 @@ class GenerationConfig:
 
 @dataclass
 class GenerateSamplesConfig:
-    model_path: str = free(
-        MISSING, "an input path: read (and reported with its name when missing) by the entry point"
+    model_path: str | None = free(
+        None, "an input path: read (and reported with its name when missing) by the entry point"
     )
-    """An exported HF model directory, or an OpenAI-compatible endpoint URL (``http(s)://...``).
-    ``eval/generate_samples.py`` also takes it as ``model=...`` (Hydra reserves ``model`` for
-    the model config group, so the script renames the argument)."""
+    """An exported HF model directory (``eval/generate_samples.py`` and ``rlhf generate`` also
+    take it as ``model=...``: Hydra reserves ``model`` for the model config group). For an
+    OpenAI-compatible endpoint leave it unset and set ``generation.base_url`` and
+    ``generation.model``."""
     prompts: str = free(
         MISSING, "an input path: read (and reported with its name when missing) by the entry point"
     )
@@ -312,9 +304,9 @@ class HHEvalConfig(JudgingConfig):
     )
     """Baseline, same forms as ``policy``."""
     policy_api_model: str | None = free(None, "a served model name, checked by the endpoint")
-    """Model name when ``policy`` is an endpoint (default ``generation.api_model``)."""
+    """Model name when ``policy`` is an endpoint URL (default ``generation.model``)."""
     baseline_api_model: str | None = free(None, "a served model name, checked by the endpoint")
-    """Model name when ``baseline`` is an endpoint (default ``generation.api_model``)."""
+    """Model name when ``baseline`` is an endpoint URL (default ``generation.model``)."""
     prompts: str = free(
         "preference/hh-rlhf_harmless-base_1812.jsonl.gz",
         "an input path: read (and reported with its name when missing) by the entry point",

@@ -357,9 +357,11 @@ class PipelineConfig:
         default_factory=list,
         metadata=reason("Hydra overrides: each stage's composition checks them"),
     )
-    """Overrides passed to every stage."""
-    skip_existing: bool = False
-    """Skip a stage whose run_dir already holds a finished marker."""
+    """Overrides passed to every stage. A stage whose ``run_dir`` holds ``done.json`` is skipped
+    unless it is given ``overwrite=true`` (here for every stage, or in ``stage_overrides``)."""
+    overwrite: bool = False
+    """Train every stage again, finished ones too: passes ``overwrite=true`` to each stage (its
+    checkpoints, ``metrics.jsonl`` and ``done.json`` are deleted first)."""
     jobs: int = at_least(1, lo=1)
     """Stages in flight at once. 1: one after another, in this process. N > 1: later stages whose
     inputs are ready also start, in up to N-1 background processes (DPO beside RM -> PPO)."""

@@ -247,7 +247,7 @@ def is_endpoint(model: str) -> bool:
 
 
 def generate_completions(
-    model: str,
+    model: str | None,
     prompts: Sequence[str],
     gen: Any,
     *,
@@ -257,17 +257,24 @@ def generate_completions(
 ) -> list[str]:
     """One completion per prompt from a local HF model directory (``sample_texts``, batched
     KV-cache sampling) or an OpenAI-compatible endpoint (chat completions, one user message per
-    prompt). ``gen`` is a :class:`rlhfstack.configs.GenerationConfig`; completions are cut at
-    ``gen.stop``."""
-    if is_endpoint(model):
-        name = api_model or gen.api_model
+    prompt): ``model`` when it is an ``http(s)://`` URL (requesting ``api_model``, default
+    ``gen.model``), else ``gen.base_url`` when ``model`` is None. ``gen`` is a
+    :class:`rlhfstack.configs.GenerationConfig`; completions are cut at ``gen.stop``."""
+    base_url = model if model and is_endpoint(model) else None if model else gen.base_url
+    if model is None and base_url is None:
+        raise ValueError(
+            "nothing to generate from: set model_path (a model directory) or generation.base_url "
+            "and generation.model (an OpenAI-compatible endpoint)"
+        )
+    if base_url is not None:
+        name = api_model or gen.model
         if not name:
             raise ValueError(
-                f"{model} is an endpoint: set generation.api_model (the model to request)"
+                f"{base_url} is an endpoint: set generation.model (the model to request)"
             )
         client = ChatClient(
             name,
-            base_url=model,
+            base_url=base_url,
             api_key_env=gen.api_key_env,
             requests_per_minute=gen.requests_per_minute,
             max_retries=gen.max_retries,
@@ -307,6 +314,12 @@ def generate_completions(
 def run_generate_samples(cfg: Any) -> Path:
     """``eval/generate_samples.py``: write ``cfg.output`` (jsonl of ``{prompt, completion}``)."""
     logs.tag_job("generate_samples")
+    if cfg.model_path and is_endpoint(cfg.model_path):
+        raise ValueError(
+            f"model_path={cfg.model_path!r} is a URL: an endpoint is set with "
+            f"generation.base_url={cfg.model_path} generation.model=NAME (model_path names a "
+            "local model directory)"
+        )
     seed_everything(cfg.seed)
     examples, _ = load_prompts(
         cfg.prompts,
@@ -321,7 +334,8 @@ def run_generate_samples(cfg: Any) -> Path:
     )
     out = Path(cfg.output)
     atomic_write_jsonl(out, [{"prompt": p, "completion": t} for p, t in zip(prompts, texts)])
-    log.info("%d samples from %s written to %s", len(texts), cfg.model_path, out)
+    source = cfg.model_path or f"{cfg.generation.base_url} ({cfg.generation.model})"
+    log.info("%d samples from %s written to %s", len(texts), source, out)
     return out
 
 
