@@ -91,9 +91,12 @@ def format_rate(per_second: float, unit: str) -> str:
     """``5.21 step/s``, or ``3.4 s/step`` below one per second."""
     if per_second <= 0 or not math.isfinite(per_second):
         return f"? {unit}/s"
+    if per_second >= 100:  # no exponent: ``1234 step/s``, not ``1.23e+03 step/s``
+        return f"{per_second:.0f} {unit}/s"
     if per_second >= 1:
         return f"{per_second:.3g} {unit}/s"
-    return f"{1 / per_second:.3g} s/{unit}"
+    seconds = 1 / per_second
+    return f"{seconds:.0f} s/{unit}" if seconds >= 100 else f"{seconds:.3g} s/{unit}"
 
 
 def _fmt_value(v: Any) -> str:

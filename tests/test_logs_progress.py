@@ -225,6 +225,13 @@ def test_progress_draws_a_bar_on_a_terminal(monkeypatch, caplog):
     assert not progress.bar_wanted()
 
 
+def test_rates_are_written_without_an_exponent():
+    assert progress.format_rate(1234.5, "step") == "1234 step/s"
+    assert progress.format_rate(5.214, "step") == "5.21 step/s"
+    assert progress.format_rate(1 / 3.4, "step") == "3.4 s/step"
+    assert progress.format_rate(1 / 250.0, "step") == "250 s/step"
+
+
 def test_stage_summary_names_outputs_steps_times_and_headline_metrics(tmp_path):
     run_dir = tmp_path / "rm"
     (run_dir / "model").mkdir(parents=True)
