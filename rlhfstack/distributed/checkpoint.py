@@ -163,6 +163,13 @@ def read_checkpoint_extra(path: str | os.PathLike) -> dict[str, Any]:
     return read_state(Path(path) / CKPT_EXTRA)
 
 
+def read_rank_extra(path: str | os.PathLike, rank: int) -> dict[str, Any] | None:
+    """The ``rank_extra`` that global rank ``rank`` wrote into checkpoint ``path`` (None if it
+    wrote none): for a resume under another layout, where this rank's state was another rank's."""
+    p = Path(path) / f"rank-{rank}.json"
+    return read_state(p) if p.exists() else None
+
+
 @contextlib.contextmanager
 def _quiet_single_process() -> Iterator[None]:
     """DCP warns on every single-process save/load ("assuming the intent is to ... in a single

@@ -136,10 +136,15 @@ def _validate(cfg: PPOConfig) -> None:
 
 
 def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
-    if tp != 1 or pp != 1:
+    if pp != 1:
         raise NotImplementedError(
-            f"PPO runs FSDP2 data parallel only (parallel.dp_shard); got tp={tp} pp={pp}: "
-            "tensor / pipeline parallel PPO is not built"
+            f"PPO runs data parallel (parallel.dp_shard) and tensor parallel (parallel.tp); got "
+            f"pp={pp}: pipeline-parallel PPO is not built"
+        )
+    if tp > 1 and cfg.rollout.tp_decode != "replica":
+        raise NotImplementedError(
+            f"rollout.tp_decode={cfg.rollout.tp_decode}: decoding with the tensor-parallel "
+            "modules is not built; rollout.tp_decode=replica decodes on a gathered copy"
         )
     if cfg.rollout.backend != "native":
         raise NotImplementedError("rollout.backend=vllm with several training processes")
@@ -157,11 +162,14 @@ def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
         )
 
 
-def _global_whiten(x: torch.Tensor, m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def _global_whiten(
+    x: torch.Tensor, m: torch.Tensor, group: Any = None, eps: float = 1e-8
+) -> torch.Tensor:
     """``masked_whiten`` with the mean and unbiased variance of the valid entries of *all*
-    data-parallel ranks (one all-reduce of three sums)."""
+    data-parallel ranks (one all-reduce of three sums over ``group``, the data-parallel group:
+    tensor-parallel ranks hold the same rows and must not count them twice)."""
     t = distributed.sum_stats(
-        {"n": float(m.sum()), "s": float((x * m).sum()), "s2": float((x * x * m).sum())}
+        {"n": float(m.sum()), "s": float((x * m).sum()), "s2": float((x * x * m).sum())}, group
     )
     mean = t["s"] / t["n"]
     var = (t["s2"] - t["n"] * mean * mean) / max(t["n"] - 1.0, 1.0)  # unbiased, as masked_var
@@ -215,6 +223,9 @@ class PPOTrainer:
         self.critic_free = pcfg.advantage_estimator in CRITIC_FREE_ESTIMATORS
         self.G = cfg.rollout.samples_per_prompt
         self.dp, self.rank = run.dist.dp, run.dist.dp_rank
+        # sums over rows (token counts, whitening, KL, metrics) run over the data-parallel group:
+        # the tensor-parallel ranks of one data-parallel rank hold the same rows
+        self.dp_group = run.dist.group("dp_shard")
         self.B = tcfg.batch_size  # global responses; this rank rolls out Bl = B / dp of them
         self.Bl = self.B // self.dp
         self.mb_size = self.Bl // pcfg.num_minibatches
@@ -277,9 +288,11 @@ class PPOTrainer:
             self.trained["value"] = self.value
         self.params = list(self.trained.parameters())
         self.dm: distributed.DistributedModel | None = None
-        if run.dist.distributed:  # FSDP2 over dp_shard; rollouts on a gathered replica
+        if run.dist.distributed:  # FSDP2 / TP; rollouts on a gathered replica
             self.dm = distributed.DistributedModel(self.trained, self.params, run.dist)
             self.params = self.dm.params
+        if run.dist.distributed and run.dist.tp > 1:
+            self._shard_frozen_models(run.dist)
         self.opt = build_optimizer(self.params, tcfg)
         total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
         self.sched = build_scheduler(self.opt, tcfg, total_updates)
@@ -287,6 +300,19 @@ class PPOTrainer:
         self.guard = FiniteGuard(run)  # non-finite values stop the run before the update
         self.kl_high_iters = 0  # consecutive iterations above kl.stop_multiple x kl.target
         self.gen_rng = torch.Generator().manual_seed(cfg.seed + self.rank)  # per-rank sampling
+
+    def _shard_frozen_models(self, state: distributed.ParallelState) -> None:
+        """Tensor parallelism for the frozen reference and reward model (Llama-family trunks;
+        another reward model, such as an encoder, stays whole on every rank). They score the
+        rollout, which every rank of a tensor-parallel group holds identically, together."""
+        tp_mesh = state.mesh["tp"]
+        if self.ref is not None:
+            distributed.apply_tp(self.ref, tp_mesh)
+        for member in reward_members(self.reward.rm):
+            if member.kind == "causal_lm":
+                distributed.apply_tp(member, tp_mesh)
+            else:
+                log.info("parallel.tp: the %s reward model stays whole on every rank", member.kind)
 
     def start_rollouts(self) -> None:
         """Build the rollout side (after a resume: the replica copies the restored weights)."""
@@ -309,23 +335,65 @@ class PPOTrainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def checkpoint_state(self, stream: PromptStream) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(extra, rank_extra)`` for :meth:`Checkpointer.save`."""
-        extra = {"kl_controller": self.kl_ctl.state_dict(), **stream.state_dict()}
+        """``(extra, rank_extra)`` for :meth:`Checkpointer.save`; ``extra`` records the layout
+        (the sampling generators are per data-parallel rank)."""
+        st = self.run.dist
+        extra = {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "layout": {"dp_shard": st.dp, "tp": st.tp, "pp": st.pp},
+            **stream.state_dict(),
+        }
         return extra, {"gen_rng": self.gen_rng.get_state()}
 
     def load_checkpoint_state(self, extra: dict[str, Any], stream: PromptStream) -> None:
-        if extra["rank_extra"] is None:
+        """The KL controller, prompt stream and this rank's sampling generator of a checkpoint.
+
+        The model and optimizer reshard to any layout (``distributed.load_checkpoint``); the
+        sampling generators belong to data-parallel ranks (rank ``d`` draws its rows with
+        ``seed + d``), so a checkpoint resumes under any ``parallel.tp`` with the
+        ``parallel.dp_shard`` it was written with, and under no other."""
+        st = self.run.dist
+        layout = extra.get("layout")
+        if layout is not None:
+            if int(layout["dp_shard"]) != st.dp:
+                raise ValueError(
+                    f"{extra['path']}: written with parallel.dp_shard={layout['dp_shard']} "
+                    f"(tp={layout['tp']}, pp={layout['pp']}); PPO resumes it with "
+                    f"parallel.dp_shard={layout['dp_shard']} and any parallel.tp "
+                    f"(world size {layout['dp_shard']} x tp), not with dp_shard={st.dp}: each "
+                    "data-parallel rank's sampling generator is part of the run"
+                )
+            # tensor-parallel rank 0 of this data-parallel rank in the writing layout (pp = 1)
+            rank_extra = distributed.read_rank_extra(extra["path"], self.rank * int(layout["tp"]))
+        else:
+            rank_extra = extra["rank_extra"]
+        if rank_extra is None:
             raise ValueError(
-                f"{extra['path']}: no sampling state for rank {self.run.dist.rank} "
+                f"{extra['path']}: no sampling state for rank {st.rank} "
                 "(written by fewer processes?)"
             )
         self.kl_ctl.load_state_dict(extra["kl_controller"])
-        self.gen_rng.set_state(extra["rank_extra"]["gen_rng"])
+        self.gen_rng.set_state(rank_extra["gen_rng"])
         stream.load_state_dict(extra)
 
     # ------------------------------------------------------------------ steps 1-4
 
     def _generate(self, prompts: list[str], step: int) -> Generation:
+        gen = self._decode(prompts, step)
+        st = self.run.dist
+        if st.distributed and st.tp > 1:
+            # the tensor-parallel ranks decode the same prompts from the same generator on the
+            # same replica; the first one's rollout and generator state are made everyone's, so
+            # that the sharded passes and the minibatch order agree even where decoding is not
+            # bitwise reproducible across devices
+            src = st.rank - st.tp_rank  # global rank of tensor-parallel rank 0 in this group
+            gen, rng = distributed.broadcast_object(
+                (gen, self.gen_rng.get_state()), src=src, group=st.group("tp")
+            )
+            self.gen_rng.set_state(rng)
+        return gen
+
+    def _decode(self, prompts: list[str], step: int) -> Generation:
         cfg, tok = self.cfg, self.tok
         p_ids, p_mask = left_pad_prompts(tok, prompts, cfg.data.max_prompt_tokens, self.device)
         self.r_policy.eval()
@@ -390,7 +458,8 @@ class PPOTrainer:
         ids, mask = gen.full()
         P = gen.prompt_ids_BP.shape[1]
         resp_mask = gen.response_mask_BR.float()
-        self.run.cost.add_tokens(int(distributed.sum_stats({"n": float(mask.sum())})["n"]))
+        n_tokens = distributed.sum_stats({"n": float(mask.sum())}, self.dp_group)["n"]
+        self.run.cost.add_tokens(int(n_tokens))
         completions = decode_responses(self.tok, gen)
         old_logprobs, old_values, ref_logprobs, ref_lsm = self._policy_passes(gen, ids, mask, P)
         with torch.no_grad():
@@ -404,8 +473,8 @@ class PPOTrainer:
                 scores = scores - pcfg.missing_eos_penalty * (~gen.ended_B).float()
             if pcfg.reward_clip:
                 scores = scores.clamp(-pcfg.reward_clip, pcfg.reward_clip)
-            if pcfg.whiten_rewards:  # over the global batch (all ranks)
-                scores = _global_whiten(scores, torch.ones_like(scores))
+            if pcfg.whiten_rewards:  # over the global batch (all data-parallel ranks)
+                scores = _global_whiten(scores, torch.ones_like(scores), self.dp_group)
             beta = self.kl_ctl.value
             rewards, kl_BT = kl_shaped_rewards(
                 scores, old_logprobs, ref_logprobs, resp_mask, beta, estimator=self.cfg.kl.estimator
@@ -415,8 +484,8 @@ class PPOTrainer:
             )
             if pcfg.whiten_advantages and pcfg.advantage_estimator != "grpo":
                 advantages = (
-                    _global_whiten(advantages, resp_mask)
-                    if self.dm is not None
+                    _global_whiten(advantages, resp_mask, self.dp_group)
+                    if self.dp > 1
                     else masked_whiten(advantages, resp_mask)
                 )
         seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * resp_mask).sum(-1)
@@ -460,7 +529,8 @@ class PPOTrainer:
             local["values/mean"] = float(masked_mean(exp.values_BR, m))
             local["returns/mean"] = float(masked_mean(exp.returns_BR, m))
         self.guard.check(step, local, "rollout and scoring")
-        mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
+        mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())}, self.dp_group)["kl"]
+        mean_kl /= self.B
         kcfg = self.cfg.kl
         limit = kcfg.stop_multiple * kcfg.target
         if kcfg.stop_multiple > 0 and mean_kl > limit:
@@ -568,7 +638,10 @@ class PPOTrainer:
                 idx = perm[mb * mb_size : (mb + 1) * mb_size]
                 # losses are normalized by the minibatch's token count over all ranks, and FSDP2
                 # sums gradients: the update is the one-process update of the global minibatch
-                mb_tokens = distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
+                mb_tokens = (
+                    distributed.sum_stats({"n": float(resp_mask[idx].sum())}, self.dp_group)["n"]
+                    or 1.0
+                )
                 self.opt.zero_grad(set_to_none=True)
                 mb_losses: dict[str, float] = {}
                 for j in range(0, mb_size, self.micro):
@@ -604,7 +677,8 @@ class PPOTrainer:
         """Step 6: the KL controller sees the global batch's mean summed KL (``mean_kl``, from
         :meth:`check_experience`, or computed here); returns that mean."""
         if mean_kl is None:
-            mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
+            mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())}, self.dp_group)["kl"]
+            mean_kl /= self.B
         self.kl_ctl.update(mean_kl, self.B)
         return mean_kl
 
@@ -636,10 +710,11 @@ class PPOTrainer:
             "response/ended_frac": float(exp.ended_B.float().mean()),
             "lr": self.sched.get_last_lr()[0],
         }
-        if self.dm is not None:  # per-rank means -> means over ranks (equal rows per rank)
-            metrics = {k: v / self.dp for k, v in distributed.sum_stats(metrics).items()}
+        if self.dp > 1:  # per-rank means -> means over ranks (equal rows per rank)
+            summed = distributed.sum_stats(metrics, self.dp_group)
+            metrics = {k: v / self.dp for k, v in summed.items()}
             metrics["kl/seq_k1"] = mean_kl
-        metrics["tokens"] = distributed.sum_stats({"n": float(m.sum())})["n"]
+        metrics["tokens"] = distributed.sum_stats({"n": float(m.sum())}, self.dp_group)["n"]
         return metrics
 
     def gold_eval(self, prompts: list[str], gold: Reward) -> dict[str, float]:
@@ -742,7 +817,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             gold_now = bool(gold is not None and dev_prompts and cfg.gold_eval_every) and (
                 step % cfg.gold_eval_every == 0 or step == tcfg.max_steps or step == 1
             )
-            if gold_now and run.is_main:
+            # (the tensor-parallel ranks beside rank 0 join it: the reward model is sharded)
+            if gold_now and run.dist.dp_rank == 0 and run.dist.pp_rank == 0:
                 metrics.update(trainer.gold_eval(dev_prompts, gold))
             if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
