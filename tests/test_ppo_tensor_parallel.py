@@ -1,18 +1,23 @@
-"""Tensor-parallel PPO (``parallel.tp``, DTensor over gloo on CPU) against one process.
+"""Tensor- and pipeline-parallel PPO (``parallel.tp``, ``parallel.pp``; gloo on CPU) against one
+process.
 
-The policy, the critic, the reference and the reward model are sharded over the tensor-parallel
-group; rollouts decode on a gathered replica (``rollout.tp_decode=replica``). The tensor-parallel
-ranks of a data-parallel rank hold the same rows, so a TP=2 run draws the same samples as one
+Under ``tp`` the policy, the critic, the reference and the reward model are sharded over the
+tensor-parallel group; under ``pp`` the policy's layers are split over the stages for the
+training passes (the critic and heads run on the last stage). Rollouts and scoring run on a
+gathered replica of the trained modules. The tensor-parallel ranks and pipeline stages of a
+data-parallel rank hold the same rows, so a TP=2 or PP=2 run draws the same samples as one
 process and its metrics must match it to float tolerance:
 
     rel 1e-4, abs 1e-5 on every logged number. The row-parallel products (``o_proj``,
     ``down_proj``) sum two partial dot products across the group where one process sums one,
-    and the tensor-parallel reference / reward passes do the same: float32 reassociation,
+    and the tensor-parallel reference / reward passes do the same; pipelined micro-batches
+    accumulate gradients in another order, and replicas are rebuilt from gathered weights
+    (the fast decode's packed products against the training pass's): float32 reassociation,
     about 1e-7 relative per product, grown to a few 1e-6 after a few Adam updates (measured:
     at most 4e-6 absolute over 2 iterations). The samples stay the same as long as no draw
     lands within that distance of a category boundary.
 
-Checkpoints of a TP run resume after SIGKILL to the same last metrics line (the same layout:
+Checkpoints of a TP or PP run resume after SIGKILL to the same last metrics line (the same layout:
 bitwise the same computation), resume in one process (the model and optimizer reshard; the
 sampling generator belongs to the data-parallel rank), and refuse another ``parallel.dp_shard``
 with a message that names the layouts they accept.
@@ -107,23 +112,34 @@ def _assert_first_minibatch_checks(rows: list[dict]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "variant",
+    ("layout", "variant"),
     [
         # separate critic (a second sharded trunk) and the gold evaluation (sharded RM)
-        ["ppo.value_model=separate", "gold_eval_every=2", "gold_eval_prompts=8"],
-        ["ppo.value_model=shared", "ppo.whiten_rewards=true"],
-        ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4"],
+        ("tp=2", ["ppo.value_model=separate", "gold_eval_every=2", "gold_eval_prompts=8"]),
+        ("tp=2", ["ppo.value_model=shared", "ppo.whiten_rewards=true"]),
+        ("tp=2", ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4"]),
+        # the critic runs whole on the last stage; the gold evaluation on rank 0's replica
+        ("pp=2", ["ppo.value_model=separate", "gold_eval_every=2", "gold_eval_prompts=8"]),
+        # LoRA: the reference is the replica with its adapter off; value head on the last stage
+        ("pp=2", ["model.lora.enabled=true", "model.lora.r=4", "ppo.value_model=shared"]),
     ],
-    ids=["separate-critic-gold-eval", "shared-value-whitened-rewards", "grpo"],
+    ids=[
+        "tp2-separate-critic-gold-eval",
+        "tp2-shared-value-whitened-rewards",
+        "tp2-grpo",
+        "pp2-separate-critic-gold-eval",
+        "pp2-lora-shared-value",
+    ],
 )
-def test_ppo_tp2_matches_one_process(smoke, tmp_path, launch_env, variant):
-    one, two = tmp_path / "one", tmp_path / "tp2"
+def test_ppo_model_parallel_matches_one_process(smoke, tmp_path, launch_env, layout, variant):
+    one, two = tmp_path / "one", tmp_path / "two"
     steps = "trainer.max_steps=3"
     p1 = _start(launch_env, smoke, one, 1, steps, *variant)
-    p2 = _start(launch_env, smoke, two, 2, steps, "parallel.tp=2", *variant)
+    p2 = _start(launch_env, smoke, two, 2, steps, f"parallel.{layout}", *variant)
     _finish(p1)
     out = _finish(p2)
-    assert "rank 1/2: dp_shard=1 tp=2 pp=1" in out
+    tp, pp = ("2", "1") if layout == "tp=2" else ("1", "2")
+    assert f"rank 1/2: dp_shard=1 tp={tp} pp={pp}" in out
     a, b = _rows(one), _rows(two)
     assert [r["step"] for r in b] == [1, 2, 3]
     _assert_first_minibatch_checks(b)
@@ -135,17 +151,15 @@ def test_ppo_tp2_matches_one_process(smoke, tmp_path, launch_env, variant):
 
 
 @pytest.mark.slow
-def test_ppo_tp2_sigkill_resume_and_resume_under_other_layouts(smoke, tmp_path, launch_env):
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_ppo_sigkill_resume_and_resume_under_other_layouts(smoke, tmp_path, launch_env, layout):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ("trainer.max_steps=4", "trainer.save_every=2", "parallel.tp=2")
+    args = ("trainer.max_steps=4", "trainer.save_every=2", f"parallel.{layout}=2")
     _run(launch_env, smoke, full, 2, *args)
     ck = full / "ckpt-000002"
-    assert len(list(ck.glob("*.distcp"))) == 2, "one shard per tensor-parallel rank"
-    assert json.loads((ck / "extra.json").read_text())["state"]["layout"] == {
-        "dp_shard": 1,
-        "tp": 2,
-        "pp": 1,
-    }
+    assert len(list(ck.glob("*.distcp"))) == 2, "one shard per tensor-parallel rank / stage"
+    written = {"dp_shard": 1, "tp": 1, "pp": 1, layout: 2}
+    assert json.loads((ck / "extra.json").read_text())["state"]["layout"] == written
 
     # killed (torchrun and both workers) after its first checkpoint, then resumed
     p = _start(launch_env, smoke, cut, 2, *args)
@@ -163,7 +177,7 @@ def test_ppo_tp2_sigkill_resume_and_resume_under_other_layouts(smoke, tmp_path, 
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
     assert strip(a[-1]) == strip(b[-1])
 
-    # the TP=2 checkpoint in one process: sharded weights and optimizer state load whole
+    # the checkpoint in one process: sharded weights and optimizer state load whole
     one = tmp_path / "one"
     one.mkdir()
     shutil.copytree(ck, one / "ckpt-000002")
@@ -181,8 +195,8 @@ def test_ppo_tp2_sigkill_resume_and_resume_under_other_layouts(smoke, tmp_path, 
     p = _start(launch_env, smoke, dp2, 2, "trainer.max_steps=4", "parallel.dp_shard=2")
     out = _finish(p, ok=False)
     assert p.returncode != 0
-    assert "written with parallel.dp_shard=1 (tp=2, pp=1)" in out
-    assert "resumes it with parallel.dp_shard=1 and any parallel.tp" in out
+    assert f"written with parallel.dp_shard=1 (tp={written['tp']}, pp={written['pp']})" in out
+    assert "resumes it with parallel.dp_shard=1 and any parallel.tp and parallel.pp" in out
 
 
 @pytest.mark.slow
@@ -208,5 +222,4 @@ def test_ppo_refuses_layouts_it_does_not_build(tmp_path):
     with pytest.raises(NotImplementedError, match="rollout.tp_decode=replica"):
         _validate_distributed(cfg, dp=1, tp=2, pp=1)
     _validate_distributed(cfg, dp=2, tp=1, pp=1)  # no tensor parallelism: the choice is moot
-    with pytest.raises(NotImplementedError, match="pipeline-parallel PPO is not built"):
-        _validate_distributed(cfg, dp=1, tp=1, pp=2)
+    _validate_distributed(cfg, dp=1, tp=1, pp=2)  # pipelined training, rollouts on a replica

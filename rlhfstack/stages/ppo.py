@@ -36,6 +36,15 @@ replica of the policy (``DistributedModel.replica``, refreshed after every updat
 decode without collectives), trains them under FSDP2 with losses divided by the minibatch's token
 count over all ranks (FSDP2 sums the gradients), and whitens advantages, updates the KL
 controller and averages diagnostics over all ranks.
+
+With ``parallel.tp=N`` (DTensor tensor parallel) the policy and critic train sharded and the
+frozen reference and reward model score sharded over the tensor-parallel group; with
+``parallel.pp=N`` the policy's layers are split over pipeline stages for the training passes
+(the critic, value and LM heads run on the last stage) and the reference and reward model stay
+whole on every rank. In both, rollouts decode on the gathered replica
+(``rollout.tp_decode=replica``), the ranks of one data-parallel rank hold the same rows (the
+first one's rollout is broadcast to the others), and every sum over rows (token counts,
+whitening, KL, metrics) runs over the data-parallel group only.
 """
 
 from __future__ import annotations
@@ -136,11 +145,6 @@ def _validate(cfg: PPOConfig) -> None:
 
 
 def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
-    if pp != 1:
-        raise NotImplementedError(
-            f"PPO runs data parallel (parallel.dp_shard) and tensor parallel (parallel.tp); got "
-            f"pp={pp}: pipeline-parallel PPO is not built"
-        )
     if tp > 1 and cfg.rollout.tp_decode != "replica":
         raise NotImplementedError(
             f"rollout.tp_decode={cfg.rollout.tp_decode}: decoding with the tensor-parallel "
@@ -226,6 +230,7 @@ class PPOTrainer:
         # sums over rows (token counts, whitening, KL, metrics) run over the data-parallel group:
         # the tensor-parallel ranks of one data-parallel rank hold the same rows
         self.dp_group = run.dist.group("dp_shard")
+        self.pipelined = run.dist.distributed and run.dist.pp > 1
         self.B = tcfg.batch_size  # global responses; this rank rolls out Bl = B / dp of them
         self.Bl = self.B // self.dp
         self.mb_size = self.Bl // pcfg.num_minibatches
@@ -350,8 +355,8 @@ class PPOTrainer:
 
         The model and optimizer reshard to any layout (``distributed.load_checkpoint``); the
         sampling generators belong to data-parallel ranks (rank ``d`` draws its rows with
-        ``seed + d``), so a checkpoint resumes under any ``parallel.tp`` with the
-        ``parallel.dp_shard`` it was written with, and under no other."""
+        ``seed + d``), so a checkpoint resumes under any ``parallel.tp`` and ``parallel.pp``
+        with the ``parallel.dp_shard`` it was written with, and under no other."""
         st = self.run.dist
         layout = extra.get("layout")
         if layout is not None:
@@ -359,11 +364,12 @@ class PPOTrainer:
                 raise ValueError(
                     f"{extra['path']}: written with parallel.dp_shard={layout['dp_shard']} "
                     f"(tp={layout['tp']}, pp={layout['pp']}); PPO resumes it with "
-                    f"parallel.dp_shard={layout['dp_shard']} and any parallel.tp "
-                    f"(world size {layout['dp_shard']} x tp), not with dp_shard={st.dp}: each "
-                    "data-parallel rank's sampling generator is part of the run"
+                    f"parallel.dp_shard={layout['dp_shard']} and any parallel.tp and parallel.pp "
+                    f"(world size {layout['dp_shard']} x tp x pp), not with dp_shard={st.dp}: "
+                    "each data-parallel rank's sampling generator is part of the run"
                 )
-            # tensor-parallel rank 0 of this data-parallel rank in the writing layout (pp = 1)
+            # tensor-parallel rank 0 / pipeline stage 0 of this data-parallel rank in the writing
+            # layout (mesh order pp, dp_shard, tp)
             rank_extra = distributed.read_rank_extra(extra["path"], self.rank * int(layout["tp"]))
         else:
             rank_extra = extra["rank_extra"]
@@ -381,16 +387,21 @@ class PPOTrainer:
     def _generate(self, prompts: list[str], step: int) -> Generation:
         gen = self._decode(prompts, step)
         st = self.run.dist
-        if st.distributed and st.tp > 1:
-            # the tensor-parallel ranks decode the same prompts from the same generator on the
-            # same replica; the first one's rollout and generator state are made everyone's, so
-            # that the sharded passes and the minibatch order agree even where decoding is not
-            # bitwise reproducible across devices
-            src = st.rank - st.tp_rank  # global rank of tensor-parallel rank 0 in this group
-            gen, rng = distributed.broadcast_object(
-                (gen, self.gen_rng.get_state()), src=src, group=st.group("tp")
-            )
-            self.gen_rng.set_state(rng)
+        # the tensor-parallel ranks and pipeline stages of a data-parallel rank decode the same
+        # prompts from the same generator on the same replica; the first one's rollout and
+        # generator state are made everyone's (pipeline stage 0 over each pipeline group, then
+        # tensor-parallel rank 0 over each tensor-parallel group), so that the sharded passes
+        # and the minibatch order agree even where decoding is not bitwise reproducible
+        for dim, size, coord, stride in (
+            ("pp", st.pp, st.pp_rank, st.dp * st.tp),
+            ("tp", st.tp, st.tp_rank, 1),
+        ):
+            if st.distributed and size > 1:
+                src = st.rank - coord * stride  # global rank of coordinate 0 along ``dim``
+                gen, rng = distributed.broadcast_object(
+                    (gen, self.gen_rng.get_state()), src=src, group=st.group(dim)
+                )
+                self.gen_rng.set_state(rng)
         return gen
 
     def _decode(self, prompts: list[str], step: int) -> Generation:
@@ -578,18 +589,31 @@ class PPOTrainer:
             return o, None
         return o, (o["values"] if shared else value.values(ids, mask, start))
 
-    def _micro_step(self, exp: Experience, sub, mb_tokens: float, want_entropy: bool):
-        """Loss and backward of one micro-batch; returns its statistics and the forward's output."""
+    @staticmethod
+    def _rows_of(exp: Experience, sub: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors one update pass reads, for the rows ``sub``."""
+        rows = {
+            "ids": exp.ids_BT[sub],
+            "mask": exp.mask_BT[sub],
+            "response_mask": exp.response_mask_BR[sub],
+            "old_logprobs": exp.old_logprobs_BR[sub],
+            "advantages": exp.advantages_BR[sub],
+        }
+        if exp.values_BR is not None:
+            rows["values"], rows["returns"] = exp.values_BR[sub], exp.returns_BR[sub]
+        if exp.ref_logsoftmax_BRV is not None:
+            rows["ref_lsm"] = exp.ref_logsoftmax_BRV[sub]
+        return rows
+
+    def _micro_loss(self, mb: dict[str, torch.Tensor], start: int, mb_tokens: float, o, v):
+        """The loss of one micro-batch from its forward's output ``o`` (and values ``v``), and
+        its statistics."""
         pcfg = self.cfg.ppo
-        lsm = exp.ref_logsoftmax_BRV
-        args = (exp.ids_BT[sub], exp.mask_BT[sub], exp.response_start, want_entropy)
-        args += (None if lsm is None else lsm[sub],)
-        o, v = self.dm.call(self._train_forward, *args) if self.dm else self._train_forward(*args)
-        m = exp.response_mask_BR[sub]
+        m = mb["response_mask"]
         pg_loss, pg_stats = ppo_policy_loss(
             o["logprobs"],
-            exp.old_logprobs_BR[sub],
-            exp.advantages_BR[sub],
+            mb["old_logprobs"],
+            mb["advantages"],
             m,
             pcfg.clip_eps,
             normalizer=mb_tokens,
@@ -597,12 +621,7 @@ class PPOTrainer:
         loss, vf_loss, vf_stats = pg_loss, None, {}
         if v is not None:
             vf_loss, vf_stats = ppo_value_loss(
-                v,
-                exp.values_BR[sub],
-                exp.returns_BR[sub],
-                m,
-                pcfg.value_clip,
-                normalizer=mb_tokens,
+                v, mb["values"], mb["returns"], m, pcfg.value_clip, normalizer=mb_tokens
             )
             loss = loss + pcfg.vf_coef * vf_loss
         stats: dict[str, float] = {}
@@ -612,14 +631,48 @@ class PPOTrainer:
             kl_term = (o["kl_full"] * m).sum() / mb_tokens
             loss = loss + pcfg.kl_loss_coef * kl_term
             stats["kl/full_in_loss"] = float(kl_term.detach()) / (float(m.sum()) / mb_tokens or 1.0)
-        loss.backward()
         w = float(m.sum()) / mb_tokens  # this micro-batch's share of the minibatch's tokens
         stats["loss/policy"] = float(pg_loss.detach()) / w if w else 0.0
         if vf_loss is not None:
             stats["loss/value"] = float(vf_loss.detach()) / w if w else 0.0
         stats.update({f"ppo/{k}": float(v2) for k, v2 in pg_stats.items()})
         stats.update({f"ppo/{k}": float(v2) for k, v2 in vf_stats.items()})
-        return stats, pg_stats, o, m
+        return loss, stats, pg_stats
+
+    def _micro_step(self, exp: Experience, sub, mb_tokens: float, want_entropy: bool):
+        """Loss and backward of one micro-batch; returns its statistics and the forward's output."""
+        mb = self._rows_of(exp, sub)
+        args = (mb["ids"], mb["mask"], exp.response_start, want_entropy, mb.get("ref_lsm"))
+        o, v = self.dm.call(self._train_forward, *args) if self.dm else self._train_forward(*args)
+        loss, stats, pg_stats = self._micro_loss(mb, exp.response_start, mb_tokens, o, v)
+        loss.backward()
+        return stats, pg_stats, o, mb["response_mask"]
+
+    def _pipelined_minibatch(
+        self, exp: Experience, idx: torch.Tensor, mb_tokens: float, want_entropy: bool, first: bool
+    ) -> dict[str, float]:
+        """Forward and backward of one minibatch through the pipeline stages (the runner splits
+        it into ``trainer.micro_batch_size`` micro-batches); returns the means of the micro-batch
+        statistics over the global minibatch (and, for ``first``, the first micro-batch's
+        checks), the same on every rank."""
+        start, done = exp.response_start, [0]
+        n_global = len(idx) * self.dp  # the runner weighs micro-batch stats by rows / n_global
+
+        def loss_fn(mb: dict[str, torch.Tensor], n_in_step: int):
+            args = (mb["ids"], mb["mask"], start, want_entropy, mb.get("ref_lsm"))
+            o, v = self._train_forward(*args)
+            loss, stats, pg_stats = self._micro_loss(mb, start, mb_tokens, o, v)
+            if first and done[0] == 0:  # undo that weighting: a mean over data-parallel ranks
+                scale = n_in_step / mb["ids"].shape[0] / self.dp
+                m = mb["response_mask"]
+                stats["first_minibatch_ratio"] = float(pg_stats["ratio_mean"]) * scale
+                stats["first_minibatch_approx_kl"] = float(pg_stats["approx_kl"]) * scale
+                stats["entropy"] = float(masked_mean(o["entropy"].detach(), m)) * scale
+            done[0] += 1
+            return loss, stats
+
+        _, stats = self.dm.forward_backward(self._rows_of(exp, idx), loss_fn, n_global, self.micro)
+        return stats
 
     def ppo_update(self, exp: Experience, step: int = 0) -> dict[str, float]:
         """Step 5: ``ppo.epochs`` x ``ppo.num_minibatches`` optimizer steps, each over
@@ -644,8 +697,19 @@ class PPOTrainer:
                 )
                 self.opt.zero_grad(set_to_none=True)
                 mb_losses: dict[str, float] = {}
-                for j in range(0, mb_size, self.micro):
-                    want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
+                want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
+                if self.pipelined:  # one entry per minibatch: the mean of its micro-batches
+                    st = self._pipelined_minibatch(
+                        exp, idx, mb_tokens, want_entropy, epoch == 0 and mb == 0
+                    )
+                    for k in ("first_minibatch_ratio", "first_minibatch_approx_kl", "entropy"):
+                        if k in st:
+                            first[k] = st.pop(k)
+                    for k, val in st.items():
+                        stats.setdefault(k, []).append(val)
+                        if k.startswith(("loss/", "kl/")):
+                            mb_losses[k] = val
+                for j in range(0, mb_size if not self.pipelined else 0, self.micro):
                     sub = idx[j : j + self.micro]
                     st, pg_stats, o, m = self._micro_step(exp, sub, mb_tokens, want_entropy)
                     for k, val in st.items():
