@@ -303,6 +303,11 @@ def load_checkpoint(
     reader.read_metadata()
     opts = _ckpt_options()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    # the parameter names of this rank's optimizer groups: DCP stores non-tensor items such as
+    # ``param_groups`` once (from one rank), but pipeline stages hold different parameters (a
+    # tied embedding / LM head goes by other names on each): the hyperparameters are loaded,
+    # the names stay this rank's
+    local_names = [list(g["params"]) for g in optim_sd.get("param_groups", [])]
     state = {"model": model_sd, "optim": optim_sd}
     with _quiet_single_process():
         dcp.load(
@@ -311,6 +316,10 @@ def load_checkpoint(
             planner=_SafeLoadPlanner(),
             no_dist=not current().distributed,
         )
+    groups = state["optim"].get("param_groups", [])
+    if len(groups) == len(local_names):
+        for group, names in zip(groups, local_names):
+            group["params"] = names
     set_state_dict(
         model,
         optimizer,
