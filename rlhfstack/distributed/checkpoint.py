@@ -320,13 +320,23 @@ def load_checkpoint(
     if len(groups) == len(local_names):
         for group, names in zip(groups, local_names):
             group["params"] = names
-    set_state_dict(
+    # DCP has already refused a checkpoint that lacks a trainable weight or its optimizer state;
+    # the frozen weights (a LoRA base, a head a pipeline stage never runs) are not in it and stay
+    # as loaded from the model path, so the model's own load is told not to require them
+    keys = set_state_dict(
         model,
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=opts,
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
     )
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    missing = [k for k in keys.missing_keys if k in trainable]
+    if missing or keys.unexpected_keys:
+        raise CheckpointFormatError(
+            f"{path}: does not fit the model: missing trainable {missing[:5]}, unexpected "
+            f"{list(keys.unexpected_keys)[:5]}"
+        )
     mine = path / f"rank-{current().rank}.json"
     extra = read_state(path / CKPT_EXTRA)
     extra["rank_extra"] = read_state(mine) if mine.exists() else None
