@@ -965,13 +965,10 @@ def train_loop(
     mixed = getattr(getattr(cfg, "parallel", None), "mixed_precision", "none")
     bs = min(tcfg.batch_size, len(items))
     steps = max_steps if max_steps > 0 else max(1, epochs * (len(items) // bs))
-    # checkpoints are not built for pipeline parallelism (the stage's model is split over ranks)
-    can_ckpt = model is not None and state.pp == 1
+    # under pipeline parallelism each stage writes the weights and optimizer state it trains
+    can_ckpt = model is not None
     if tcfg.save_every and not can_ckpt:
-        raise NotImplementedError(
-            "trainer.save_every: checkpoints need model= and parallel.pp=1 "
-            f"(got model={'set' if model is not None else 'None'}, pp={state.pp})"
-        )
+        raise NotImplementedError("trainer.save_every: checkpoints need model=")
     dm: distributed.DistributedModel | None = None
     if state.distributed or mixed != "none":
         if model is None:

@@ -64,3 +64,28 @@ def test_a_preemption_signal_saves_and_raises_preempted(tmp_path):
             ckpt.end_of_step(2, 10)
     assert e.value.step == 2 and e.value.code == 0
     assert [p.name for p in tmp_path.glob("ckpt-*")] == ["ckpt-000002"]
+
+
+def test_a_model_with_frozen_weights_resumes_its_trainable_ones(tmp_path):
+    # frozen weights (a LoRA base; a head that a pipeline stage holds but never runs) are not
+    # saved; loading must restore the trainable ones and leave the frozen ones as they are
+    from rlhfstack import distributed
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        model[0].requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = build(0)
+    distributed.save_checkpoint(tmp_path / "ckpt-000001", model, opt, {"step": 1})
+    other, other_opt = build(1)
+    frozen = other[0].weight.clone()
+    distributed.load_checkpoint(tmp_path / "ckpt-000001", other, other_opt)
+    assert torch.equal(other[1].weight, model[1].weight)
+    assert torch.equal(other[0].weight, frozen)
+    state = other_opt.state[other[1].weight]
+    assert torch.equal(state["exp_avg"], opt.state[model[1].weight]["exp_avg"])

@@ -5,6 +5,7 @@ starts ``munged``, ``slurmctld`` and ``slurmd`` as root, and stops them afterwar
 
 * ``slurm/sft.sbatch`` runs a tiny SFT (tiny random Llama, 2 torchrun workers on CPU with FSDP2
   over gloo) to completion: srun -> torchrun c10d rendezvous on ``scontrol show hostnames``;
+* ``slurm/ppo.sbatch`` runs a tensor-parallel PPO (TP=2 over the 2 workers) to completion;
 * the preemption path: ``SIGUSR1`` to the batch shell (what ``--signal=B:USR1@120`` delivers)
   reaches both workers through srun and torchrun, the job requeues itself and the second run
   sees ``SLURM_RESTART_COUNT=1``.
@@ -325,6 +326,50 @@ def test_sbatch_sft_two_workers(cluster, tmp_path):
     assert (run_dir / "done.json").exists()
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("step", 0) for r in steps) == 2
+
+
+def test_sbatch_ppo_tensor_parallel_two_workers(cluster, smoke, tmp_path):
+    """slurm/ppo.sbatch: a TP=2 PPO (policy, critic, reference and reward model sharded over the
+    two workers, rollouts on a gathered replica) on the smoke pipeline's SFT and RM."""
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job.out"
+    job = _sbatch(
+        cluster,
+        "ppo.sbatch",
+        out,
+        {
+            "NPROC_PER_NODE": "2",
+            "RLHF_CLUSTER": "local",
+            "RLHF_PYTHON": sys.executable,
+            "RLHF_REPO_DIR": str(REPO_ROOT),
+            "OMP_NUM_THREADS": "1",
+        },
+        [
+            f"artifacts_dir={smoke}",
+            f"run_dir={run_dir}",
+            "parallel.tp=2",
+            "trainer.max_steps=2",
+            "trainer.save_every=1",
+            "trainer.batch_size=8",
+            "trainer.micro_batch_size=4",
+            "ppo.num_minibatches=2",
+            "rollout.max_new_tokens=8",
+            "gold_eval_every=0",
+            "logging.tensorboard=false",
+            "logging.plots=false",
+        ],
+    )
+    info = cluster.wait_job(job, timeout=400)
+    log = out.read_text(errors="replace") if out.exists() else "(no job output)"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        f"{info}\n{log}\n{cluster.logs()}"
+    )
+    assert "rank 1/2: dp_shard=1 tp=2 pp=1" in log, log
+    assert (run_dir / "model" / "config.json").exists() and (run_dir / "done.json").exists(), log
+    assert len(list((run_dir / "ckpt-000001").glob("*.distcp"))) == 2, log
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(abs(r["first_minibatch_ratio"] - 1.0) < 1e-5 for r in rows), rows
 
 
 WORKER = r'''

@@ -321,6 +321,7 @@ RECIPE_EXCLUDE: tuple[str, ...] = (
     "gold_task",
     "rollout.compile",
     "rollout.packed_weights",
+    "rollout.tp_decode",
     "ppo.logprobs_from_rollout",
     "ppo.mismatch_threshold",
     # PPO: the runaway-KL guard stops a run; it does not change the math of one that goes on

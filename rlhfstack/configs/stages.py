@@ -153,6 +153,15 @@ class RolloutConfig:
     end) instead of calling MKL's sgemm through ``F.linear``. The same products in another
     summation order (logits within 1e-5 in the tests); on CPU the decode loop's matmuls at few
     rows run faster than MKL's sgemm (docs/performance.md)."""
+    tp_decode: str = choice("replica", "sharded")
+    """How rollouts decode under ``parallel.tp > 1`` (one process: ignored). ``replica``: every
+    rank gathers the trained policy (and critic) into a full, frozen copy after each update and
+    decodes on it without collectives (the hybrid-engine design); costs one whole model copy per
+    rank on top of its 1/tp shard (policy + critic parameters, plus the KV cache of all heads),
+    and one all-gather of the trained weights per iteration. The reference and reward model stay
+    sharded (1/tp each) and score over the tensor-parallel group. ``sharded``: decode with the
+    tensor-parallel modules themselves (no extra copy, 1/tp of the KV cache per rank; two
+    all-reduces per layer per token): not built yet, refused at start."""
     samples_per_prompt: int = at_least(1, lo=1)
     """G responses sampled per prompt (contiguous groups; each prompt's pass runs once):
     ``trainer.batch_size`` counts responses, so a step draws ``batch_size / G`` prompts. The

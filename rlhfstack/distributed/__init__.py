@@ -58,6 +58,7 @@ from rlhfstack.distributed.checkpoint import (
     load_checkpoint,
     read_checkpoint_extra,
     read_checkpoint_tensors,
+    read_rank_extra,
     save_checkpoint,
 )
 from rlhfstack.distributed.launch import (
@@ -131,6 +132,7 @@ __all__ = [
     "load_checkpoint",
     "meta_copy",
     "read_checkpoint_tensors",
+    "read_rank_extra",
     "resolve_degrees",
     "restore_plain",
     "save_checkpoint",

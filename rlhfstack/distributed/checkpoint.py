@@ -163,6 +163,13 @@ def read_checkpoint_extra(path: str | os.PathLike) -> dict[str, Any]:
     return read_state(Path(path) / CKPT_EXTRA)
 
 
+def read_rank_extra(path: str | os.PathLike, rank: int) -> dict[str, Any] | None:
+    """The ``rank_extra`` that global rank ``rank`` wrote into checkpoint ``path`` (None if it
+    wrote none): for a resume under another layout, where this rank's state was another rank's."""
+    p = Path(path) / f"rank-{rank}.json"
+    return read_state(p) if p.exists() else None
+
+
 @contextlib.contextmanager
 def _quiet_single_process() -> Iterator[None]:
     """DCP warns on every single-process save/load ("assuming the intent is to ... in a single
@@ -296,6 +303,11 @@ def load_checkpoint(
     reader.read_metadata()
     opts = _ckpt_options()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    # the parameter names of this rank's optimizer groups: DCP stores non-tensor items such as
+    # ``param_groups`` once (from one rank), but pipeline stages hold different parameters (a
+    # tied embedding / LM head goes by other names on each): the hyperparameters are loaded,
+    # the names stay this rank's
+    local_names = [list(g["params"]) for g in optim_sd.get("param_groups", [])]
     state = {"model": model_sd, "optim": optim_sd}
     with _quiet_single_process():
         dcp.load(
@@ -304,13 +316,27 @@ def load_checkpoint(
             planner=_SafeLoadPlanner(),
             no_dist=not current().distributed,
         )
-    set_state_dict(
+    groups = state["optim"].get("param_groups", [])
+    if len(groups) == len(local_names):
+        for group, names in zip(groups, local_names):
+            group["params"] = names
+    # DCP has already refused a checkpoint that lacks a trainable weight or its optimizer state;
+    # the frozen weights (a LoRA base, a head a pipeline stage never runs) are not in it and stay
+    # as loaded from the model path, so the model's own load is told not to require them
+    keys = set_state_dict(
         model,
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=opts,
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
     )
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    missing = [k for k in keys.missing_keys if k in trainable]
+    if missing or keys.unexpected_keys:
+        raise CheckpointFormatError(
+            f"{path}: does not fit the model: missing trainable {missing[:5]}, unexpected "
+            f"{list(keys.unexpected_keys)[:5]}"
+        )
     mine = path / f"rank-{current().rank}.json"
     extra = read_state(path / CKPT_EXTRA)
     extra["rank_extra"] = read_state(mine) if mine.exists() else None

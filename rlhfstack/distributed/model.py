@@ -134,7 +134,7 @@ class DistributedModel:
         require grad with ``trainable_only``). Collective."""
 
         if self.pipe is not None:
-            raise NotImplementedError("full_state_dict under pipeline parallelism")
+            return self.pipe.gathered_state_dict(trainable_only)
         opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(self.model, options=opts)
 

@@ -62,8 +62,20 @@ def _has_lora(model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- tensor parallel
 
 
+def find_trunks(model: nn.Module) -> list[nn.Module]:
+    """Every Llama-style decoder stack inside ``model`` (a policy and a separate critic held in
+    one module each have one), in module order; ``[]`` if none."""
+    return [
+        m
+        for m in model.modules()
+        if all(hasattr(m, a) for a in ("embed_tokens", "layers", "norm"))
+        and isinstance(m.layers, nn.ModuleList)
+    ]
+
+
 def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
-    """Megatron-style tensor parallelism on every decoder layer, in place.
+    """Megatron-style tensor parallelism on every decoder layer of every Llama-style trunk in
+    ``model`` (a policy, and a separate critic beside it), in place.
 
     Attention: ``q_proj``/``k_proj``/``v_proj`` column-wise (each rank computes its own heads),
     ``o_proj`` row-wise (all-reduce of the partial outputs). MLP: ``gate_proj``/``up_proj``
@@ -77,18 +89,9 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
         raise NotImplementedError(
             "parallel.tp > 1 with LoRA adapters is not supported; use dp_shard"
         )
-    trunk = find_trunk(model)
-    cfg = getattr(model, "config", None) or getattr(trunk, "config", None)
-    n_heads = int(cfg.num_attention_heads)
-    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-    inter = int(cfg.intermediate_size)
-    for name, n in (
-        ("num_attention_heads", n_heads),
-        ("num_key_value_heads", n_kv),
-        ("intermediate_size", inter),
-    ):
-        if n % tp:
-            raise ValueError(f"parallel.tp={tp} does not divide the model's {name}={n}")
+    trunks = find_trunks(model)
+    if not trunks:
+        find_trunk(model)  # raises, naming what tensor parallelism supports
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
@@ -98,9 +101,21 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
         "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(),
     }
-    for layer in trunk.layers:
-        if hasattr(layer, "self_attn"):  # (pipeline stages hold stand-ins for foreign layers)
-            parallelize_module(layer, tp_mesh, plan)
+    for trunk in trunks:
+        cfg = trunk.config
+        n_heads = int(cfg.num_attention_heads)
+        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+        inter = int(cfg.intermediate_size)
+        for name, n in (
+            ("num_attention_heads", n_heads),
+            ("num_key_value_heads", n_kv),
+            ("intermediate_size", inter),
+        ):
+            if n % tp:
+                raise ValueError(f"parallel.tp={tp} does not divide the model's {name}={n}")
+        for layer in trunk.layers:
+            if hasattr(layer, "self_attn"):  # (pipeline stages hold stand-ins for foreign layers)
+                parallelize_module(layer, tp_mesh, plan)
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -202,6 +202,9 @@ class PipelineRunner:
             users.setdefault(id(p), set()).add(stage_of(name))
             aliases.setdefault(id(p), []).append(name)
         self.owned_keys = [k for k in model.state_dict() if stage_of(k) == s]
+        self._trainable_keys = {
+            n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
+        }
         local_names = {n for i, ns in aliases.items() if s in users[i] for n in ns}
         train_names = local_names & set(param_names)
         norm_names = {n for i, ns in aliases.items() if min(users[i]) == s for n in ns}
@@ -212,6 +215,12 @@ class PipelineRunner:
             for ns in self._shared
         }
         self._dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        # weights this stage holds but never runs (heads outside the trunk on earlier stages) are
+        # frozen here: they stay out of this rank's optimizer and checkpoint shard, so that a
+        # checkpoint holds each weight as the stage that trains it left it
+        for i, ns in aliases.items():
+            if s not in users[i]:
+                model.get_parameter(ns[0]).requires_grad_(False)
         # prune this rank's copy: foreign layers, embedding, final norm
         for i in range(n_layers):
             if i not in self.ranges[s]:
@@ -364,6 +373,25 @@ class PipelineRunner:
             all_reduce_sum(g.to_local() if isinstance(g, DTensor) else g, self.group)
             if p.requires_grad:
                 p.grad = g
+
+    def gathered_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Every stage's entries (only the trainable parameters with ``trainable_only``), whole,
+        on every rank (this rank's device): what a rollout replica loads. Collective over the
+        whole world."""
+
+        for m in self.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        owned = set(self.owned_keys)
+        mine = {}
+        for k, v in self.model.state_dict().items():
+            if k in owned and (not trainable_only or k in self._trainable_keys):
+                v = v.full_tensor() if isinstance(v, DTensor) else v
+                mine[k] = v.detach().cpu()
+        parts: list[Any] = [None] * self.state.pp
+        dist.all_gather_object(parts, mine, group=self.group)
+        dev = torch.device(self.state.device)
+        return {k: v.to(dev) for part in parts for k, v in part.items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every stage's trained entries merged on rank 0 (CPU); ``{}`` elsewhere.

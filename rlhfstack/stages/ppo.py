@@ -40,6 +40,15 @@ replica of the policy (``DistributedModel.replica``, refreshed after every updat
 decode without collectives), trains them under FSDP2 with losses divided by the minibatch's token
 count over all ranks (FSDP2 sums the gradients), and whitens advantages, updates the KL
 controller and averages diagnostics over all ranks.
+
+With ``parallel.tp=N`` (DTensor tensor parallel) the policy and critic train sharded and the
+frozen reference and reward model score sharded over the tensor-parallel group; with
+``parallel.pp=N`` the policy's layers are split over pipeline stages for the training passes
+(the critic, value and LM heads run on the last stage) and the reference and reward model stay
+whole on every rank. In both, rollouts decode on the gathered replica
+(``rollout.tp_decode=replica``), the ranks of one data-parallel rank hold the same rows (the
+first one's rollout is broadcast to the others), and every sum over rows (token counts,
+whitening, KL, metrics) runs over the data-parallel group only.
 """
 
 from __future__ import annotations
@@ -156,10 +165,10 @@ def _validate(cfg: PPOConfig) -> None:
 
 
 def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
-    if tp != 1 or pp != 1:
+    if tp > 1 and cfg.rollout.tp_decode != "replica":
         raise NotImplementedError(
-            f"PPO runs FSDP2 data parallel only (parallel.dp_shard); got tp={tp} pp={pp}: "
-            "tensor / pipeline parallel PPO is not built"
+            f"rollout.tp_decode={cfg.rollout.tp_decode}: decoding with the tensor-parallel "
+            "modules is not built; rollout.tp_decode=replica decodes on a gathered copy"
         )
     if cfg.rollout.backend != "native":
         raise NotImplementedError("rollout.backend=vllm with several training processes")
@@ -177,11 +186,14 @@ def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
         )
 
 
-def _global_whiten(x: torch.Tensor, m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def _global_whiten(
+    x: torch.Tensor, m: torch.Tensor, group: Any = None, eps: float = 1e-8
+) -> torch.Tensor:
     """``masked_whiten`` with the mean and unbiased variance of the valid entries of *all*
-    data-parallel ranks (one all-reduce of three sums)."""
+    data-parallel ranks (one all-reduce of three sums over ``group``, the data-parallel group:
+    tensor-parallel ranks hold the same rows and must not count them twice)."""
     t = distributed.sum_stats(
-        {"n": float(m.sum()), "s": float((x * m).sum()), "s2": float((x * x * m).sum())}
+        {"n": float(m.sum()), "s": float((x * m).sum()), "s2": float((x * x * m).sum())}, group
     )
     mean = t["s"] / t["n"]
     var = (t["s2"] - t["n"] * mean * mean) / max(t["n"] - 1.0, 1.0)  # unbiased, as masked_var
@@ -238,6 +250,10 @@ class PPOTrainer:
         # run_dir/dashboard.png: the KL panel shows the adaptive controller's target
         adaptive = cfg.kl.controller == "adaptive"
         self.dashboard = ppo_dashboard_panels(cfg.kl.target if adaptive else None)
+        # sums over rows (token counts, whitening, KL, metrics) run over the data-parallel group:
+        # the tensor-parallel ranks of one data-parallel rank hold the same rows
+        self.dp_group = run.dist.group("dp_shard")
+        self.pipelined = run.dist.distributed and run.dist.pp > 1
         self.B = tcfg.batch_size  # global responses; this rank rolls out Bl = B / dp of them
         self.Bl = self.B // self.dp
         self.mb_size = self.Bl // pcfg.num_minibatches
@@ -300,9 +316,11 @@ class PPOTrainer:
             self.trained["value"] = self.value
         self.params = list(self.trained.parameters())
         self.dm: distributed.DistributedModel | None = None
-        if run.dist.distributed:  # FSDP2 over dp_shard; rollouts on a gathered replica
+        if run.dist.distributed:  # FSDP2 / TP; rollouts on a gathered replica
             self.dm = distributed.DistributedModel(self.trained, self.params, run.dist)
             self.params = self.dm.params
+        if run.dist.distributed and run.dist.tp > 1:
+            self._shard_frozen_models(run.dist)
         self.opt = build_optimizer(self.params, tcfg)
         total_updates = tcfg.max_steps * pcfg.epochs * pcfg.num_minibatches
         self.sched = build_scheduler(self.opt, tcfg, total_updates)
@@ -310,6 +328,19 @@ class PPOTrainer:
         self.guard = FiniteGuard(run)  # non-finite values stop the run before the update
         self.kl_high_iters = 0  # consecutive iterations above kl.stop_multiple x kl.target
         self.gen_rng = torch.Generator().manual_seed(cfg.seed + self.rank)  # per-rank sampling
+
+    def _shard_frozen_models(self, state: distributed.ParallelState) -> None:
+        """Tensor parallelism for the frozen reference and reward model (Llama-family trunks;
+        another reward model, such as an encoder, stays whole on every rank). They score the
+        rollout, which every rank of a tensor-parallel group holds identically, together."""
+        tp_mesh = state.mesh["tp"]
+        if self.ref is not None:
+            distributed.apply_tp(self.ref, tp_mesh)
+        for member in reward_members(self.reward.rm):
+            if member.kind == "causal_lm":
+                distributed.apply_tp(member, tp_mesh)
+            else:
+                log.info("parallel.tp: the %s reward model stays whole on every rank", member.kind)
 
     def start_rollouts(self) -> None:
         """Build the rollout side (after a resume: the replica copies the restored weights)."""
@@ -341,23 +372,71 @@ class PPOTrainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def checkpoint_state(self, stream: PromptStream) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(extra, rank_extra)`` for :meth:`Checkpointer.save`."""
-        extra = {"kl_controller": self.kl_ctl.state_dict(), **stream.state_dict()}
+        """``(extra, rank_extra)`` for :meth:`Checkpointer.save`; ``extra`` records the layout
+        (the sampling generators are per data-parallel rank)."""
+        st = self.run.dist
+        extra = {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "layout": {"dp_shard": st.dp, "tp": st.tp, "pp": st.pp},
+            **stream.state_dict(),
+        }
         return extra, {"gen_rng": self.gen_rng.get_state()}
 
     def load_checkpoint_state(self, extra: dict[str, Any], stream: PromptStream) -> None:
-        if extra["rank_extra"] is None:
+        """The KL controller, prompt stream and this rank's sampling generator of a checkpoint.
+
+        The model and optimizer reshard to any layout (``distributed.load_checkpoint``); the
+        sampling generators belong to data-parallel ranks (rank ``d`` draws its rows with
+        ``seed + d``), so a checkpoint resumes under any ``parallel.tp`` and ``parallel.pp``
+        with the ``parallel.dp_shard`` it was written with, and under no other."""
+        st = self.run.dist
+        layout = extra.get("layout")
+        if layout is not None:
+            if int(layout["dp_shard"]) != st.dp:
+                raise ValueError(
+                    f"{extra['path']}: written with parallel.dp_shard={layout['dp_shard']} "
+                    f"(tp={layout['tp']}, pp={layout['pp']}); PPO resumes it with "
+                    f"parallel.dp_shard={layout['dp_shard']} and any parallel.tp and parallel.pp "
+                    f"(world size {layout['dp_shard']} x tp x pp), not with dp_shard={st.dp}: "
+                    "each data-parallel rank's sampling generator is part of the run"
+                )
+            # tensor-parallel rank 0 / pipeline stage 0 of this data-parallel rank in the writing
+            # layout (mesh order pp, dp_shard, tp)
+            rank_extra = distributed.read_rank_extra(extra["path"], self.rank * int(layout["tp"]))
+        else:
+            rank_extra = extra["rank_extra"]
+        if rank_extra is None:
             raise ValueError(
-                f"{extra['path']}: no sampling state for rank {self.run.dist.rank} "
+                f"{extra['path']}: no sampling state for rank {st.rank} "
                 "(written by fewer processes?)"
             )
         self.kl_ctl.load_state_dict(extra["kl_controller"])
-        self.gen_rng.set_state(extra["rank_extra"]["gen_rng"])
+        self.gen_rng.set_state(rank_extra["gen_rng"])
         stream.load_state_dict(extra)
 
     # ------------------------------------------------------------------ steps 1-4
 
     def _generate(self, prompts: list[str], step: int) -> Generation:
+        gen = self._decode(prompts, step)
+        st = self.run.dist
+        # the tensor-parallel ranks and pipeline stages of a data-parallel rank decode the same
+        # prompts from the same generator on the same replica; the first one's rollout and
+        # generator state are made everyone's (pipeline stage 0 over each pipeline group, then
+        # tensor-parallel rank 0 over each tensor-parallel group), so that the sharded passes
+        # and the minibatch order agree even where decoding is not bitwise reproducible
+        for dim, size, coord, stride in (
+            ("pp", st.pp, st.pp_rank, st.dp * st.tp),
+            ("tp", st.tp, st.tp_rank, 1),
+        ):
+            if st.distributed and size > 1:
+                src = st.rank - coord * stride  # global rank of coordinate 0 along ``dim``
+                gen, rng = distributed.broadcast_object(
+                    (gen, self.gen_rng.get_state()), src=src, group=st.group(dim)
+                )
+                self.gen_rng.set_state(rng)
+        return gen
+
+    def _decode(self, prompts: list[str], step: int) -> Generation:
         cfg, tok = self.cfg, self.tok
         p_ids, p_mask = left_pad_prompts(tok, prompts, cfg.data.max_prompt_tokens, self.device)
         self.r_policy.eval()
@@ -422,7 +501,8 @@ class PPOTrainer:
         ids, mask = gen.full()
         P = gen.prompt_ids_BP.shape[1]
         resp_mask = gen.response_mask_BR.float()
-        self.run.cost.add_tokens(int(distributed.sum_stats({"n": float(mask.sum())})["n"]))
+        n_tokens = distributed.sum_stats({"n": float(mask.sum())}, self.dp_group)["n"]
+        self.run.cost.add_tokens(int(n_tokens))
         completions = decode_responses(self.tok, gen)
         old_logprobs, old_values, ref_logprobs, ref_lsm = self._policy_passes(gen, ids, mask, P)
         with torch.no_grad():
@@ -436,8 +516,8 @@ class PPOTrainer:
                 scores = scores - pcfg.missing_eos_penalty * (~gen.ended_B).float()
             if pcfg.reward_clip:
                 scores = scores.clamp(-pcfg.reward_clip, pcfg.reward_clip)
-            if pcfg.whiten_rewards:  # over the global batch (all ranks)
-                scores = _global_whiten(scores, torch.ones_like(scores))
+            if pcfg.whiten_rewards:  # over the global batch (all data-parallel ranks)
+                scores = _global_whiten(scores, torch.ones_like(scores), self.dp_group)
             beta = self.kl_ctl.value
             rewards, kl_BT = kl_shaped_rewards(
                 scores, old_logprobs, ref_logprobs, resp_mask, beta, estimator=self.cfg.kl.estimator
@@ -447,8 +527,8 @@ class PPOTrainer:
             )
             if pcfg.whiten_advantages and pcfg.advantage_estimator != "grpo":
                 advantages = (
-                    _global_whiten(advantages, resp_mask)
-                    if self.dm is not None
+                    _global_whiten(advantages, resp_mask, self.dp_group)
+                    if self.dp > 1
                     else masked_whiten(advantages, resp_mask)
                 )
         seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * resp_mask).sum(-1)
@@ -504,7 +584,8 @@ class PPOTrainer:
             local["values/mean"] = float(masked_mean(exp.values_BR, m))
             local["returns/mean"] = float(masked_mean(exp.returns_BR, m))
         self.guard.check(step, local, "rollout and scoring")
-        mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
+        mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())}, self.dp_group)["kl"]
+        mean_kl /= self.B
         kcfg = self.cfg.kl
         limit = kcfg.stop_multiple * kcfg.target
         if kcfg.stop_multiple > 0 and mean_kl > limit:
@@ -552,32 +633,42 @@ class PPOTrainer:
             return o, None
         return o, (o["values"] if shared else value.values(ids, mask, start))
 
-    def _micro_step(self, exp: Experience, sub, mb_tokens: float, want_entropy: bool):
-        """Loss and backward of one micro-batch; returns its statistics and the forward's output."""
+    @staticmethod
+    def _rows_of(exp: Experience, sub: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors one update pass reads, for the rows ``sub``."""
+        rows = {
+            "ids": exp.ids_BT[sub],
+            "mask": exp.mask_BT[sub],
+            "response_mask": exp.response_mask_BR[sub],
+            "old_logprobs": exp.old_logprobs_BR[sub],
+            "advantages": exp.advantages_BR[sub],
+        }
+        if exp.values_BR is not None:
+            rows["values"], rows["returns"] = exp.values_BR[sub], exp.returns_BR[sub]
+        if exp.ref_logsoftmax_BRV is not None:
+            rows["ref_lsm"] = exp.ref_logsoftmax_BRV[sub]
+        if exp.is_weights_BR is not None:  # ppo.rollout_is: the truncated importance weights
+            rows["is_weights"] = exp.is_weights_BR[sub]
+        return rows
+
+    def _micro_loss(self, mb: dict[str, torch.Tensor], start: int, mb_tokens: float, o, v):
+        """The loss of one micro-batch from its forward's output ``o`` (and values ``v``), and
+        its statistics."""
         pcfg = self.cfg.ppo
-        lsm = exp.ref_logsoftmax_BRV
-        args = (exp.ids_BT[sub], exp.mask_BT[sub], exp.response_start, want_entropy)
-        args += (None if lsm is None else lsm[sub],)
-        o, v = self.dm.call(self._train_forward, *args) if self.dm else self._train_forward(*args)
-        m = exp.response_mask_BR[sub]
+        m = mb["response_mask"]
         pg_loss, pg_stats = ppo_policy_loss(
             o["logprobs"],
-            exp.old_logprobs_BR[sub],
-            exp.advantages_BR[sub],
+            mb["old_logprobs"],
+            mb["advantages"],
             m,
             pcfg.clip_eps,
             normalizer=mb_tokens,
-            is_weights_BT=None if exp.is_weights_BR is None else exp.is_weights_BR[sub],
+            is_weights_BT=mb.get("is_weights"),
         )
         loss, vf_loss, vf_stats = pg_loss, None, {}
         if v is not None:
             vf_loss, vf_stats = ppo_value_loss(
-                v,
-                exp.values_BR[sub],
-                exp.returns_BR[sub],
-                m,
-                pcfg.value_clip,
-                normalizer=mb_tokens,
+                v, mb["values"], mb["returns"], m, pcfg.value_clip, normalizer=mb_tokens
             )
             loss = loss + pcfg.vf_coef * vf_loss
         stats: dict[str, float] = {}
@@ -587,14 +678,48 @@ class PPOTrainer:
             kl_term = (o["kl_full"] * m).sum() / mb_tokens
             loss = loss + pcfg.kl_loss_coef * kl_term
             stats["kl/full_in_loss"] = float(kl_term.detach()) / (float(m.sum()) / mb_tokens or 1.0)
-        loss.backward()
         w = float(m.sum()) / mb_tokens  # this micro-batch's share of the minibatch's tokens
         stats["loss/policy"] = float(pg_loss.detach()) / w if w else 0.0
         if vf_loss is not None:
             stats["loss/value"] = float(vf_loss.detach()) / w if w else 0.0
         stats.update({f"ppo/{k}": float(v2) for k, v2 in pg_stats.items()})
         stats.update({f"ppo/{k}": float(v2) for k, v2 in vf_stats.items()})
-        return stats, pg_stats, o, m
+        return loss, stats, pg_stats
+
+    def _micro_step(self, exp: Experience, sub, mb_tokens: float, want_entropy: bool):
+        """Loss and backward of one micro-batch; returns its statistics and the forward's output."""
+        mb = self._rows_of(exp, sub)
+        args = (mb["ids"], mb["mask"], exp.response_start, want_entropy, mb.get("ref_lsm"))
+        o, v = self.dm.call(self._train_forward, *args) if self.dm else self._train_forward(*args)
+        loss, stats, pg_stats = self._micro_loss(mb, exp.response_start, mb_tokens, o, v)
+        loss.backward()
+        return stats, pg_stats, o, mb["response_mask"]
+
+    def _pipelined_minibatch(
+        self, exp: Experience, idx: torch.Tensor, mb_tokens: float, want_entropy: bool, first: bool
+    ) -> dict[str, float]:
+        """Forward and backward of one minibatch through the pipeline stages (the runner splits
+        it into ``trainer.micro_batch_size`` micro-batches); returns the means of the micro-batch
+        statistics over the global minibatch (and, for ``first``, the first micro-batch's
+        checks), the same on every rank."""
+        start, done = exp.response_start, [0]
+        n_global = len(idx) * self.dp  # the runner weighs micro-batch stats by rows / n_global
+
+        def loss_fn(mb: dict[str, torch.Tensor], n_in_step: int):
+            args = (mb["ids"], mb["mask"], start, want_entropy, mb.get("ref_lsm"))
+            o, v = self._train_forward(*args)
+            loss, stats, pg_stats = self._micro_loss(mb, start, mb_tokens, o, v)
+            if first and done[0] == 0:  # undo that weighting: a mean over data-parallel ranks
+                scale = n_in_step / mb["ids"].shape[0] / self.dp
+                m = mb["response_mask"]
+                stats["first_minibatch_ratio"] = float(pg_stats["ratio_mean"]) * scale
+                stats["first_minibatch_approx_kl"] = float(pg_stats["approx_kl"]) * scale
+                stats["entropy"] = float(masked_mean(o["entropy"].detach(), m)) * scale
+            done[0] += 1
+            return loss, stats
+
+        _, stats = self.dm.forward_backward(self._rows_of(exp, idx), loss_fn, n_global, self.micro)
+        return stats
 
     def ppo_update(self, exp: Experience, step: int = 0) -> dict[str, float]:
         """Step 5: ``ppo.epochs`` x ``ppo.num_minibatches`` optimizer steps, each over
@@ -613,11 +738,25 @@ class PPOTrainer:
                 idx = perm[mb * mb_size : (mb + 1) * mb_size]
                 # losses are normalized by the minibatch's token count over all ranks, and FSDP2
                 # sums gradients: the update is the one-process update of the global minibatch
-                mb_tokens = distributed.sum_stats({"n": float(resp_mask[idx].sum())})["n"] or 1.0
+                mb_tokens = (
+                    distributed.sum_stats({"n": float(resp_mask[idx].sum())}, self.dp_group)["n"]
+                    or 1.0
+                )
                 self.opt.zero_grad(set_to_none=True)
                 mb_losses: dict[str, float] = {}
-                for j in range(0, mb_size, self.micro):
-                    want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
+                want_entropy = pcfg.entropy_coef > 0 or (epoch == 0 and mb == 0)
+                if self.pipelined:  # one entry per minibatch: the mean of its micro-batches
+                    st = self._pipelined_minibatch(
+                        exp, idx, mb_tokens, want_entropy, epoch == 0 and mb == 0
+                    )
+                    for k in ("first_minibatch_ratio", "first_minibatch_approx_kl", "entropy"):
+                        if k in st:
+                            first[k] = st.pop(k)
+                    for k, val in st.items():
+                        stats.setdefault(k, []).append(val)
+                        if k.startswith(("loss/", "kl/")):
+                            mb_losses[k] = val
+                for j in range(0, mb_size if not self.pipelined else 0, self.micro):
                     sub = idx[j : j + self.micro]
                     st, pg_stats, o, m = self._micro_step(exp, sub, mb_tokens, want_entropy)
                     for k, val in st.items():
@@ -649,7 +788,8 @@ class PPOTrainer:
         """Step 6: the KL controller sees the global batch's mean summed KL (``mean_kl``, from
         :meth:`check_experience`, or computed here); returns that mean."""
         if mean_kl is None:
-            mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())})["kl"] / self.B
+            mean_kl = distributed.sum_stats({"kl": float(exp.seq_kl_B.sum())}, self.dp_group)["kl"]
+            mean_kl /= self.B
         self.kl_ctl.update(mean_kl, self.B)
         return mean_kl
 
@@ -681,10 +821,11 @@ class PPOTrainer:
             "response/ended_frac": float(exp.ended_B.float().mean()),
             "lr": self.sched.get_last_lr()[0],
         }
-        if self.dm is not None:  # per-rank means -> means over ranks (equal rows per rank)
-            metrics = {k: v / self.dp for k, v in distributed.sum_stats(metrics).items()}
+        if self.dp > 1:  # per-rank means -> means over ranks (equal rows per rank)
+            summed = distributed.sum_stats(metrics, self.dp_group)
+            metrics = {k: v / self.dp for k, v in summed.items()}
             metrics["kl/seq_k1"] = mean_kl
-        metrics["tokens"] = distributed.sum_stats({"n": float(m.sum())})["n"]
+        metrics["tokens"] = distributed.sum_stats({"n": float(m.sum())}, self.dp_group)["n"]
         metrics.update(self.mismatch_metrics(exp))
         return metrics
 
@@ -703,10 +844,11 @@ class PPOTrainer:
             cap=pcfg.rollout_is_cap if exp.is_weights_BR is not None else None,
         )
         top = sums.pop("abs_gap_max")
-        sums = distributed.sum_stats(sums)
+        sums = distributed.sum_stats(sums, self.dp_group)
         sums["abs_gap_max"] = float(
             distributed.all_reduce_max(
-                torch.tensor([top], dtype=torch.float64, device=distributed.comm_device())
+                torch.tensor([top], dtype=torch.float64, device=distributed.comm_device()),
+                self.dp_group,
             )[0]
         )
         return mismatch_metrics(sums)
@@ -827,7 +969,8 @@ def train(cfg: PPOConfig, gold_scorer: Any | None = None) -> Path:
             gold_now = bool(gold is not None and dev_prompts and cfg.gold_eval_every) and (
                 step % cfg.gold_eval_every == 0 or step == tcfg.max_steps or step == 1
             )
-            if gold_now and run.is_main:
+            # (the tensor-parallel ranks beside rank 0 join it: the reward model is sharded)
+            if gold_now and run.dist.dp_rank == 0 and run.dist.pp_rank == 0:
                 metrics.update(trainer.gold_eval(dev_prompts, gold))
             if step % tcfg.log_every == 0 or step == tcfg.max_steps or gold_now:
                 run.logger.log(step, metrics)
