@@ -514,6 +514,11 @@ class ChatClient:
 
     def complete(self, messages: list[dict[str, str]], **params: Any) -> str:
         """The first choice's text for ``messages`` (extra ``params`` go into the request)."""
+        return self.create(messages, **params).choices[0].message.content or ""
+
+    def create(self, messages: list[dict[str, str]], **params: Any) -> Any:
+        """The whole chat-completion response (e.g. to read ``logprobs``), with the retries,
+        backoff and rate limit of :meth:`complete`."""
         attempt = conn_attempt = 0  # retries so far: all transient errors / connection failures
         conn = False  # whether the last try failed to connect
         while True:
@@ -528,7 +533,7 @@ class ChatClient:
                     model=self.model, messages=messages, **params
                 )
                 self._warned_unreachable = False  # a later outage is reported again
-                return resp.choices[0].message.content or ""
+                return resp
             except Exception as err:  # openai raises its own hierarchy
                 conn = self._is_connection_failure(err)
                 if conn:
