@@ -159,3 +159,27 @@ def test_causal_lm_labeler_is_debiased(stories_hf):
     ab, ba = fb.compare(["x", "y"], a, b, p), fb.compare(["x", "y"], b, a, p)
     assert np.all((ab.p_a_N > 0) & (ab.p_a_N < 1))
     np.testing.assert_allclose(ab.p_a_N, 1 - ba.p_a_N, atol=1e-9)
+
+
+def test_soft_labels_travel_from_the_file_to_the_batch(tmp_path, stories_hf):
+    import json
+
+    from rlhfstack.data.collate import collate_preference, tokenize_preference
+    from rlhfstack.data.loading import load_preferences
+    from rlhfstack.models.core import load_tokenizer
+    from rlhfstack.stages.reward_model import trim_padding
+
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "Once", "chosen": "a happy day.", "rejected": "a sad day.", "p_chosen": 0.75},
+        {"prompt": "Then", "chosen": "fun.", "rejected": "mud."},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex, _ = load_preferences(path, adapter="plain", template="plain")
+    assert [e.p_chosen for e in ex] == [0.75, 1.0]
+    batch = collate_preference(tokenize_preference(ex, load_tokenizer(str(stories_hf)), 32), 0)
+    assert batch["p_chosen"].tolist() == [0.75, 1.0]
+    assert trim_padding(batch)["p_chosen"].tolist() == [0.75, 1.0]
+    path.write_text(json.dumps({**rows[0], "p_chosen": 1.5}) + "\n")
+    with pytest.raises(DataError, match="p_chosen"):
+        load_preferences(path, adapter="plain", template="plain")
