@@ -56,7 +56,16 @@ def _judge_reply(model: str, user: str) -> str:
 class FakeChatServer:
     """``POST /v1/chat/completions`` on 127.0.0.1:<ephemeral>; see the module docstring."""
 
-    def __init__(self, n_429: int = 0, fail_after: int | None = None, api_key: str | None = None):
+    def __init__(
+        self,
+        n_429: int = 0,
+        fail_after: int | None = None,
+        api_key: str | None = None,
+        reply=None,
+    ):
+        # reply(body) -> text or (text, logprobs content list): another model's answers (the AI
+        # feedback tests' comparisons, critiques and revisions); default: the judge models above
+        self.reply = reply
         self.n_requests = 0
         self.n_429 = n_429
         self.fail_after = fail_after
@@ -107,7 +116,10 @@ class FakeChatServer:
                         return self._send(500, {"error": {"message": "boom", "type": "server"}})
                     outer.n_answered += 1
                 user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
-                text = _judge_reply(body["model"], user)
+                text = (
+                    _judge_reply(body["model"], user) if outer.reply is None else outer.reply(body)
+                )
+                text, logprobs = text if isinstance(text, tuple) else (text, None)
                 return self._send(
                     200,
                     {
@@ -119,7 +131,7 @@ class FakeChatServer:
                             {
                                 "index": 0,
                                 "finish_reason": "stop",
-                                "logprobs": None,
+                                "logprobs": None if logprobs is None else {"content": logprobs},
                                 "message": {"role": "assistant", "content": text},
                             }
                         ],
