@@ -41,8 +41,9 @@ class FeedbackConfig:
     )
     """The constitution (``conf/constitution/<name>.yaml`` or a path)."""
     principles: str = choice("ensemble", "sample")
-    """RL-CAI labels: ensemble (each pair's soft label is the mean over all principles, as Bai et
-    al. 2022 ensemble over principles) | sample (one principle drawn at random per pair)."""
+    """RL-CAI labels (the ai_labels stage): ensemble (each pair's soft label is the mean over all
+    principles, as Bai et al. 2022 ensemble over principles) | sample (one principle drawn at
+    random per pair). SL-CAI always draws one principle per response, as the paper does."""
     endpoint: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)
     """The served model, its rate limit and retries (kind=endpoint); the judge prompt fields are
     unused (the constitution's questions are asked)."""
