@@ -163,7 +163,7 @@ def test_zero_human_label_pipeline_end_to_end(smoke: Path, tmp_path, monkeypatch
     lab = res["ai_labeler"]
     assert 0 <= lab["agreement_gold"] <= 1 and lab["order_disagreement"] == 0.0
     assert set(lab["per_principle"]) == set(load_constitution("stories").names)
-    for stage in ("cai_sl", "sft", "ai_labels", "rm", "ppo"):
+    for stage in ("cai_sl", "sft", "ai_labels", "rm", "ppo", "rlaif_eval"):
         assert res["cost"][stage]["cpu_seconds"] > 0, stage
     assert res["cost"]["feedback_model"]["cpu_seconds"] > 0
     samples = read_jsonl(art / "samples" / "rlaif.jsonl")

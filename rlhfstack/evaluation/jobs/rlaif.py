@@ -137,6 +137,7 @@ def run_rlaif_eval(cfg: RLAIFEvalConfig, command: str = "") -> Path:
         "cost": _stage_costs(art, sl_dir),
         "samples": {name: f"samples/{name}.jsonl" for name in policies},
     }
+    results["cost"]["rlaif_eval"] = run.cost.summary()  # this stage, up to here
     atomic_write_json(art / "results.json", results)
     log.info(
         "RLAIF vs SFT %.3f %s, vs RLHF %.3f %s (gold, %d test prompts)",
