@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhfstack.evaluation.judges import ChatClient, JudgmentCache
 from rlhfstack.feedback.constitution import (
     Constitution,
     Principle,
@@ -63,8 +64,6 @@ def build_feedback_model(cfg: Any, device: str = "cpu") -> FeedbackModel:
     if cfg.kind == "causal_lm":
         return CausalLMFeedback(cfg.model_path, device=device)
     if cfg.kind == "endpoint":
-        from rlhfstack.evaluation.judges import ChatClient, JudgmentCache
-
         e = cfg.endpoint
         client = ChatClient(
             e.model,

@@ -34,13 +34,17 @@ import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from rlhfstack.evaluation.judges import JudgmentCache
 from rlhfstack.feedback.constitution import Principle
+from rlhfstack.models.core import load_causal_lm, load_tokenizer
+from rlhfstack.models.encoders import load_encoder, load_reward_tokenizer
+from rlhfstack.models.paths import resolve_model_path
 
 log = logging.getLogger("rlhfstack.feedback")
 
@@ -70,7 +74,6 @@ class Comparison:
     p_a_N: np.ndarray
     p_a_first_N: np.ndarray
     p_a_second_N: np.ndarray
-    stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def disagree_N(self) -> np.ndarray:
@@ -221,8 +224,6 @@ class EmbeddingFeedback(FeedbackModel):
         max_length: int = 128,
         device: str = "cpu",
     ) -> None:
-        from rlhfstack.models.encoders import load_encoder, load_reward_tokenizer
-
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -302,9 +303,6 @@ class CausalLMFeedback(FeedbackModel):
     generative = False  # it could sample critiques, but base LMs do not follow the requests
 
     def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 16) -> None:
-        from rlhfstack.models.core import load_causal_lm, load_tokenizer
-        from rlhfstack.models.paths import resolve_model_path
-
         super().__init__()
         local = resolve_model_path(model_path)
         self.name = f"causal_lm:{model_path}"
@@ -402,8 +400,6 @@ class EndpointFeedback(FeedbackModel):
         concurrency: int = 4,
         temperature: float = 0.0,
     ) -> None:
-        from rlhfstack.evaluation.judges import JudgmentCache
-
         super().__init__()
         self.client = client
         self.cache = cache if cache is not None else JudgmentCache(None)
