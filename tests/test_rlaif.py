@@ -207,3 +207,15 @@ def test_eval_report_gains_the_rlhf_vs_rlaif_section(tmp_path):
     assert "| RLHF (demo PPO) | simulated humans | 0.697 | 0.690" in text
     assert "RLAIF vs RLHF head to head (gold): 0.450" in text
     assert "| `happiness` | 0.640 | 0.560 |" in text and "feedback_model 90" in text
+
+
+def test_sl_cai_recipe_fine_tunes_on_the_revisions_beside_them(tmp_path):
+    from rlhfstack.stages.cai_sl import fine_tune_overrides
+
+    cai = to_object(load_config("cai_sl", [f"artifacts_dir={tmp_path}"]))
+    sft = to_object(load_config("sft", fine_tune_overrides(cai)))
+    run_dir = Path(cai.run_dir).resolve()
+    assert Path(sft.run_dir) == run_dir / "policy"
+    assert Path(sft.data.train_path) == run_dir / "sl_train.jsonl"
+    assert Path(sft.data.eval_path) == run_dir / "sl_val.jsonl"
+    assert sft.model.path == cai.model.path  # the policy whose responses were revised
