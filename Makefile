@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= $(shell [ -d "$(RLHF_DATA_ROOT)/models/stories260K" ] && echo 1 || echo 0)
 
-.PHONY: setup demo demo-smoke test test-slow test-ci-slow lint format clean rm-hh rm-ultrafeedback rm-hh-gemma rm-ultrafeedback-gemma bench gpu-check
+.PHONY: setup demo demo-rlaif demo-smoke test test-slow test-ci-slow lint format clean rm-hh rm-ultrafeedback rm-hh-gemma rm-ultrafeedback-gemma bench gpu-check
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -21,6 +21,14 @@ setup: .venv/.installed
 
 demo: setup
 	$(PY) recipes/pipeline.py +experiment=demo
+	$(PY) tools/publish_report.py --artifacts runs/demo --out EVAL_REPORT.md
+
+# RLAIF / Constitutional AI with zero human labels, compared with the RLHF run of `make demo`
+# (reuses its prompts, base model and samples: run `make demo` first).
+demo-rlaif: setup
+	@test -f runs/demo/samples/ppo.jsonl -a -f runs/demo/data/prompts_test.jsonl || { \
+	  echo "make demo-rlaif compares with the finished RLHF run in runs/demo: run 'make demo' first"; exit 2; }
+	$(PY) recipes/pipeline.py +experiment=demo_rlaif
 	$(PY) tools/publish_report.py --artifacts runs/demo --out EVAL_REPORT.md
 
 demo-smoke: setup
@@ -85,4 +93,4 @@ gpu-check: setup
 	$(PY) bench/gpu_check.py
 
 clean:
-	rm -rf runs/demo runs/demo_smoke
+	rm -rf runs/demo runs/demo_smoke runs/demo_rlaif

@@ -36,6 +36,11 @@ STAGE_MODULES = {
     "ppo": "rlhfstack.stages.ppo",
     "dpo": "rlhfstack.stages.dpo",
     "eval": "rlhfstack.evaluation.jobs.demo",
+    # RLAIF / Constitutional AI (+experiment=demo_rlaif): no simulated labeler runs
+    "rlaif_data": "rlhfstack.stages.rlaif_data",
+    "cai_sl": "rlhfstack.stages.cai_sl",
+    "ai_labels": "rlhfstack.stages.ai_labels",
+    "rlaif_eval": "rlhfstack.evaluation.jobs.rlaif",
 }
 
 #: the stages whose outputs each stage reads (only those listed in ``stages`` are waited for)
@@ -46,6 +51,12 @@ NEEDS = {
     "ppo": ("data", "sft", "rm"),
     "dpo": ("data", "sft"),
     "eval": ("data", "sft", "rm", "ppo", "dpo"),
+    # in demo_rlaif the sft stage fine-tunes on cai_sl's revisions and rm / ppo start from it:
+    # that experiment runs with jobs=1, so these static needs never start a stage too early
+    "rlaif_data": (),
+    "cai_sl": ("rlaif_data",),
+    "ai_labels": ("rlaif_data", "cai_sl", "sft"),
+    "rlaif_eval": ("rlaif_data", "cai_sl", "sft", "ai_labels", "rm", "ppo"),
 }
 
 
@@ -81,6 +92,8 @@ def _run_stage(stage: str, scfg: Any, command: str) -> None:
         mod.train(scfg, gold_scorer=gold)
     elif stage == "eval":
         mod.run_demo_eval(scfg, command=command)
+    elif stage == "rlaif_eval":
+        mod.run_rlaif_eval(scfg, command=command)
     else:
         mod.train(scfg)
 

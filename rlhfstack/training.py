@@ -394,14 +394,15 @@ def check_paths(cfg: Any) -> None:
     against ``data_root`` as the loaders do; ``hf://`` sources are left to the loader). Hub ids
     (``org/name``) and ``pkg:`` / ``pkgparts:`` / ``pkggguf:`` names pass. Raises one
     ``FileNotFoundError`` naming every missing input. The demo-data stage writes its inputs
-    (the base model) itself, so none of its paths are checked.
+    (the base model) itself, and the RLAIF data stage copies them, so none of their model paths
+    are checked.
 
     Called at stage start rather than when the config is composed: the pipeline composes every
     stage's config up front, before earlier stages have written the files later ones read."""
     hf_model = "an HF model directory (config.json, or adapter_config.json for LoRA adapters)"
     models: list[tuple[str, str | None]] = []
     model = getattr(cfg, "model", None)
-    if model is not None and getattr(cfg, "stage", None) != "data":
+    if model is not None and getattr(cfg, "stage", None) not in ("data", "rlaif_data"):
         models += [("model.path", model.path), ("model.tokenizer_path", model.tokenizer_path)]
     models.append(("ref_path", getattr(cfg, "ref_path", None)))
     if getattr(cfg, "dpo", None) is not None:

@@ -62,7 +62,11 @@ class FakeChatServer:
         fail_after: int | None = None,
         api_key: str | None = None,
         retry_after: str = "0.01",
+        reply=None,
     ):
+        # reply(body) -> text or (text, logprobs content list): another model's answers (the AI
+        # feedback tests' comparisons, critiques and revisions); default: the judge models above
+        self.reply = reply
         self.n_requests = 0
         self.n_429 = n_429
         self.retry_after = retry_after
@@ -116,7 +120,10 @@ class FakeChatServer:
                         return self._send(500, {"error": {"message": "boom", "type": "server"}})
                     outer.n_answered += 1
                 user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
-                text = _judge_reply(body["model"], user)
+                text = (
+                    _judge_reply(body["model"], user) if outer.reply is None else outer.reply(body)
+                )
+                text, logprobs = text if isinstance(text, tuple) else (text, None)
                 return self._send(
                     200,
                     {
@@ -128,7 +135,7 @@ class FakeChatServer:
                             {
                                 "index": 0,
                                 "finish_reason": "stop",
-                                "logprobs": None,
+                                "logprobs": None if logprobs is None else {"content": logprobs},
                                 "message": {"role": "assistant", "content": text},
                             }
                         ],

@@ -35,6 +35,22 @@ def test_bradley_terry_loss_hand_computed():
     assert close(loss_m, 0.893669, tol=1e-6)
 
 
+def test_bradley_terry_soft_labels_hand_computed():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # diffs [1, -1], p = [0.8, 0.5]; -log sig(1) = 0.313262, -log sig(-1) = 1.313262
+    # pair 1: 0.8 * 0.313262 + 0.2 * 1.313262 = 0.250610 + 0.262652 = 0.513262
+    # pair 2: 0.5 * 1.313262 + 0.5 * 0.313262 = 0.813262 (p = 0.5: the same for d and -d)
+    loss, _ = bradley_terry_loss(chosen, rejected, p_chosen_B=torch.tensor([0.8, 0.5]))
+    assert close(loss, (0.513262 + 0.813262) / 2, tol=1e-6)
+    # p = 1 is the hard-label loss
+    hard, _ = bradley_terry_loss(chosen, rejected)
+    assert close(bradley_terry_loss(chosen, rejected, p_chosen_B=torch.ones(2))[0], hard)
+    # the gradient pushes d towards logit(p): at d = logit(0.8) it is zero
+    d = torch.tensor([torch.logit(torch.tensor(0.8)).item()], requires_grad=True)
+    bradley_terry_loss(d, torch.zeros(1), p_chosen_B=torch.tensor([0.8]))[0].backward()
+    assert abs(float(d.grad)) < 1e-6
+
+
 def test_bradley_terry_loss_is_log2_for_equal_scores():
     torch.manual_seed(0)
     r = torch.randn(5)

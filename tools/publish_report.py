@@ -18,8 +18,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--artifacts", default="runs/demo")
     ap.add_argument("--out", default="EVAL_REPORT.md")
     ap.add_argument("--assets", default="docs/eval_report")
+    ap.add_argument(
+        "--rlaif",
+        default="runs/demo_rlaif/results.json",
+        help="results of +experiment=demo_rlaif: adds the RLHF vs RLAIF section when it exists",
+    )
     a = ap.parse_args(argv)
-    publish_report(Path(a.artifacts), Path(a.out), Path(a.assets))
+    publish_report(Path(a.artifacts), Path(a.out), Path(a.assets), Path(a.rlaif))
     results = Path(a.artifacts) / "results.json"
     if results.exists():
         print()

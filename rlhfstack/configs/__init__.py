@@ -64,6 +64,13 @@ from rlhfstack.configs.evaluation import (
     RMEvalConfig,
     WinrateConfig,
 )
+from rlhfstack.configs.rlaif import (
+    AILabelsConfig,
+    CAISLConfig,
+    FeedbackConfig,
+    RLAIFDataConfig,
+    RLAIFEvalConfig,
+)
 from rlhfstack.configs.stages import (
     DemoDataConfig,
     DPOConfig,
@@ -86,6 +93,10 @@ STAGE_SCHEMAS: dict[str, type] = {
     "ppo": PPOConfig,
     "dpo": DPOConfig,
     "eval": EvalConfig,
+    "rlaif_data": RLAIFDataConfig,
+    "cai_sl": CAISLConfig,
+    "ai_labels": AILabelsConfig,
+    "rlaif_eval": RLAIFEvalConfig,
 }
 
 PRIMARY_CONFIG_NAMES = {
@@ -95,6 +106,10 @@ PRIMARY_CONFIG_NAMES = {
     "ppo": "ppo",
     "dpo": "dpo",
     "eval": "evaluate",
+    "rlaif_data": "rlaif_data",
+    "cai_sl": "cai_sl",
+    "ai_labels": "ai_labels",
+    "rlaif_eval": "rlaif_eval",
     "pipeline": "pipeline",
 }
 
@@ -191,6 +206,11 @@ def resolved_yaml(cfg: Any) -> str:
 
 
 __all__ = [
+    "AILabelsConfig",
+    "CAISLConfig",
+    "FeedbackConfig",
+    "RLAIFDataConfig",
+    "RLAIFEvalConfig",
     "CONF_DIR",
     "RECIPE_EXCLUDE",
     "recipe_diff",

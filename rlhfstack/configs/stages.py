@@ -18,6 +18,11 @@ from rlhfstack.configs.common import DATA_ROOT_INTERP, StageConfig
 
 # ----------------------------------------------------------------------------- stages
 
+#: every stage the pipeline can run (RLAIF's: ``rlhfstack/configs/rlaif.py``)
+PIPELINE_STAGES = (
+    "data", "sft", "rm", "ppo", "dpo", "eval", "rlaif_data", "cai_sl", "ai_labels", "rlaif_eval",
+)  # fmt: skip
+
 
 @dataclass
 class SFTConfig(StageConfig):
@@ -353,8 +358,8 @@ class PipelineConfig:
     """Seed passed to every stage."""
     stages: list[str] = checked(
         ["data", "sft", "rm", "ppo", "dpo", "eval"],
-        lambda v: all(s in ("data", "sft", "rm", "ppo", "dpo", "eval") for s in v),
-        "names among data | sft | rm | ppo | dpo | eval",
+        lambda v: all(s in PIPELINE_STAGES for s in v),
+        "names among " + " | ".join(PIPELINE_STAGES),
     )
     """Stages to run, in order."""
     stage_overrides: dict[str, list[str]] = field(

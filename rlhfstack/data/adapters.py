@@ -328,8 +328,24 @@ def _pref_plain(record: Mapping[str, Any], template: ChatTemplate) -> Preference
             reason="bad_format",
         )
     return PreferenceExample(
-        _render(template, c_prompt, _prompt_source(record, "chosen")), chosen, rejected
+        _render(template, c_prompt, _prompt_source(record, "chosen")),
+        chosen,
+        rejected,
+        _soft_label(record),
     )
+
+
+def _soft_label(record: Mapping[str, Any]) -> float:
+    """The optional ``p_chosen`` field (a soft label in [0, 1]); 1.0 when absent."""
+    value = record.get("p_chosen")
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise DataError(
+            f"expected a probability in [0, 1], got {value!r}", field="p_chosen",
+            reason="bad_type",
+        )  # fmt: skip
+    return float(value)
 
 
 def _sft_plain(record: Mapping[str, Any], template: ChatTemplate) -> SFTExample:

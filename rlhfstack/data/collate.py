@@ -306,6 +306,9 @@ def tokenize_preference(
             item[f"{name}_input_ids"] = pp + rr
             item[f"{name}_loss_mask"] = [0] * len(pp) + [1] * len(rr)
         out.append(item)
+    for item, ex in zip(out, examples):
+        if getattr(ex, "p_chosen", 1.0) != 1.0:  # a soft label travels with its pair
+            item["p_chosen"] = ex.p_chosen
     if n_cut:
         logger.warning(
             "tokenize_preference: %d of %d sequences truncated to %d tokens",
@@ -351,6 +354,8 @@ def collate_preference(
         out[f"{name}_loss_mask"] = pad_sequences(
             [b[f"{name}_loss_mask"] for b in batch], 0, length=T
         )
+    if any("p_chosen" in b for b in batch):
+        out["p_chosen"] = torch.tensor([float(b.get("p_chosen", 1.0)) for b in batch])
     return out
 
 

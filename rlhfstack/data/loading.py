@@ -613,6 +613,13 @@ def load_prompts(
 
 
 def to_hf_dataset(examples: Sequence[Example]) -> datasets.Dataset:
-    """A ``datasets.Dataset`` with one column per example field (for ``.map`` / ``.shuffle``)."""
+    """A ``datasets.Dataset`` with one column per example field (for ``.map`` / ``.shuffle``);
+    preference pairs get a ``p_chosen`` column only when some label is soft (else the usual
+    ``prompt, chosen, rejected``)."""
     datasets = require("datasets", "to_hf_dataset")
-    return datasets.Dataset.from_list([dataclasses.asdict(e) for e in examples])
+
+    rows = [dataclasses.asdict(e) for e in examples]
+    if rows and "p_chosen" in rows[0] and all(r["p_chosen"] == 1.0 for r in rows):
+        for r in rows:
+            del r["p_chosen"]
+    return datasets.Dataset.from_list(rows)

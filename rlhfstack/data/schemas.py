@@ -38,11 +38,17 @@ class SFTExample:
 
 @dataclass(frozen=True)
 class PreferenceExample:
-    """A rendered prompt and two responses to it; ``chosen`` is preferred over ``rejected``."""
+    """A rendered prompt and two responses to it; ``chosen`` is preferred over ``rejected``.
+
+    ``p_chosen``: the probability that ``chosen`` is the better one (a soft label, e.g. an AI
+    feedback model's; 1.0 = a hard label). The reward model's Bradley-Terry loss uses it as its
+    target; other consumers read only the order.
+    """
 
     prompt: str
     chosen: str
     rejected: str
+    p_chosen: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -505,6 +505,11 @@ class ChatClient:
 
     def complete(self, messages: list[dict[str, str]], **params: Any) -> str:
         """The first choice's text for ``messages`` (extra ``params`` go into the request)."""
+        return self.create(messages, **params).choices[0].message.content or ""
+
+    def create(self, messages: list[dict[str, str]], **params: Any) -> Any:
+        """The whole chat-completion response (e.g. to read ``logprobs``), with the retries
+        and rate limit of :meth:`complete`."""
         if self._unreachable is not None:
             raise ChatAPIError(self._unreachable)
         self.limiter.acquire()
@@ -526,7 +531,7 @@ class ChatClient:
         self._count(raw.retries_taken)
         if raw.retries_taken:
             log.info("%s: answered after %d retries", self.model, raw.retries_taken)
-        return raw.parse().choices[0].message.content or ""
+        return raw.parse()
 
 
 class LLMJudge:

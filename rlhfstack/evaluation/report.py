@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -253,13 +254,70 @@ def write_eval_report(art: str | os.PathLike, results: dict[str, Any]) -> Path:
     return path
 
 
+def render_rlaif_section(res: dict[str, Any]) -> str:
+    """The "RLHF vs RLAIF" section from ``runs/demo_rlaif/results.json`` (``rlaif_eval`` stage)."""
+    w, lab, cost = res["winrate"], res["ai_labeler"], res.get("cost", {})
+    L = ["## RLHF vs RLAIF\n"]
+    L.append(
+        "RLAIF / Constitutional AI with zero human labels (`make demo-rlaif`, "
+        "docs/algorithms/rlaif.md): SL-CAI, AI-labeled pairs, RM and PPO; gold win-rates on the "
+        f"same {res.get('n_prompts')} test prompts as above (ties count half, 95% bootstrap CI).\n"
+    )
+    L.append(
+        "| policy | its preference labels | labels' agreement with gold | gold win-rate vs SFT [95% CI] |"
+    )
+    L.append("|---|---|---|---|")
+    L.append(
+        f"| RLHF (demo PPO) | simulated humans | {_num(lab.get('humans_agreement_gold'), '.3f')} | "
+        f"{_wr(w['rlhf_vs_sft']) if 'rlhf_vs_sft' in w else NOT_MEASURED} |"
+    )
+    L.append(
+        f"| RLAIF (PPO) | AI: `{lab.get('model')}` ({lab.get('principles')} over principles) | "
+        f"{_num(lab.get('agreement_gold'), '.3f')} | {_wr(w['rlaif_vs_sft'])} |"
+    )
+    if "sl_cai_vs_sft" in w:
+        L.append(f"| SL-CAI (before PPO) | AI (revisions) | | {_wr(w['sl_cai_vs_sft'])} |")
+    L.append("")
+    L.append(f"RLAIF vs RLHF head to head (gold): {_wr(w['rlaif_vs_rlhf'])}.\n")
+    L.append(
+        "| AI labeler, one principle alone | agreement with gold | with the simulated humans |"
+    )
+    L.append("|---|---|---|")
+    for name, m in (lab.get("per_principle") or {}).items():
+        L.append(
+            f"| `{name}` | {_num(m.get('agreement_gold'), '.3f')} | "
+            f"{_num(m.get('agreement_human'), '.3f')} |"
+        )
+    L.append("")
+    L.append(
+        f"AI labeler: agreement with the simulated humans {_num(lab.get('agreement_human'), '.3f')}, "
+        f"order disagreement {_num(lab.get('order_disagreement'), '.3f')} "
+        f"({lab.get('n_labeled_pairs')} pairs labeled, {lab.get('n_measured')} measured). "
+        "CPU seconds: "
+        + ", ".join(f"{k} {v['cpu_seconds']:.0f}" for k, v in cost.items() if "cpu_seconds" in v)
+        + ".\n"
+    )
+    return "\n".join(L) + "\n"
+
+
 def publish_report(
-    art: str | os.PathLike, dest_md: str | os.PathLike, assets_dir: str | os.PathLike
+    art: str | os.PathLike,
+    dest_md: str | os.PathLike,
+    assets_dir: str | os.PathLike,
+    rlaif_results: str | os.PathLike | None = None,
 ) -> None:
-    """Copy ``art/EVAL_REPORT.md`` to ``dest_md`` with its images copied under ``assets_dir``."""
+    """Copy ``art/EVAL_REPORT.md`` to ``dest_md`` with its images copied under ``assets_dir``;
+    with ``rlaif_results`` (a ``results.json`` of ``+experiment=demo_rlaif``) that exists, the
+    "RLHF vs RLAIF" section is appended."""
 
     art, dest_md, assets_dir = Path(art), Path(dest_md), Path(assets_dir)
     text = (art / "EVAL_REPORT.md").read_text()
+    if rlaif_results is not None and Path(rlaif_results).is_file():
+        text = (
+            text.rstrip("\n")
+            + "\n\n"
+            + render_rlaif_section(json.loads(Path(rlaif_results).read_text()))
+        )
     assets_dir.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(assets_dir, dest_md.parent)
 

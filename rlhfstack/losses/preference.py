@@ -37,17 +37,25 @@ def sequence_logprobs(
 
 
 def bradley_terry_loss(
-    chosen_B: torch.Tensor, rejected_B: torch.Tensor, margin_B: torch.Tensor | None = None
+    chosen_B: torch.Tensor,
+    rejected_B: torch.Tensor,
+    margin_B: torch.Tensor | None = None,
+    p_chosen_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pairwise reward-model loss, Ouyang et al. 2022 eq. 1 (Bradley-Terry), with the optional
-    margin of Touvron et al. 2023 (Llama 2) eq. 2.
+    margin of Touvron et al. 2023 (Llama 2) eq. 2 and optional soft labels.
 
-    ``loss = -mean log sigmoid(r(x, y_c) - r(x, y_r) - m(r))``.
+    ``loss = -mean log sigmoid(r(x, y_c) - r(x, y_r) - m(r))``; with soft labels ``p`` (the
+    probability that y_c is the better response, e.g. an AI labeler's debiased preference as in
+    Bai et al. 2022 and Lee et al. 2023) it is the cross-entropy against ``p``:
+    ``loss = -mean [p log sigmoid(d) + (1 - p) log sigmoid(-d)]``, ``d = r_c - r_r - m``
+    (p = 1 gives the hard-label loss; p = 0.5 pulls d towards 0).
 
     Args:
         chosen_B: (B,) scalar rewards of the preferred responses.
         rejected_B: (B,) scalar rewards of the rejected responses.
         margin_B: optional (B,) non-negative margins (e.g. from preference strength).
+        p_chosen_B: optional (B,) soft labels in [0, 1].
 
     Returns:
         ``(loss, stats)``; stats (detached 0-dim): ``accuracy`` (fraction with r_c > r_r),
@@ -55,7 +63,12 @@ def bradley_terry_loss(
     """
     diff = chosen_B - rejected_B  # r_c - r_r
     logits = diff if margin_B is None else diff - margin_B.to(diff.dtype)  # r_c - r_r - m
-    loss = -F.logsigmoid(logits).mean()  # -log sigma(r_c - r_r - m)
+    if p_chosen_B is None:
+        loss = -F.logsigmoid(logits).mean()  # -log sigma(r_c - r_r - m)
+    else:
+        p = p_chosen_B.to(logits.dtype)
+        # -[p log sigma(d) + (1 - p) log sigma(-d)]
+        loss = -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits)).mean()
     with torch.no_grad():
         stats = {
             "accuracy": (chosen_B > rejected_B).to(diff.dtype).mean(),

@@ -161,8 +161,10 @@ def preference_items(
             "chosen_loss_mask": c[1],
             "rejected_input_ids": r[0],
             "rejected_loss_mask": r[1],
+            # a soft label travels with its pair (rlhfstack.data.collate.collate_preference)
+            **({"p_chosen": e.p_chosen} if getattr(e, "p_chosen", 1.0) != 1.0 else {}),
         }
-        for c, r in zip(enc["chosen"], enc["rejected"])
+        for c, r, e in zip(enc["chosen"], enc["rejected"], examples)
     ]
 
 

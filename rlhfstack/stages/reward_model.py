@@ -152,7 +152,7 @@ def trim_padding(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     T = int(
         max(mb["chosen_attention_mask"].sum(-1).max(), mb["rejected_attention_mask"].sum(-1).max())
     )
-    return {k: v[:, :T] for k, v in mb.items()}
+    return {k: v[:, :T] if v.dim() == 2 else v for k, v in mb.items()}
 
 
 def _pair_len(item: dict[str, list[int]]) -> int:
@@ -262,7 +262,9 @@ def _train_bradley_terry(
     def loss_fn(mb, n_in_step):
         # [b, k] each: every head gets its own BT loss
         c, r = pair_scores(rm, trim_padding(mb), shared_pad)
-        loss, stats = bradley_terry_loss(c.reshape(-1), r.reshape(-1))
+        # soft labels (``p_chosen`` in the pair rows): one target per pair, for each of its k heads
+        p = mb["p_chosen"][:, None].expand_as(c).reshape(-1) if "p_chosen" in mb else None
+        loss, stats = bradley_terry_loss(c.reshape(-1), r.reshape(-1), p_chosen_B=p)
         return loss * c.shape[0] / n_in_step, {k: float(v) for k, v in stats.items()}
 
     def evaluate():

@@ -12,9 +12,11 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
 from rlhfstack.models.llama2c import convert
+from rlhfstack.rollout.generate import sample_texts
 from rlhfstack.runtime import atomic_write_json
 from rlhfstack.tasks.stories import GoldReward
 
@@ -88,3 +90,37 @@ def gold_scorer_for(task: str | None, artifacts_dir: str | os.PathLike, device: 
         return None
     gold = load_gold(artifacts_dir, device)
     return gold.score
+
+
+def sample_story_candidates(
+    model: Any,
+    tok: Any,
+    prompts: list[str],
+    k: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[list[list[str]], int]:
+    """``k`` continuations per prompt, as the data stage samples them (stop at EOS or BOS:
+    TinyStories separates stories with BOS; cut at the last sentence end); sample ``j`` uses
+    seed ``seed * 1000 + j``. Returns the candidates per prompt and the tokens generated."""
+    out: list[list[str]] = [[] for _ in prompts]
+    n_tokens = 0
+    for j in range(k):
+        texts, _, n_tok = sample_texts(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed * 1000 + j,
+            device=device,
+            batch_size=256,
+            stop_ids=(tok.eos_token_id, tok.bos_token_id),
+        )
+        n_tokens += n_tok
+        for i, t in enumerate(texts):
+            out[i].append(cut_at_sentence(t))
+    return out, n_tokens
