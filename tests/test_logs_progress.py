@@ -49,6 +49,8 @@ def collect():
     root.addHandler(handler)
     logs.configure_logging()
     saved = dict(logs._current)
+    # start untagged: a stage run in-process by an earlier test leaves its tag set
+    logs._current.update(stage=None, default=logs.DEFAULT_STAGE)
     yield handler
     logs.close_stage_log()
     logs._current.update(saved)

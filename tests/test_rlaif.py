@@ -50,7 +50,6 @@ def feedback_reply(body: dict):
 def _fb(server: FakeChatServer, model: str, cache=None) -> EndpointFeedback:
     client = ChatClient(
         model, base_url=server.url, api_key_env=None, requests_per_minute=0, timeout_s=10,
-        backoff_base_s=0.01, backoff_max_s=0.05,
     )  # fmt: skip
     return EndpointFeedback(client, cache, concurrency=2)
 

@@ -466,6 +466,21 @@ class ChatClient:
         self.n_requests = 0  # HTTP requests sent, retries included
         self.n_retries = 0
 
+    @classmethod
+    def from_config(cls, cfg: Any, model: str | None = None) -> ChatClient:
+        """The client of an endpoint config block (``llm.*``, ``generation.*``,
+        ``feedback.endpoint.*``: :class:`~rlhfstack.configs.EndpointConfig` plus the rate limit,
+        retries and timeout fields); ``model`` replaces ``cfg.model``."""
+        return cls(
+            model or cfg.model,
+            base_url=cfg.base_url,
+            api_key_env=cfg.api_key_env,
+            requests_per_minute=cfg.requests_per_minute,
+            max_retries=cfg.max_retries,
+            max_connection_retries=cfg.max_connection_retries,
+            timeout_s=cfg.timeout_s,
+        )
+
     def __repr__(self) -> str:  # never show the key
         return f"ChatClient(model={self.model!r}, base_url={self.base_url!r})"
 

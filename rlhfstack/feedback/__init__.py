@@ -65,17 +65,7 @@ def build_feedback_model(cfg: Any, device: str = "cpu") -> FeedbackModel:
         return CausalLMFeedback(cfg.model_path, device=device)
     if cfg.kind == "endpoint":
         e = cfg.endpoint
-        client = ChatClient(
-            e.model,
-            base_url=e.base_url,
-            api_key_env=e.api_key_env,
-            requests_per_minute=e.requests_per_minute,
-            max_retries=e.max_retries,
-            backoff_base_s=e.backoff_base_s,
-            backoff_max_s=e.backoff_max_s,
-            timeout_s=e.timeout_s,
-            max_connection_retries=e.max_connection_retries,
-        )
+        client = ChatClient.from_config(e)
         return EndpointFeedback(
             client,
             JudgmentCache(cfg.cache_path),

@@ -130,15 +130,7 @@ def build_judge(name: str, cfg: Any, cache: JudgmentCache) -> Judge:
         )
     if name == "llm" or name in (cfg.llm_judges or {}):
         lc = _llm_config(cfg, name)
-        client = ChatClient(
-            lc.model,
-            base_url=lc.base_url,
-            api_key_env=lc.api_key_env,
-            requests_per_minute=lc.requests_per_minute,
-            max_retries=lc.max_retries,
-            max_connection_retries=lc.max_connection_retries,
-            timeout_s=lc.timeout_s,
-        )
+        client = ChatClient.from_config(lc)
         prompt_path = _data_path(lc.prompt_file, cfg.data_root) if lc.prompt_file else None
         prompt = load_judge_prompt(prompt_path, lc.prompt_name)
         return LLMJudge(
