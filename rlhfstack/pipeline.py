@@ -33,6 +33,8 @@ STAGE_MODULES = {
     "ppo": "rlhfstack.stages.ppo",
     "dpo": "rlhfstack.stages.dpo",
     "eval": "rlhfstack.evaluation.jobs.demo",
+    "online_dpo": "rlhfstack.stages.dpo",  # iterative DPO beside the offline one (demo_online_dpo)
+    "online_dpo_eval": "rlhfstack.evaluation.jobs.online_dpo",
 }
 
 #: the stages whose outputs each stage reads (only those listed in ``stages`` are waited for)
@@ -43,6 +45,8 @@ NEEDS = {
     "ppo": ("data", "sft", "rm"),
     "dpo": ("data", "sft"),
     "eval": ("data", "sft", "rm", "ppo", "dpo"),
+    "online_dpo": ("data", "sft"),
+    "online_dpo_eval": ("data", "sft", "dpo", "online_dpo"),
 }
 
 
@@ -70,6 +74,8 @@ def run_stage(stage: str, scfg: Any, command: str = "") -> None:
         mod.train(scfg, gold_scorer=gold)
     elif stage == "eval":
         mod.run_demo_eval(scfg, command=command)
+    elif stage == "online_dpo_eval":
+        mod.run_online_dpo_eval(scfg, command=command)
     else:
         mod.train(scfg)
 

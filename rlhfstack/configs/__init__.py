@@ -65,6 +65,7 @@ from rlhfstack.configs.stages import (
     DPOHyperparams,
     EvalConfig,
     KLConfig,
+    OnlineDPOEvalConfig,
     PipelineConfig,
     PPOConfig,
     PPOHyperparams,
@@ -81,6 +82,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "ppo": PPOConfig,
     "dpo": DPOConfig,
     "eval": EvalConfig,
+    "online_dpo_eval": OnlineDPOEvalConfig,
 }
 
 PRIMARY_CONFIG_NAMES = {
@@ -90,6 +92,8 @@ PRIMARY_CONFIG_NAMES = {
     "ppo": "ppo",
     "dpo": "dpo",
     "eval": "evaluate",
+    "online_dpo": "dpo",
+    "online_dpo_eval": "online_dpo_eval",
     "pipeline": "pipeline",
 }
 
@@ -194,6 +198,7 @@ __all__ = [
     "PPOHyperparams",
     "PRIMARY_CONFIG_NAMES",
     "ParallelConfig",
+    "OnlineDPOEvalConfig",
     "PipelineConfig",
     "REPO_ROOT",
     "RMConfig",

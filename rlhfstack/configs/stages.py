@@ -367,6 +367,37 @@ class EvalConfig(StageConfig):
     """Bootstrap resamples for confidence intervals."""
 
 
+PIPELINE_STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval", "online_dpo", "online_dpo_eval")
+"""Stage names the pipeline runs (``online_dpo``: the DPO stage in ``artifacts_dir/online_dpo``)."""
+
+
+@dataclass
+class OnlineDPOEvalConfig(StageConfig):
+    stage: str = free("online_dpo_eval", "the stage name")
+    """Stage name."""
+    demo_dir: str = free(
+        "runs/demo", "a directory: the demo's artifacts, read (and named when missing) by the stage"
+    )
+    """The demo's artifacts: ``sft/model`` (the baseline and the KL anchor), ``base_model`` and
+    ``data/gold.json`` (the gold judge), ``data/prompts_test.jsonl``."""
+    arms: dict[str, str] = field(
+        default_factory=lambda: {"offline_dpo": "dpo", "online_dpo": "online_dpo"},
+        metadata=reason("run names: artifacts_dir/<run>/model is read by the stage"),
+    )
+    """Each compared policy by name: the run under ``artifacts_dir`` whose ``model/`` it is."""
+    test_prompts_path: str = free(
+        "${abspath:${demo_dir}}/data/prompts_test.jsonl",
+        "written by the demo's data stage, read (and named when missing) by this stage",
+    )
+    """The demo's test split: the prompts its evaluation samples."""
+    max_new_tokens: int = at_least(48, lo=1)
+    """Completion length cap (the demo's evaluation: 48)."""
+    temperature: float = positive(1.0)
+    """Sampling temperature (the demo's evaluation: 1.0)."""
+    n_bootstrap: int = at_least(2000, lo=1)
+    """Bootstrap resamples for confidence intervals."""
+
+
 @dataclass
 class PipelineConfig:
     artifacts_dir: str = free("runs/demo", "an output directory: created by the run")
@@ -377,8 +408,8 @@ class PipelineConfig:
     """Seed passed to every stage."""
     stages: list[str] = checked(
         ["data", "sft", "rm", "ppo", "dpo", "eval"],
-        lambda v: all(s in ("data", "sft", "rm", "ppo", "dpo", "eval") for s in v),
-        "names among data | sft | rm | ppo | dpo | eval",
+        lambda v: all(s in PIPELINE_STAGES for s in v),
+        "names among " + " | ".join(PIPELINE_STAGES),
     )
     """Stages to run, in order."""
     stage_overrides: dict[str, list[str]] = field(

@@ -455,7 +455,7 @@ def train(cfg: DPOConfig) -> Path:
         tokens_fn=tokens_fn,
         model=policy,
     )
-    return finish_stage(run, "dpo", steps, model=policy, tokenizer=tok)
+    return finish_stage(run, "dpo", steps, model=policy, tokenizer=tok, labels=len(items))
 
 
 # ---------------------------------------------------------------------------- iterative DPO
