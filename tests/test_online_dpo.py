@@ -260,3 +260,92 @@ def test_label_pairs_by_reward_chooses_the_higher_score_and_drops_ties():
     ]
     assert [r["a_is_chosen"] for r in rows] == [True, False]
     assert [r["score_margin"] for r in rows] == [2.0, 1.0]
+
+
+# ---------------------------------------------------------------------------- the demo experiment
+
+
+def _experiment(artifacts: Path, demo: Path, extra: dict[str, list[str]] | None = None):
+    """``+experiment=demo_online_dpo`` with its ``runs/demo`` inputs replaced by ``demo``."""
+    from rlhfstack.configs import PipelineConfig
+
+    cfg = to_object(
+        load_config(
+            "pipeline", ["+experiment=demo_online_dpo", f"artifacts_dir={artifacts}", "jobs=1"]
+        )
+    )
+    assert isinstance(cfg, PipelineConfig)
+    old_abs, old_rel = str(Path("runs/demo").absolute()), "=runs/demo"
+
+    def move(o: str) -> str:
+        return o.replace(old_abs, str(demo)).replace(old_rel, f"={demo}")
+
+    cfg.common_overrides = [move(o) for o in cfg.common_overrides]
+    cfg.stage_overrides = {
+        k: [move(o) for o in v] + (extra or {}).get(k, []) for k, v in cfg.stage_overrides.items()
+    }
+    return cfg
+
+
+def test_experiment_compares_at_equal_labels_and_steps():
+    from rlhfstack.configs import DemoDataConfig, recipe_of
+    from rlhfstack.pipeline import stage_overrides
+
+    cfg = _experiment(Path("runs/x"), Path("/demo"))
+    assert cfg.stages == ["dpo", "online_dpo", "online_dpo_eval"]
+    offline, online = (
+        to_object(load_config(s, stage_overrides(cfg, s))) for s in ("dpo", "online_dpo")
+    )
+    assert offline.dpo.rounds == 1 and online.dpo.rounds == 3 and online.dpo.online_first_round
+    assert online.run_dir.endswith("online_dpo") and offline.run_dir.endswith("/dpo")
+    assert online.dpo.online_labeler == "simulated" and online.dpo.online_gold_dir == "/demo"
+    # equal labels: the demo's training pairs (its data stage keeps 90% of n_pref_prompts x
+    # pairs_per_prompt pairs for training) = rounds x online_pairs
+    d = DemoDataConfig()
+    assert (
+        online.dpo.rounds * online.dpo.online_pairs == 0.9 * d.n_pref_prompts * d.pairs_per_prompt
+    )
+    # the online arm is the offline recipe (the demo's DPO) plus the online settings only
+    a, b = recipe_of(offline), recipe_of(online)
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert differ and all(k.startswith(("dpo.rounds", "dpo.online_")) for k in differ), differ
+    demo_dpo = recipe_of(to_object(load_config("dpo", ["+experiment=demo"])))
+    same_keys = {k for k in a if not k.startswith(("model.path", "data."))}
+    assert {k: a[k] for k in same_keys} == {k: demo_dpo[k] for k in same_keys}
+
+
+def test_experiment_end_to_end_on_the_smoke_demo(smoke, tmp_path):
+    from rlhfstack.evaluation.report import render_online_dpo_section
+    from rlhfstack.pipeline import run_pipeline
+
+    art = tmp_path / "odpo"
+    tiny = {
+        "dpo": ["trainer.max_steps=2", "trainer.batch_size=8", "trainer.micro_batch_size=8"],
+        "online_dpo": [
+            "trainer.batch_size=8",
+            "trainer.micro_batch_size=8",
+            "dpo.online_pairs=16",
+            "dpo.online_max_new_tokens=8",
+        ],
+        "online_dpo_eval": ["max_new_tokens=8", "n_bootstrap=100"],
+    }
+    run_pipeline(_experiment(art, smoke, tiny), command="pytest")
+    res = json.loads((art / "results.json").read_text())
+    for key in ("online_dpo_vs_sft", "offline_dpo_vs_sft", "online_dpo_vs_offline_dpo"):
+        w = res["winrate"][key]
+        assert 0 <= w["rate"] <= 1 and w["ci95"][0] <= w["rate"] <= w["ci95"][1]
+        assert w["n"] == res["n_prompts"]
+    online = res["policies"]["online_dpo"]
+    assert [r["round"] for r in online["rounds"]] == [1, 2, 3]
+    assert online["labels"] == sum(r["labels"] for r in online["rounds"]) <= 3 * 16
+    assert res["policies"]["offline_dpo"]["labels"] > 0
+    for arm in ("offline_dpo", "online_dpo"):
+        assert res["cost"][arm]["cpu_seconds"] > 0
+        assert "mean" in res["policies"][arm]["kl_to_sft"]
+    # pi_sft is sampled as the smoke demo's evaluation sampled it (same prompts, seed, settings)
+    demo_sft = [json.loads(x)["completion"] for x in (smoke / "samples" / "sft.jsonl").open()]
+    ours = [json.loads(x)["completion"] for x in (art / "samples" / "sft.jsonl").open()]
+    assert ours == demo_sft
+    section = render_online_dpo_section(res)
+    assert "| online_dpo |" in section and "| offline_dpo |" in section
+    assert (art / "EVAL_REPORT.md").read_text() == section
