@@ -228,6 +228,32 @@ def test_a_finished_round_is_not_redone_on_resume(online_inputs, tmp_path, monke
         dpo_stage.train(_cfg(online_inputs, resumed, **{"dpo.rounds": 2, "dpo.beta": 0.2}))
 
 
+def test_reward_model_labeler_chooses_the_higher_score(online_inputs, tmp_path, monkeypatch):
+    # a "reward model" that counts words: every round-2 pair's chosen text is the longer one
+    seen = []
+
+    def fake_load_reward(path, tok, device="cpu"):
+        seen.append(path)
+        return FunctionReward(lambda p, c: [len(x.split()) for x in c])
+
+    monkeypatch.setattr(dpo_stage, "load_reward", fake_load_reward)
+    run = tmp_path / "rm_labels"
+    over = {
+        "dpo.rounds": 2,
+        "dpo.online_labeler": "reward_model",
+        "dpo.online_reward_path": str(online_inputs / "base_model"),
+    }
+    dpo_stage.train(_cfg(online_inputs, run, **over))
+    assert seen == [str(online_inputs / "base_model")]
+    pairs2 = [json.loads(x) for x in (run / "round-2" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs2 and all(
+        len(r["chosen"].split()) > len(r["rejected"].split()) and r["score_margin"] > 0
+        for r in pairs2
+    )
+    first = next(r for r in _rows(run) if r["round"] == 2)
+    assert first["online/labels"] == len(pairs2) and first["online/score_margin"] > 0
+
+
 def test_rounds_need_their_inputs_before_anything_loads(online_inputs, tmp_path):
     with pytest.raises(FileNotFoundError, match="online_prompts_path"):
         dpo_stage.train(

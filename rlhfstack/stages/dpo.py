@@ -386,11 +386,8 @@ def _check_rounds(cfg: DPOConfig) -> None:
         bad.append(
             "trainer.save_every > 0 (a run resumes at the start of its first unfinished round)"
         )
-    if cfg.parallel.mixed_precision != "none" or (
-        cfg.parallel.dp_shard,
-        cfg.parallel.tp,
-        cfg.parallel.pp,
-    ) != (1, 1, 1):
+    par = cfg.parallel
+    if par.mixed_precision != "none" or (par.dp_shard, par.tp, par.pp) != (1, 1, 1):
         bad.append("parallel.* (the online rounds sample in one process)")
     if bad:
         raise NotImplementedError(f"dpo.rounds={d.rounds}: not supported with " + "; ".join(bad))
@@ -404,7 +401,8 @@ def _check_rounds(cfg: DPOConfig) -> None:
         for need in ("data/gold.json", "base_model/config.json"):
             if not (gold_dir / need).is_file():
                 missing.append(
-                    f"dpo.online_gold_dir={str(gold_dir)!r}: the simulated labelers read {need}; none there"
+                    f"dpo.online_gold_dir={str(gold_dir)!r}: the simulated labelers read "
+                    f"{need}; none there"
                 )
     elif not d.online_reward_path or not Path(d.online_reward_path).is_dir():
         missing.append(
@@ -516,7 +514,8 @@ def _label_online(
         return rows, stats
     reward = load_reward(cfg.dpo.online_reward_path, tok, device=run.device)
     rows = label_pairs_by_reward(reward, prompts, a, b)
-    return rows, {"online/score_margin": float(np.mean([r_["score_margin"] for r_ in rows]))}
+    margins = [row["score_margin"] for row in rows]
+    return rows, {"online/score_margin": float(np.mean(margins))} if margins else {}
 
 
 def _sample_round(
