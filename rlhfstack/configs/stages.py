@@ -18,6 +18,11 @@ from rlhfstack.configs.common import DATA_ROOT_INTERP, StageConfig
 
 # ----------------------------------------------------------------------------- stages
 
+#: every stage the pipeline can run (``online_dpo``: the DPO stage in ``artifacts_dir/online_dpo``)
+PIPELINE_STAGES = (
+    "data", "sft", "rm", "ppo", "dpo", "eval", "online_dpo", "online_dpo_eval",
+)  # fmt: skip
+
 
 @dataclass
 class SFTConfig(StageConfig):
@@ -365,10 +370,6 @@ class EvalConfig(StageConfig):
     """Sampling temperature for evaluation samples."""
     n_bootstrap: int = at_least(2000, lo=1)
     """Bootstrap resamples for confidence intervals."""
-
-
-PIPELINE_STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval", "online_dpo", "online_dpo_eval")
-"""Stage names the pipeline runs (``online_dpo``: the DPO stage in ``artifacts_dir/online_dpo``)."""
 
 
 @dataclass
