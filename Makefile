@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= $(shell [ -d "$(RLHF_DATA_ROOT)/models/stories260K" ] && echo 1 || echo 0)
 
-.PHONY: setup demo demo-rlaif demo-smoke test test-slow test-ci-slow lint format clean rm-hh rm-ultrafeedback rm-hh-gemma rm-ultrafeedback-gemma bench gpu-check
+.PHONY: setup demo demo-rlaif demo-online-dpo demo-smoke test test-slow test-ci-slow lint format clean rm-hh rm-ultrafeedback rm-hh-gemma rm-ultrafeedback-gemma bench gpu-check
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -33,6 +33,14 @@ demo-rlaif: setup
 
 demo-smoke: setup
 	$(PY) recipes/pipeline.py +experiment=demo_smoke
+
+# Offline vs 3-round online DPO at equal labels on the demo's artifacts (needs `make demo` first);
+# the report's section is re-published with the demo's.
+demo-online-dpo: setup
+	@test -f runs/demo/sft/done.json -a -f runs/demo/data/prompts_test.jsonl || { \
+	  echo "make demo-online-dpo trains on the finished run in runs/demo: run 'make demo' first"; exit 2; }
+	$(PY) recipes/pipeline.py +experiment=demo_online_dpo
+	$(PY) tools/publish_report.py --artifacts runs/demo --out EVAL_REPORT.md
 
 test: setup
 	$(PY) -m pytest -q

@@ -41,6 +41,8 @@ STAGE_MODULES = {
     "cai_sl": "rlhfstack.stages.cai_sl",
     "ai_labels": "rlhfstack.stages.ai_labels",
     "rlaif_eval": "rlhfstack.evaluation.jobs.rlaif",
+    "online_dpo": "rlhfstack.stages.dpo",  # iterative DPO beside the offline one (demo_online_dpo)
+    "online_dpo_eval": "rlhfstack.evaluation.jobs.online_dpo",
 }
 
 #: the stages whose outputs each stage reads (only those listed in ``stages`` are waited for)
@@ -57,6 +59,8 @@ NEEDS = {
     "cai_sl": ("rlaif_data",),
     "ai_labels": ("rlaif_data", "cai_sl", "sft"),
     "rlaif_eval": ("rlaif_data", "cai_sl", "sft", "ai_labels", "rm", "ppo"),
+    "online_dpo": ("data", "sft"),
+    "online_dpo_eval": ("data", "sft", "dpo", "online_dpo"),
 }
 
 
@@ -94,6 +98,8 @@ def _run_stage(stage: str, scfg: Any, command: str) -> None:
         mod.run_demo_eval(scfg, command=command)
     elif stage == "rlaif_eval":
         mod.run_rlaif_eval(scfg, command=command)
+    elif stage == "online_dpo_eval":
+        mod.run_online_dpo_eval(scfg, command=command)
     else:
         mod.train(scfg)
 

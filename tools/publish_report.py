@@ -1,4 +1,5 @@
-"""Copy a pipeline run's EVAL_REPORT.md to the repository root, with its plots under docs/.
+"""Copy a pipeline run's EVAL_REPORT.md to the repository root, with its plots under docs/; the
+offline-vs-online DPO section is appended when ``--online-dpo``'s results.json exists.
 
 python tools/publish_report.py --artifacts runs/demo --out EVAL_REPORT.md
 
@@ -23,8 +24,15 @@ def main(argv: list[str] | None = None) -> None:
         default="runs/demo_rlaif/results.json",
         help="results of +experiment=demo_rlaif: adds the RLHF vs RLAIF section when it exists",
     )
+    ap.add_argument(
+        "--online-dpo",
+        default="runs/demo_online_dpo/results.json",
+        help="results of +experiment=demo_online_dpo: adds the online vs offline DPO section",
+    )
     a = ap.parse_args(argv)
-    publish_report(Path(a.artifacts), Path(a.out), Path(a.assets), Path(a.rlaif))
+    publish_report(
+        Path(a.artifacts), Path(a.out), Path(a.assets), Path(a.rlaif), Path(a.online_dpo)
+    )
     results = Path(a.artifacts) / "results.json"
     if results.exists():
         print()

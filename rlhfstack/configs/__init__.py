@@ -77,6 +77,7 @@ from rlhfstack.configs.stages import (
     DPOHyperparams,
     EvalConfig,
     KLConfig,
+    OnlineDPOEvalConfig,
     PipelineConfig,
     PPOConfig,
     PPOHyperparams,
@@ -97,6 +98,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "cai_sl": CAISLConfig,
     "ai_labels": AILabelsConfig,
     "rlaif_eval": RLAIFEvalConfig,
+    "online_dpo_eval": OnlineDPOEvalConfig,
 }
 
 PRIMARY_CONFIG_NAMES = {
@@ -110,6 +112,8 @@ PRIMARY_CONFIG_NAMES = {
     "cai_sl": "cai_sl",
     "ai_labels": "ai_labels",
     "rlaif_eval": "rlaif_eval",
+    "online_dpo": "dpo",
+    "online_dpo_eval": "online_dpo_eval",
     "pipeline": "pipeline",
 }
 
@@ -242,6 +246,7 @@ __all__ = [
     "PPOHyperparams",
     "PRIMARY_CONFIG_NAMES",
     "ParallelConfig",
+    "OnlineDPOEvalConfig",
     "PipelineConfig",
     "RENAMED_KEYS",
     "REPO_ROOT",

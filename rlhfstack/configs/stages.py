@@ -18,9 +18,11 @@ from rlhfstack.configs.common import DATA_ROOT_INTERP, StageConfig
 
 # ----------------------------------------------------------------------------- stages
 
-#: every stage the pipeline can run (RLAIF's: ``rlhfstack/configs/rlaif.py``)
+#: every stage the pipeline can run (RLAIF's: ``rlhfstack/configs/rlaif.py``; ``online_dpo``: the DPO
+#: stage in ``artifacts_dir/online_dpo``)
 PIPELINE_STAGES = (
     "data", "sft", "rm", "ppo", "dpo", "eval", "rlaif_data", "cai_sl", "ai_labels", "rlaif_eval",
+    "online_dpo", "online_dpo_eval",
 )  # fmt: skip
 
 
@@ -124,6 +126,52 @@ class DPOHyperparams:
     (``rollout/fast.py``). Batches whose chosen and rejected prompts differ after truncation (one
     process), and runs where any pair's do or with tensor / pipeline parallelism (several
     processes), use the plain ``[2B, T]`` pass."""
+    rounds: int = at_least(1, lo=1)
+    """Iterative (online) DPO: rounds of sample -> label -> DPO, each from the policy the previous
+    round ended with (Xiong et al. 2024; Yuan et al. 2024). 1 = offline DPO on ``data.train_path``
+    (no sampling). Round 1 trains on ``data.train_path`` unless ``online_first_round``; every later
+    round on ``online_pairs`` pairs sampled from the current policy and labeled by
+    ``online_labeler``. A finished round is saved in ``run_dir/round-<r>/`` and not redone on
+    resume."""
+    online_first_round: bool = False
+    """Round 1 also samples its pairs from the starting policy (every round on-policy, as in Guo
+    et al. 2024 and Llama 2's rounds) instead of training on ``data.train_path`` (the hybrid of
+    Xiong et al. 2024: offline data first, then online rounds)."""
+    online_pairs: int = at_least(1024, lo=1)
+    """Prompts drawn (seeded, without replacement while enough remain) from
+    ``online_prompts_path`` per online round; two completions each make one pair, so this is the
+    round's label budget (pairs of two identical completions are dropped, not labeled)."""
+    online_prompts_path: str | None = free(
+        None, "a data file: checked when the stage starts when rounds > 1"
+    )
+    """Prompts of the online rounds (jsonl rows with ``prompt``); required when ``rounds > 1``."""
+    online_labeler: str = choice("simulated", "reward_model")
+    """Who labels the sampled pairs: simulated (the demo's pool of noisy simulated annotators,
+    ``rlhfstack.tasks.stories``; the stories task only: reads ``online_gold_dir``) |
+    reward_model (the higher score of ``online_reward_path`` is chosen; ties dropped)."""
+    online_reference: str = choice("previous", "sft")
+    """The frozen reference of round r: previous (the policy round r-1 ended with, so each round
+    is a KL-regularized step from the last one; Yuan et al. 2024, Snorkel's iterative DPO) | sft
+    (``ref_path`` or the starting model in every round: the whole run stays anchored to it)."""
+    online_max_new_tokens: int = at_least(48, lo=1)
+    """Length cap of the sampled completions (the demo's data stage samples 48 tokens)."""
+    online_temperature: float = positive(1.0)
+    """Sampling temperature of the online rounds (1.0: the policy's own distribution)."""
+    online_cut_at_sentence: bool = False
+    """Cut each sampled completion after its last sentence end (``.``, ``!``, ``?``), as the demo's
+    data stage cuts the base-model samples of the offline pairs, so both train on text of one form."""
+    online_flip_prob: float = in_range(0.25, lo=0.0, hi=0.5, hi_open=True)
+    """online_labeler=simulated: each simulated annotator flips this fraction of its labels (the
+    demo's ``flip_prob``, AlpacaFarm's 25%)."""
+    online_gold_dir: str | None = free(
+        None, "a directory: checked when the stage starts when online_labeler=simulated"
+    )
+    """online_labeler=simulated: the demo's artifacts directory (``data/gold.json`` and
+    ``base_model/``: the features the simulated annotators read); None = ``artifacts_dir``."""
+    online_reward_path: str | None = free(
+        None, "a reward model path: checked when the stage starts when online_labeler=reward_model"
+    )
+    """online_labeler=reward_model: the reward model directory (RM stage output or ensemble)."""
 
 
 @dataclass
@@ -344,6 +392,33 @@ class EvalConfig(StageConfig):
     """Completion length cap for evaluation samples."""
     temperature: float = positive(1.0)
     """Sampling temperature for evaluation samples."""
+    n_bootstrap: int = at_least(2000, lo=1)
+    """Bootstrap resamples for confidence intervals."""
+
+
+@dataclass
+class OnlineDPOEvalConfig(StageConfig):
+    stage: str = free("online_dpo_eval", "the stage name")
+    """Stage name."""
+    demo_dir: str = free(
+        "runs/demo", "a directory: the demo's artifacts, read (and named when missing) by the stage"
+    )
+    """The demo's artifacts: ``sft/model`` (the baseline and the KL anchor), ``base_model`` and
+    ``data/gold.json`` (the gold judge), ``data/prompts_test.jsonl``."""
+    arms: dict[str, str] = field(
+        default_factory=lambda: {"offline_dpo": "dpo", "online_dpo": "online_dpo"},
+        metadata=reason("run names: artifacts_dir/<run>/model is read by the stage"),
+    )
+    """Each compared policy by name: the run under ``artifacts_dir`` whose ``model/`` it is."""
+    test_prompts_path: str = free(
+        "${abspath:${demo_dir}}/data/prompts_test.jsonl",
+        "written by the demo's data stage, read (and named when missing) by this stage",
+    )
+    """The demo's test split: the prompts its evaluation samples."""
+    max_new_tokens: int = at_least(48, lo=1)
+    """Completion length cap (the demo's evaluation: 48)."""
+    temperature: float = positive(1.0)
+    """Sampling temperature (the demo's evaluation: 1.0)."""
     n_bootstrap: int = at_least(2000, lo=1)
     """Bootstrap resamples for confidence intervals."""
 

@@ -305,19 +305,21 @@ def publish_report(
     dest_md: str | os.PathLike,
     assets_dir: str | os.PathLike,
     rlaif_results: str | os.PathLike | None = None,
+    online_dpo_results: str | os.PathLike | None = None,
 ) -> None:
     """Copy ``art/EVAL_REPORT.md`` to ``dest_md`` with its images copied under ``assets_dir``;
-    with ``rlaif_results`` (a ``results.json`` of ``+experiment=demo_rlaif``) that exists, the
-    "RLHF vs RLAIF" section is appended."""
+    each of ``rlaif_results`` (``results.json`` of ``+experiment=demo_rlaif``: the "RLHF vs
+    RLAIF" section) and ``online_dpo_results`` (of ``+experiment=demo_online_dpo``) that exists
+    adds its section."""
 
     art, dest_md, assets_dir = Path(art), Path(dest_md), Path(assets_dir)
     text = (art / "EVAL_REPORT.md").read_text()
-    if rlaif_results is not None and Path(rlaif_results).is_file():
-        text = (
-            text.rstrip("\n")
-            + "\n\n"
-            + render_rlaif_section(json.loads(Path(rlaif_results).read_text()))
-        )
+    for results, render in (
+        (rlaif_results, render_rlaif_section),
+        (online_dpo_results, render_online_dpo_section),
+    ):
+        if results is not None and Path(results).is_file():
+            text = text.rstrip("\n") + "\n\n" + render(json.loads(Path(results).read_text()))
     assets_dir.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(assets_dir, dest_md.parent)
 
@@ -329,3 +331,51 @@ def publish_report(
         return f"![{m.group(1)}]({rel}/{name})"
 
     atomic_write_text(dest_md, re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", repl, text))
+
+
+def render_online_dpo_section(results: dict[str, Any]) -> str:
+    """The "Offline vs online DPO" section from ``runs/demo_online_dpo/results.json``
+    (``rlhfstack.evaluation.jobs.online_dpo``): gold win-rate against SFT, KL to SFT, labels,
+    steps and cost per arm, the arms head to head, and the online arm's rounds."""
+    per, rates = results["policies"], results["winrate"]
+    arms = [a for a in per if a != "sft"]
+    L = ["## Offline vs iterative online DPO at equal labels\n"]
+    L.append(
+        f"Commit `{results['commit']}`; command: `{results['command'] or 'make demo-online-dpo'}`; "
+        f"the demo's {results['n_prompts']} test prompts, sampled as the demo's evaluation samples "
+        "them (pi_sft's samples are the demo's own). Gold win-rate against pi_sft, ties count "
+        "half, 95% paired bootstrap CI; KL to pi_sft in nats per sequence (k1, on the policy's "
+        "own samples); cost is the arm's training (sampling and labeling included).\n"
+    )
+    L.append("| arm | gold win-rate vs SFT | gold reward | KL to SFT | labels | steps | CPU s |")
+    L.append("|---|---|---|---|---|---|---|")
+    for a in arms:
+        d = per[a]
+        L.append(
+            f"| {a} | {_wr(rates[f'{a}_vs_sft'])} | {_ci(d['gold_reward'])} | "
+            f"{_ci(d['kl_to_sft'])} | {_num(d.get('labels'), ',')} | {_num(d.get('steps'), 'd')} "
+            f"| {_num(d.get('cost', {}).get('cpu_seconds'), '.1f')} |"
+        )
+    L.append(f"| sft | - | {_ci(per['sft']['gold_reward'])} | 0 | - | - | - |")
+    L.append("")
+    for k, v in rates.items():
+        if not k.endswith("_vs_sft"):
+            L.append(f"Head to head, {k.replace('_vs_', ' vs ')}: {_wr(v)}.\n")
+    for a in arms:
+        rounds = per[a].get("rounds")
+        if not rounds:
+            continue
+        L.append(f"Rounds of {a} (statistics of the pairs each round sampled from its policy):\n")
+        L.append(
+            "| round | labels | steps | samples' gold | labels agreeing with gold | KL to SFT |"
+        )
+        L.append("|---|---|---|---|---|---|")
+        for r in rounds:
+            L.append(
+                f"| {r['round']} | {r['labels']:,} | {r['steps']} | "
+                f"{_num(r.get('online/samples_gold'), '.3f')} | "
+                f"{_num(r.get('online/label_gold_agreement'), '.3f')} | "
+                f"{_num(r.get('online/samples_kl_to_start'), '.2f')} |"
+            )
+        L.append("")
+    return "\n".join(L) + "\n"

@@ -2,7 +2,8 @@
 [+ spread, named components].
 
 * :class:`Reward` / :class:`RewardOutput` (:mod:`.base`): the protocol and its result;
-  :func:`score_samples` scores sampled completions on exactly their sampled tokens.
+  :func:`score_samples` scores sampled completions on exactly their sampled tokens;
+  :func:`label_pairs_by_reward` turns a reward into preference labels (online DPO).
 * :class:`RewardModelReward` / :func:`load_reward` (:mod:`.models`): a trained reward model or
   ensemble directory, on the policy's token ids when it shares the policy's tokenizer, else
   through text re-tokenized with its own tokenizer.
@@ -13,6 +14,7 @@
 from rlhfstack.rewards.base import (
     Reward,
     RewardOutput,
+    label_pairs_by_reward,
     same_tokenizer,
     score_samples,
     tokenizer_label,
@@ -34,6 +36,7 @@ __all__ = [
     "RewardModelReward",
     "RewardOutput",
     "WeightedSum",
+    "label_pairs_by_reward",
     "length_penalty",
     "load_reward",
     "reward_members",

@@ -104,3 +104,46 @@ def score_samples(
         r = reward.score(prompts[i:j], samples.texts[i:j], ids_BT=ids, mask_BT=mask)
         out.append(r.scores_B.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def label_pairs_by_reward(
+    reward: Reward,
+    prompts: Sequence[str],
+    completions_a: Sequence[str],
+    completions_b: Sequence[str],
+    *,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Preference labels from a reward: of each (prompt, A, B) the higher-scored text is chosen.
+
+    Scores the texts (``reward.score`` without token ids: the texts a DPO step trains on). Pairs
+    of identical texts and exact score ties carry no preference and are dropped. Returns one dict
+    per labeled pair: ``prompt``, ``chosen``, ``rejected``, ``index`` (position in the inputs),
+    ``a_is_chosen`` and ``score_margin`` (chosen's score minus rejected's, > 0)."""
+    if not (len(prompts) == len(completions_a) == len(completions_b)):
+        raise ValueError("prompts, completions_a and completions_b differ in length")
+
+    def scores(texts: Sequence[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(texts), batch_size):
+            r = reward.score(prompts[i : i + batch_size], texts[i : i + batch_size])
+            out.extend(r.scores_B.float().cpu().tolist())
+        return out
+
+    s_a, s_b = scores(completions_a), scores(completions_b)
+    rows = []
+    for i, (p, a, b, x, y) in enumerate(zip(prompts, completions_a, completions_b, s_a, s_b)):
+        if a == b or x == y:
+            continue
+        rows.append(
+            {
+                "prompt": p,
+                "chosen": a if x > y else b,
+                "rejected": b if x > y else a,
+                "index": i,
+                "a_is_chosen": x > y,
+                "score_margin": abs(x - y),
+            }
+        )
+    return rows

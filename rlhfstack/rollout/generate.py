@@ -406,3 +406,44 @@ def sampled_logprob_sums(
         sums.append((lp_BR * m_BR).sum(-1).cpu())
         counts.append(mask[:, P:].sum(-1).cpu())
     return torch.cat(sums), torch.cat(counts)
+
+
+def sample_pairs(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
+    stop_ids: tuple[int, ...] | None = None,
+) -> tuple[SampledTokens, SampledTokens]:
+    """Two independent samples per prompt (one pass over ``prompts + prompts``, one generator):
+    ``(a, b)``, row ``i`` of each answering ``prompts[i]``: the candidate pairs of online
+    preference learning."""
+    s = sample_tokens(
+        model,
+        tokenizer,
+        [*prompts, *prompts],
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        stop_ids=stop_ids,
+    )
+    n = len(prompts)
+
+    def half(lo: int, hi: int) -> SampledTokens:
+        return SampledTokens(
+            prompt_ids=s.prompt_ids[lo:hi],
+            response_ids=s.response_ids[lo:hi],
+            ended=s.ended[lo:hi],
+            texts=s.texts[lo:hi],
+        )
+
+    return half(0, n), half(n, 2 * n)

@@ -15,13 +15,18 @@ policy scores them in a no-grad pass each micro-batch (no gradient flows through
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from rlhfstack.configs import DPOConfig
+from rlhfstack.configs import DPOConfig, recipe_diff, recipe_of
+from rlhfstack.data import map_records, require_field
 from rlhfstack.data.collate import (
     IGNORE_INDEX,
     collate_preference,
@@ -29,12 +34,18 @@ from rlhfstack.data.collate import (
     tokenize_preference,
     tokenize_sft,
 )
-from rlhfstack.data.loading import load_preferences, load_unpaired
+from rlhfstack.data.loading import load_preferences, load_unpaired, resolve_data_path
 from rlhfstack.data.schemas import PreferenceExample, SFTExample
 from rlhfstack.losses import DPO_LOSS_TYPES, dpo_loss, kto_loss
-from rlhfstack.models.core import load_causal_lm, sequence_logprob_sums, tokenizer_for
+from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
 from rlhfstack.models.pairs import shared_prompt_pair_logprob_sums
+from rlhfstack.rewards import label_pairs_by_reward, load_reward
+from rlhfstack.rollout.generate import sample_pairs, sampled_logprob_sums
+from rlhfstack.runtime import atomic_write_json, atomic_write_jsonl, read_jsonl
+from rlhfstack.tasks.demo import cut_at_sentence, load_gold
+from rlhfstack.tasks.stories import default_labeler_pool, label_pairs
 from rlhfstack.training import (
+    RecipeMismatch,
     finish_stage,
     load_policy,
     load_train_eval,
@@ -44,6 +55,10 @@ from rlhfstack.training import (
 )
 
 log = logging.getLogger("rlhfstack.dpo")
+
+
+def _prompt_of(row: Any) -> str:
+    return require_field(row, "prompt", str)
 
 
 def pair_logps(
@@ -147,10 +162,28 @@ def _under_reference(ref: Any, policy: Any, score: Any) -> Any:
             return score(policy)
 
 
-def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, kto: bool):
+_LOAD = object()
+"""``_pair_setup(reference=_LOAD)``: load the frozen reference (:func:`_reference`)."""
+
+
+def _pair_setup(
+    cfg: DPOConfig,
+    run: Any,
+    tok: Any,
+    policy: Any,
+    max_len: int,
+    kto: bool,
+    pairs: list[PreferenceExample] | None = None,
+    reference: Any = _LOAD,
+):
     """Preference pairs: items with reference log-probs, collate, loss and token count (DPO / IPO /
-    cDPO, or KTO over pairs split into a desirable and an undesirable example)."""
-    pairs, _ = load_train_eval(load_preferences, cfg, "DPO", tokenizer=tok, with_eval=False)
+    cDPO, or KTO over pairs split into a desirable and an undesirable example).
+
+    ``pairs``: None = ``data.train_path``. ``reference``: the model whose log-probs are the
+    reference's (an online round's ``previous`` passes the policy itself, scored before training);
+    by default :func:`_reference` is loaded."""
+    if pairs is None:
+        pairs, _ = load_train_eval(load_preferences, cfg, "DPO", tokenizer=tok, with_eval=False)
     items = tokenize_preference(pairs, tok, max_len)
     kl_items: list[dict] = []
     if kto:
@@ -161,7 +194,7 @@ def _pair_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, k
     shared_pad = shared_prompt_pad(cfg.dpo.shared_prompt, tok.pad_token_id, items + kl_items, ps)
 
     # reference log-probs, once
-    ref = _reference(cfg, run)
+    ref = _reference(cfg, run) if reference is _LOAD else reference
     for group, prefix in ((items, ""), (kl_items, KL_PREFIX)):
         for i in range(0, len(group), 64):
             chunk = group[i : i + 64]
@@ -341,6 +374,45 @@ def _unpaired_kto_setup(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len
     return items, collate, loss_fn, tokens_fn
 
 
+def _check_rounds(cfg: DPOConfig) -> None:
+    """Settings and inputs of iterative DPO (``dpo.rounds > 1``), before anything loads."""
+    d = cfg.dpo
+    bad = []
+    if d.kto_unpaired:
+        bad.append("dpo.kto_unpaired=true (the online rounds sample pairs)")
+    if cfg.model.lora.enabled:
+        bad.append("model.lora.enabled=true (each round's policy is saved merged)")
+    if cfg.trainer.save_every:
+        bad.append(
+            "trainer.save_every > 0 (a run resumes at the start of its first unfinished round)"
+        )
+    par = cfg.parallel
+    if par.mixed_precision != "none" or (par.dp_shard, par.tp, par.pp) != (1, 1, 1):
+        bad.append("parallel.* (the online rounds sample in one process)")
+    if bad:
+        raise NotImplementedError(f"dpo.rounds={d.rounds}: not supported with " + "; ".join(bad))
+    missing = []
+    if not d.online_prompts_path:
+        missing.append("dpo.online_prompts_path: required when dpo.rounds > 1")
+    elif not Path(resolve_data_path(d.online_prompts_path, cfg.data_root)).is_file():
+        missing.append(f"dpo.online_prompts_path={d.online_prompts_path!r}: no such file")
+    if d.online_labeler == "simulated":
+        gold_dir = Path(d.online_gold_dir or cfg.artifacts_dir)
+        for need in ("data/gold.json", "base_model/config.json"):
+            if not (gold_dir / need).is_file():
+                missing.append(
+                    f"dpo.online_gold_dir={str(gold_dir)!r}: the simulated labelers read "
+                    f"{need}; none there"
+                )
+    elif not d.online_reward_path or not Path(d.online_reward_path).is_dir():
+        missing.append(
+            f"dpo.online_reward_path={d.online_reward_path!r}: online_labeler=reward_model needs "
+            "a reward model directory"
+        )
+    if missing:
+        raise FileNotFoundError("missing inputs:\n  " + "\n  ".join(missing))
+
+
 def train(cfg: DPOConfig) -> Path:
     if cfg.dpo.loss_type not in (*DPO_LOSS_TYPES, "kto"):
         raise ValueError(
@@ -356,10 +428,14 @@ def train(cfg: DPOConfig) -> Path:
             "dpo.loss_type=kto: pipeline parallelism (parallel.pp > 1) is not supported "
             "(its no-grad pass over the mismatched pairs is not scheduled)"
         )
+    if cfg.dpo.rounds > 1:
+        _check_rounds(cfg)
     run = setup_run(cfg)
     tok = tokenizer_for(cfg.model)
     policy = load_policy(cfg, run)
     max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    if cfg.dpo.rounds > 1:
+        return _train_rounds(cfg, run, tok, policy, max_len, kto)
     if cfg.dpo.kto_unpaired:
         items, collate, loss_fn, tokens_fn = _unpaired_kto_setup(cfg, run, tok, policy, max_len)
     else:
@@ -377,4 +453,197 @@ def train(cfg: DPOConfig) -> Path:
         tokens_fn=tokens_fn,
         model=policy,
     )
-    return finish_stage(run, "dpo", steps, model=policy, tokenizer=tok)
+    return finish_stage(run, "dpo", steps, model=policy, tokenizer=tok, labels=len(items))
+
+
+# ---------------------------------------------------------------------------- iterative DPO
+
+
+ROUND_DIR = "round-{r}"
+"""``run_dir/round-<r>/``: a finished round's ``model/`` (not for the last round: that is
+``run_dir/model``), ``pairs.jsonl`` (the labeled pairs it trained on, for an online round),
+``metrics.jsonl`` (its rows) and ``done.json`` (its summary, written last)."""
+
+
+class _RoundLogger:
+    """The run's logger for one round: steps continue from the rounds before (``offset``), every
+    row carries ``round``, and the first row also the round's sampling and labeling statistics."""
+
+    def __init__(self, base: Any, r: int, offset: int, first: dict[str, Any]) -> None:
+        self.base, self.r, self.offset, self.first = base, r, offset, dict(first)
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"round": self.r, **metrics, **self.first}
+        self.first = {}
+        self.rows.append({"step": self.offset + step, **row})
+        self.base.log(self.offset + step, row)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+
+def _round_prompts(cfg: DPOConfig, prompts: list[str], r: int) -> list[str]:
+    """Round ``r``'s ``online_pairs`` prompts: a seeded draw without replacement (with replacement
+    only when the file holds fewer prompts)."""
+    n = cfg.dpo.online_pairs
+    rng = np.random.default_rng([cfg.seed, r])
+    idx = rng.choice(len(prompts), size=n, replace=n > len(prompts))
+    return [prompts[int(i)] for i in idx]
+
+
+def _label_online(
+    cfg: DPOConfig, run: Any, tok: Any, prompts: list[str], a: list[str], b: list[str], r: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Label the sampled pairs with ``dpo.online_labeler``: rows ``{prompt, chosen, rejected,
+    ...}`` (pairs of identical texts and, for a reward model, exact ties dropped) and statistics
+    for the round's first metrics row."""
+    if cfg.dpo.online_labeler == "simulated":
+        gold = load_gold(cfg.dpo.online_gold_dir or cfg.artifacts_dir, run.device)
+        pool = default_labeler_pool(cfg.dpo.online_flip_prob)
+        rows = label_pairs(prompts, a, b, gold, pool, seed=cfg.seed * 1000 + r)
+        stats = {}
+        if rows:
+            gold_ab = [x for row in rows for x in (row["gold_chosen"], row["gold_rejected"])]
+            stats = {
+                "online/samples_gold": float(np.mean(gold_ab)),  # the current policy's gold
+                "online/label_gold_agreement": float(
+                    np.mean([row["agrees_with_gold"] for row in rows])
+                ),
+            }
+        return rows, stats
+    reward = load_reward(cfg.dpo.online_reward_path, tok, device=run.device)
+    rows = label_pairs_by_reward(reward, prompts, a, b)
+    margins = [row["score_margin"] for row in rows]
+    return rows, {"online/score_margin": float(np.mean(margins))} if margins else {}
+
+
+def _sample_round(
+    cfg: DPOConfig, run: Any, tok: Any, policy: Any, start: Any, prompts: list[str], r: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Round ``r``'s labeled pairs: two samples per drawn prompt from the current ``policy``, cut
+    at the last sentence end when configured, labeled; with the sequence KL (k1) of the policy to
+    the starting model ``start`` on those samples."""
+    d = cfg.dpo
+    chosen_prompts = _round_prompts(cfg, prompts, r)
+    policy.eval()
+    a, b = sample_pairs(
+        policy,
+        tok,
+        chosen_prompts,
+        max_new_tokens=d.online_max_new_tokens,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        temperature=d.online_temperature,
+        seed=cfg.seed * 1000 + r,
+        device=run.device,
+        stop_ids=(tok.eos_token_id, tok.bos_token_id),
+    )
+    run.cost.add_tokens(a.n_tokens + b.n_tokens)
+    kl = []
+    for s in (a, b):
+        lp_pi, _ = sampled_logprob_sums(policy, s, tok.pad_token_id, device=run.device)
+        lp_start, _ = sampled_logprob_sums(start, s, tok.pad_token_id, device=run.device)
+        kl.append(lp_pi - lp_start)
+    texts_a, texts_b = a.texts, b.texts
+    if d.online_cut_at_sentence:
+        texts_a = [cut_at_sentence(t) for t in texts_a]
+        texts_b = [cut_at_sentence(t) for t in texts_b]
+    rows, stats = _label_online(cfg, run, tok, chosen_prompts, texts_a, texts_b, r)
+    rows = [row for row in rows if row["chosen"].strip() and row["rejected"].strip()]
+    stats["online/samples_kl_to_start"] = float(torch.cat(kl).mean())
+    return rows, stats
+
+
+def _finished_rounds(cfg: DPOConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """The ``done.json`` of each round finished before (1, 2, ... without a gap; the last round is
+    the stage's own ``done.json``), checked against this run's recipe like a checkpoint."""
+    done = []
+    recipe = recipe_of(cfg)
+    for r in range(1, cfg.dpo.rounds):
+        path = run_dir / ROUND_DIR.format(r=r) / "done.json"
+        if not path.is_file():
+            break
+        info = json.loads(path.read_text())
+        diff = recipe_diff(info.get("recipe", {}), recipe)
+        if diff and cfg.resume != "force":
+            lines = "\n".join(f"  {k}: {x!r} -> {y!r}" for k, (x, y) in diff.items())
+            raise RecipeMismatch(
+                f"{path.parent} was written under other settings than this run's:\n{lines}\n"
+                "Rerun with resume=force to continue from it, or overwrite=true to start over."
+            )
+        done.append(info)
+    return done
+
+
+def _train_rounds(cfg: DPOConfig, run: Any, tok: Any, policy: Any, max_len: int, kto: bool) -> Path:
+    """Iterative DPO: for r = 1..K, pairs (round 1: ``data.train_path`` unless
+    ``online_first_round``; else sampled from the current policy and labeled), the reference's
+    log-probs on them (``online_reference``), then the DPO loop from the current policy with a
+    fresh optimizer and schedule. A resumed run loads the newest finished round's policy."""
+    d = cfg.dpo
+    if cfg.overwrite:
+        for old in sorted(run.run_dir.glob("round-*")):
+            shutil.rmtree(old)
+            log.warning("overwrite=true: deleted %s", old)
+    finished = _finished_rounds(cfg, run.run_dir)
+    if finished:
+        last = run.run_dir / ROUND_DIR.format(r=len(finished)) / "model"
+        policy.load_state_dict(load_causal_lm(str(last), dtype=cfg.model.dtype).state_dict())
+        for info in finished:  # the earlier rounds' rows (setup_run started a fresh metrics.jsonl)
+            for row in read_jsonl(
+                run.run_dir / ROUND_DIR.format(r=info["round"]) / "metrics.jsonl"
+            ):
+                run.logger.log(row.pop("step"), row)
+        log.info(
+            "iterative DPO: rounds 1-%d finished before; resuming at round %d",
+            len(finished),
+            len(finished) + 1,
+        )
+    start = _reference(cfg, run)  # the SFT / starting model: KL of the samples, reference=sft
+    prompts = map_records(d.online_prompts_path, _prompt_of, fmt="jsonl", data_root=cfg.data_root)
+    summaries = [info["summary"] for info in finished]
+    offset = sum(s["steps"] for s in summaries)
+    labels_total = sum(s["labels"] for s in summaries)
+    for r in range(len(finished) + 1, d.rounds + 1):
+        rdir = run.run_dir / ROUND_DIR.format(r=r)
+        rdir.mkdir(parents=True, exist_ok=True)
+        stats: dict[str, Any] = {}
+        if r == 1 and not d.online_first_round:
+            pairs = None  # data.train_path
+        else:
+            rows, stats = _sample_round(cfg, run, tok, policy, start, prompts, r)
+            atomic_write_jsonl(rdir / "pairs.jsonl", rows)
+            pairs = [PreferenceExample(x["prompt"], x["chosen"], x["rejected"]) for x in rows]
+        reference = start if (d.online_reference == "sft" or r == 1) else policy
+        policy.eval()
+        items, collate, loss_fn, tokens_fn = _pair_setup(
+            cfg, run, tok, policy, max_len, kto, pairs=pairs, reference=reference
+        )
+        labels_total += len(items)
+        stats = {"online/labels": len(items), "online/labels_total": labels_total, **stats}
+        log.info("round %d/%d: %d pairs %s", r, d.rounds, len(items), stats)
+        round_logger = _RoundLogger(run.logger, r, offset, stats)
+        policy.train()
+        steps = train_loop(
+            replace(run, logger=round_logger),
+            params=[p for p in policy.parameters() if p.requires_grad],
+            items=items,
+            collate=collate,
+            loss_fn=loss_fn,
+            max_steps=cfg.trainer.max_steps,
+            epochs=d.epochs,
+            tokens_fn=tokens_fn,
+            model=None,  # no checkpoints within a round: a finished round is the resume point
+        )
+        summary = {"round": r, "steps": steps, "step_offset": offset, "labels": len(items), **stats}
+        summaries.append(summary)
+        offset += steps
+        if r < d.rounds:
+            policy.eval()
+            save_hf(policy, tok, rdir / "model")
+            atomic_write_jsonl(rdir / "metrics.jsonl", round_logger.rows)
+            atomic_write_json(
+                rdir / "done.json", {"round": r, "summary": summary, "recipe": recipe_of(cfg)}
+            )
+    del start
+    return finish_stage(run, "dpo", offset, model=policy, tokenizer=tok, rounds=summaries)
