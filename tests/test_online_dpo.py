@@ -13,6 +13,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ import rlhfstack.stages.dpo as dpo_stage
 from rlhfstack.configs import load_config, to_object
 from rlhfstack.data.collate import collate_preference, tokenize_preference
 from rlhfstack.data.schemas import PreferenceExample
+from rlhfstack.feedback import FeedbackModel
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
 from rlhfstack.rewards import FunctionReward, label_pairs_by_reward
 
@@ -252,6 +254,47 @@ def test_reward_model_labeler_chooses_the_higher_score(online_inputs, tmp_path, 
     )
     first = next(r for r in _rows(run) if r["round"] == 2)
     assert first["online/labels"] == len(pairs2) and first["online/score_margin"] > 0
+
+
+class _LongerIsBetter(FeedbackModel):
+    """A feedback model that prefers the longer text, answering in both orders (debiased)."""
+
+    name = "longer"
+
+    def prefer_first(self, prompts, first, second, principle):
+        return np.array(
+            [
+                0.5 if len(f) == len(s) else 0.9 if len(f) > len(s) else 0.1
+                for f, s in zip(first, second)
+            ]
+        )
+
+
+def test_ai_feedback_labeler_labels_rounds_with_the_constitution(
+    online_inputs, tmp_path, monkeypatch
+):
+    built = []
+
+    def fake_build(fcfg, device="cpu"):
+        built.append(fcfg.constitution)
+        return _LongerIsBetter()
+
+    monkeypatch.setattr(dpo_stage, "build_feedback_model", fake_build)
+    run = tmp_path / "ai_labels"
+    dpo_stage.train(
+        _cfg(online_inputs, run, **{"dpo.rounds": 2, "dpo.online_labeler": "ai_feedback"})
+    )
+    assert built == ["stories"]
+    pairs2 = [json.loads(x) for x in (run / "round-2" / "pairs.jsonl").read_text().splitlines()]
+    # both orders agree: the longer text is chosen with p 0.9; equal lengths are a coin (0.5)
+    assert pairs2 and all(r["principle"] == "ensemble" for r in pairs2)
+    for r in pairs2:
+        longer = len(r["chosen"]) > len(r["rejected"])
+        assert r["p_chosen"] == pytest.approx(0.9 if longer else 0.5)
+        assert len(r["chosen"]) >= len(r["rejected"])
+    first = next(r for r in _rows(run) if r["round"] == 2)
+    assert first["online/labels"] == len(pairs2)
+    assert first["online/order_disagreement"] == 0.0
 
 
 def test_rounds_need_their_inputs_before_anything_loads(online_inputs, tmp_path):

@@ -70,7 +70,7 @@ def test_recipe_keeps_the_math_and_leaves_out_paths_logging_and_runtime_knobs():
 def test_every_excluded_key_names_a_field_of_some_stage():
     # a renamed field must not leave a stale exclusion behind (it would then count as math)
     keys: set[str] = set()
-    for stage in ("sft", "rm", "dpo", "ppo"):
+    for stage in ("sft", "rm", "dpo", "ppo", "cai_sl", "ai_labels"):
         keys |= set(_flatten(asdict(to_object(load_config(stage, ["run_dir=/x"])))))
     for ex in RECIPE_EXCLUDE:
         assert any(k == ex or k.startswith(ex + ".") for k in keys), ex

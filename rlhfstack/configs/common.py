@@ -332,6 +332,9 @@ RECIPE_EXCLUDE: tuple[str, ...] = (
     "rm.probe_max_items",
     "rm.xstest_path",
     "rm.extra_eval",
+    # where the AI feedback model's answers are cached (the answers are the same)
+    "feedback.cache_path",
+    "dpo.online_feedback.cache_path",
 )
 
 

@@ -15,6 +15,7 @@ from rlhfstack.configs.checks import (
     reason,
 )
 from rlhfstack.configs.common import DATA_ROOT_INTERP, StageConfig
+from rlhfstack.configs.rlaif import FeedbackConfig
 
 # ----------------------------------------------------------------------------- stages
 
@@ -145,10 +146,12 @@ class DPOHyperparams:
         None, "a data file: checked when the stage starts when rounds > 1"
     )
     """Prompts of the online rounds (jsonl rows with ``prompt``); required when ``rounds > 1``."""
-    online_labeler: str = choice("simulated", "reward_model")
+    online_labeler: str = choice("simulated", "reward_model", "ai_feedback")
     """Who labels the sampled pairs: simulated (the demo's pool of noisy simulated annotators,
     ``rlhfstack.tasks.stories``; the stories task only: reads ``online_gold_dir``) |
-    reward_model (the higher score of ``online_reward_path`` is chosen; ties dropped)."""
+    reward_model (the higher score of ``online_reward_path`` is chosen; ties dropped) |
+    ai_feedback (``online_feedback``: the AI feedback model applies its constitution, both answer
+    orders asked; the preferred text is chosen)."""
     online_reference: str = choice("previous", "sft")
     """The frozen reference of round r: previous (the policy round r-1 ended with, so each round
     is a KL-regularized step from the last one; Yuan et al. 2024, Snorkel's iterative DPO) | sft
@@ -172,6 +175,9 @@ class DPOHyperparams:
         None, "a reward model path: checked when the stage starts when online_labeler=reward_model"
     )
     """online_labeler=reward_model: the reward model directory (RM stage output or ensemble)."""
+    online_feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    """online_labeler=ai_feedback: the AI feedback model and constitution (RLAIF's
+    ``feedback.*``: ``rlhfstack/configs/rlaif.py``)."""
 
 
 @dataclass

@@ -49,6 +49,8 @@ __all__ = [
     "Principle",
     "build_feedback_model",
     "compare_principles",
+    "label_pairs_with_feedback",
+    "preference_rows",
     "comparison_prompt",
     "debias",
     "load_constitution",
@@ -75,6 +77,51 @@ def build_feedback_model(cfg: Any, device: str = "cpu") -> FeedbackModel:
             temperature=e.temperature,
         )
     raise ValueError(f"feedback.kind: unknown {cfg.kind!r} (embedding | causal_lm | endpoint)")
+
+
+def label_pairs_with_feedback(
+    fb: FeedbackModel,
+    prompts: Sequence[str],
+    a: Sequence[str],
+    b: Sequence[str],
+    principles: Sequence[Principle],
+    mode: str,
+    rng: np.random.Generator,
+) -> tuple[Comparison, list[str], dict[str, Comparison]]:
+    """Soft labels P(A better) of each pair; the principle named per pair ("ensemble" or the
+    drawn one); each principle's comparison (``ensemble``: on every pair; ``sample``: none)."""
+    if mode == "ensemble":
+        ens, per = compare_principles(fb, prompts, a, b, principles)
+        return ens, ["ensemble"] * len(prompts), per
+    if mode != "sample":
+        raise ValueError(f"feedback.principles: unknown {mode!r} (ensemble | sample)")
+    drawn = [principles[int(rng.integers(len(principles)))] for _ in prompts]
+    return fb.compare(prompts, a, b, drawn), [p.name for p in drawn], {}
+
+
+def preference_rows(
+    prompts: Sequence[str],
+    a: Sequence[str],
+    b: Sequence[str],
+    cmp: Comparison,
+    principles: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Soft-labeled preference rows ``{prompt, chosen, rejected, p_chosen, principle}`` from a
+    comparison: the text with P(better) >= 0.5 is chosen and ``p_chosen`` (>= 0.5) is its soft
+    label, the Bradley-Terry target (``principles``: the principle named per pair)."""
+    rows = []
+    for i in range(len(prompts)):
+        a_wins = cmp.p_a_N[i] >= 0.5
+        rows.append(
+            {
+                "prompt": prompts[i],
+                "chosen": a[i] if a_wins else b[i],
+                "rejected": b[i] if a_wins else a[i],
+                "p_chosen": float(max(cmp.p_a_N[i], 1.0 - cmp.p_a_N[i])),
+                "principle": principles[i],
+            }
+        )
+    return rows
 
 
 def compare_principles(

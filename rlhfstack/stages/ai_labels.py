@@ -28,12 +28,13 @@ import numpy as np
 from rlhfstack.configs import AILabelsConfig
 from rlhfstack.data import map_records, require_field
 from rlhfstack.feedback import (
-    Comparison,
     FeedbackModel,
     Principle,
     build_feedback_model,
     compare_principles,
+    label_pairs_with_feedback,
     load_constitution,
+    preference_rows,
 )
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
 from rlhfstack.runtime import atomic_write_json, atomic_write_jsonl, read_jsonl, write_stage_done
@@ -42,26 +43,6 @@ from rlhfstack.tasks.stories import best_of_k_pairs
 from rlhfstack.training import setup_run
 
 log = logging.getLogger("rlhfstack.ai_labels")
-
-
-def label_pairs_with_feedback(
-    fb: FeedbackModel,
-    prompts: Sequence[str],
-    a: Sequence[str],
-    b: Sequence[str],
-    principles: Sequence[Principle],
-    mode: str,
-    rng: np.random.Generator,
-) -> tuple[Comparison, list[str], dict[str, Comparison]]:
-    """Soft labels P(A better) of each pair; the principle named per pair ("ensemble" or the
-    drawn one); each principle's comparison (``ensemble``: on every pair; ``sample``: none)."""
-    if mode == "ensemble":
-        ens, per = compare_principles(fb, prompts, a, b, principles)
-        return ens, ["ensemble"] * len(prompts), per
-    if mode != "sample":
-        raise ValueError(f"feedback.principles: unknown {mode!r} (ensemble | sample)")
-    drawn = [principles[int(rng.integers(len(principles)))] for _ in prompts]
-    return fb.compare(prompts, a, b, drawn), [p.name for p in drawn], {}
 
 
 def agreement(p_a_N: np.ndarray, target_N: np.ndarray) -> float:
@@ -122,18 +103,7 @@ def train(cfg: AILabelsConfig) -> Path:
     cmp, names, per = label_pairs_with_feedback(
         fb, pa_p, pa_a, pa_b, principles, cfg.feedback.principles, rng
     )
-    rows = []
-    for i in range(len(pa_p)):
-        a_wins = cmp.p_a_N[i] >= 0.5
-        rows.append(
-            {
-                "prompt": pa_p[i],
-                "chosen": pa_a[i] if a_wins else pa_b[i],
-                "rejected": pa_b[i] if a_wins else pa_a[i],
-                "p_chosen": float(max(cmp.p_a_N[i], 1.0 - cmp.p_a_N[i])),
-                "principle": names[i],
-            }
-        )
+    rows = preference_rows(pa_p, pa_a, pa_b, cmp, names)
     perm = rng.permutation(len(rows))
     n_val = int(round(cfg.val_fraction * len(rows)))
     atomic_write_jsonl(out / "prefs_train.jsonl", [rows[i] for i in sorted(perm[n_val:])])

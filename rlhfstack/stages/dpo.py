@@ -36,6 +36,13 @@ from rlhfstack.data.collate import (
 )
 from rlhfstack.data.loading import load_preferences, load_unpaired, resolve_data_path
 from rlhfstack.data.schemas import PreferenceExample, SFTExample
+from rlhfstack.feedback import (
+    build_feedback_model,
+    label_pairs_with_feedback,
+    load_constitution,
+    preference_rows,
+    resolve_constitution_path,
+)
 from rlhfstack.losses import DPO_LOSS_TYPES, dpo_loss, kto_loss
 from rlhfstack.models.core import load_causal_lm, save_hf, sequence_logprob_sums, tokenizer_for
 from rlhfstack.models.pairs import shared_prompt_pair_logprob_sums
@@ -404,6 +411,11 @@ def _check_rounds(cfg: DPOConfig) -> None:
                     f"dpo.online_gold_dir={str(gold_dir)!r}: the simulated labelers read "
                     f"{need}; none there"
                 )
+    elif d.online_labeler == "ai_feedback":
+        try:
+            resolve_constitution_path(d.online_feedback.constitution)
+        except FileNotFoundError as err:
+            missing.append(f"dpo.online_feedback.constitution: {err}")
     elif not d.online_reward_path or not Path(d.online_reward_path).is_dir():
         missing.append(
             f"dpo.online_reward_path={d.online_reward_path!r}: online_labeler=reward_model needs "
@@ -512,6 +524,28 @@ def _label_online(
                 ),
             }
         return rows, stats
+    if cfg.dpo.online_labeler == "ai_feedback":
+        fcfg = cfg.dpo.online_feedback
+        fb = build_feedback_model(fcfg, device=run.device)
+        keep = [i for i in range(len(prompts)) if a[i] != b[i]]  # identical texts: no preference
+        p_, a_, b_ = ([x[i] for i in keep] for x in (prompts, a, b))
+        cmp, names, _ = label_pairs_with_feedback(
+            fb,
+            p_,
+            a_,
+            b_,
+            load_constitution(fcfg.constitution).principles,
+            fcfg.principles,
+            np.random.default_rng(cfg.seed * 1000 + r),
+        )
+        rows = preference_rows(p_, a_, b_, cmp, names)
+        if not rows:
+            return rows, {}
+        return rows, {
+            "online/mean_p_chosen": float(np.mean([row["p_chosen"] for row in rows])),
+            "online/order_disagreement": cmp.order_disagreement,
+            "online/feedback_cpu_seconds": fb.cpu_seconds,
+        }
     reward = load_reward(cfg.dpo.online_reward_path, tok, device=run.device)
     rows = label_pairs_by_reward(reward, prompts, a, b)
     margins = [row["score_margin"] for row in rows]
