@@ -60,3 +60,39 @@ def test_fresh_venv_install_runs_list_and_the_smoke_pipeline_from_elsewhere(tmp_
         assert (out / stage / "done.json").exists(), stage
     assert (out / "results.json").exists()
     assert not (elsewhere / "runs").exists()  # everything went to run_dir
+    printed = smoke.stdout + smoke.stderr
+    assert "== pipeline done" in printed and "Win-rates on the test split" in printed
+
+    # the exported RM: plain transformers in the fresh venv scores as the project's loader
+    check = tmp_path / "check_rm.py"
+    check.write_text(RM_CHECK)
+    scored = run(str(venv / "bin" / "python"), str(check), str(out / "rm" / "model"), timeout=600)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert scored.stdout.strip().endswith("max abs diff ok"), scored.stdout[-2000:]
+
+
+RM_CHECK = """
+import sys
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rlhfstack.models.core import RewardModel, load_tokenizer
+from rlhfstack.models.encoders import encode_for_reward, score_texts
+
+rm_dir = sys.argv[1]
+prompts = ["Once upon a time", "Lily had a cat.", "Tom"]
+responses = [" there was a big dog. It was happy.", " It liked to play.", " ran to the park."]
+tok = load_tokenizer(rm_dir)
+ours = score_texts(RewardModel.load(rm_dir), tok, prompts, responses)["mean"]
+hf = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+ids = [e[0] for e in encode_for_reward(tok, "causal_lm", prompts, responses, 128)]
+T = max(len(x) for x in ids)
+ids_BT = torch.tensor([x + [tok.pad_token_id] * (T - len(x)) for x in ids])
+with torch.no_grad():
+    logits = hf(input_ids=ids_BT, attention_mask=(ids_BT != tok.pad_token_id)).logits[:, 0]
+diff = float((logits + hf.config.reward_offset - ours).abs().max())
+print("scores", ours.tolist(), "diff", diff)
+assert diff < 1e-5, diff
+print("max abs diff ok")
+"""
