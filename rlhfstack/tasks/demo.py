@@ -16,6 +16,7 @@ from typing import Any
 
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
 from rlhfstack.models.llama2c import convert
+from rlhfstack.progress import Progress
 from rlhfstack.rollout.generate import sample_texts
 from rlhfstack.runtime import atomic_write_json
 from rlhfstack.tasks.stories import GoldReward
@@ -108,19 +109,21 @@ def sample_story_candidates(
     seed ``seed * 1000 + j``. Returns the candidates per prompt and the tokens generated."""
     out: list[list[str]] = [[] for _ in prompts]
     n_tokens = 0
-    for j in range(k):
-        texts, _, n_tok = sample_texts(
-            model,
-            tok,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed * 1000 + j,
-            device=device,
-            batch_size=256,
-            stop_ids=(tok.eos_token_id, tok.bos_token_id),
-        )
-        n_tokens += n_tok
-        for i, t in enumerate(texts):
-            out[i].append(cut_at_sentence(t))
+    with Progress(k * len(prompts), "candidates", unit="sample") as bar:
+        for j in range(k):
+            texts, _, n_tok = sample_texts(
+                model,
+                tok,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed * 1000 + j,
+                device=device,
+                batch_size=256,
+                stop_ids=(tok.eos_token_id, tok.bos_token_id),
+                progress=bar,
+            )
+            n_tokens += n_tok
+            for i, t in enumerate(texts):
+                out[i].append(cut_at_sentence(t))
     return out, n_tokens
