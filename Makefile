@@ -101,4 +101,4 @@ gpu-check: setup
 	$(PY) bench/gpu_check.py
 
 clean:
-	rm -rf runs/demo runs/demo_smoke runs/demo_rlaif
+	rm -rf runs/demo runs/demo_smoke runs/demo_rlaif runs/demo_online_dpo

@@ -264,7 +264,8 @@ def run_command(name: str, cfg: DictConfig) -> Any:
     ``done.json`` says so in one line and returns (``overwrite=true`` trains it again,
     ``resume=force`` goes on from its newest checkpoint); else the typed config goes to the
     command's function. A diverged run exits with status 3."""
-    from rlhfstack.training import exit_on_divergence
+    # training imports torch: loaded when a command runs, so that `rlhf list` / `--help` are fast
+    from rlhfstack.training import exit_on_divergence, finished_run
 
     command = COMMANDS[name]
     if _multirun():
@@ -272,15 +273,13 @@ def run_command(name: str, cfg: DictConfig) -> Any:
         if key in cfg:
             cfg[key] = HydraConfig.get().runtime.output_dir
     obj = to_object(cfg)
-    if command.stage is not None:
-        done = Path(obj.run_dir) / "done.json"
-        if done.exists() and not obj.overwrite and obj.resume != "force":
-            print(
-                f"{obj.run_dir} holds a finished {command.stage} run ({done.name}): nothing to "
-                "do (overwrite=true trains it again)",
-                flush=True,
-            )
-            return None
+    if command.stage is not None and finished_run(obj):
+        print(
+            f"{obj.run_dir} holds a finished {command.stage} run (done.json): nothing to "
+            "do (overwrite=true trains it again)",
+            flush=True,
+        )
+        return None
     with exit_on_divergence():  # a diverged run: one error paragraph, exit status 3
         result = _target(command)(obj)
     if isinstance(result, dict) and command.stage is None and name != "pipeline":

@@ -25,7 +25,7 @@ from typing import Any
 from rlhfstack import logs, progress
 from rlhfstack.configs import PipelineConfig, load_config, to_object
 from rlhfstack.tasks.demo import gold_scorer_for
-from rlhfstack.training import exit_on_divergence
+from rlhfstack.training import exit_on_divergence, finished_run
 
 log = logging.getLogger("rlhfstack.pipeline")
 
@@ -160,10 +160,7 @@ def run_pipeline(
     todo: list[tuple[str, Any]] = []
     for stage in cfg.stages:
         scfg = to_object(load_config(stage, stage_overrides(cfg, stage)))
-        if (Path(scfg.run_dir) / "done.json").exists() and not (
-            scfg.overwrite or scfg.resume == "force"
-        ):
-            # a finished stage is not trained again unless asked (overwrite / resume=force)
+        if finished_run(scfg):  # trained again only when asked (overwrite / resume=force)
             log.info("== %s: finished in %s (done.json), skipped", stage, scfg.run_dir)
             continue
         todo.append((stage, scfg))

@@ -505,7 +505,33 @@ RECIPE_FILE = "recipe.json"
 
 
 class RecipeMismatch(RuntimeError):
-    """``run_dir`` holds a checkpoint written under other settings than this run's."""
+    """``run_dir`` holds a checkpoint or a finished run written under other settings than this
+    run's."""
+
+
+def finished_run(cfg: Any) -> bool:
+    """Whether ``cfg.run_dir`` holds a finished run (``done.json``) to keep: then the command has
+    nothing to do. False when there is none, or with ``overwrite=true`` (train again) or
+    ``resume=force`` (go on from its newest checkpoint). A finished run recorded (``recipe.json``)
+    under other settings raises :class:`RecipeMismatch` listing each differing key, so a changed
+    command never passes for a finished one."""
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "done.json").exists():
+        return False
+    if getattr(cfg, "overwrite", False) or getattr(cfg, "resume", "auto") == "force":
+        return False
+    old = None
+    with contextlib.suppress(ValueError, OSError):
+        old = json.loads((run_dir / RECIPE_FILE).read_text()).get("recipe")
+    diff = recipe_diff(old, recipe_of(cfg)) if old is not None else {}
+    if diff:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise RecipeMismatch(
+            f"{run_dir} holds a finished run under other settings than this command's:\n{lines}\n"
+            "Nothing was changed. Rerun with overwrite=true to train it again under the new "
+            "settings, or with another run_dir."
+        )
+    return True
 
 
 def prepare_run_dir(
@@ -821,6 +847,8 @@ HEADLINE_METRICS = {
     "rm": ("loss", "accuracy"),
     "dpo": ("loss", "reward_accuracy", "reward_margin"),
     "ppo": ("reward/rm_score", "kl/seq_k1", "kl/beta", "response/length"),
+    "cai_sl": ("revisions", "revised_fraction"),
+    "ai_labels": ("pairs", "order_disagreement"),
 }
 
 

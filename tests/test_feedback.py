@@ -183,3 +183,10 @@ def test_soft_labels_travel_from_the_file_to_the_batch(tmp_path, stories_hf):
     path.write_text(json.dumps({**rows[0], "p_chosen": 1.5}) + "\n")
     with pytest.raises(DataError, match="p_chosen"):
         load_preferences(path, adapter="plain", template="plain")
+
+
+def test_an_order_that_answers_a_tie_disagrees_with_nothing():
+    cmp = debias(np.array([0.9, 0.5, 0.9, 0.5]), np.array([0.9, 0.9, 0.1, 0.5]))
+    # each ask: P(the option shown first is better). Pair 0 prefers whichever is shown first
+    # (disagrees); pair 2 prefers A in both orders; pairs 1 and 3 hold a tie: no disagreement
+    assert cmp.disagree_N.tolist() == [True, False, False, False]

@@ -152,3 +152,9 @@ def test_kto_reference_point_is_clamped_and_detached():
     assert close(losses, [1 - sigmoid(1.0)])  # z0 clamped to 0: 1 - sig(1 - 0) = 0.268941
     losses.sum().backward()
     assert z0.grad is None and policy.grad.item() < 0  # raising log pi lowers a desirable loss
+
+
+def test_bradley_terry_refuses_a_margin_with_soft_labels():
+    r = torch.tensor([1.0, 0.0])
+    with pytest.raises(ValueError, match="not both"):
+        bradley_terry_loss(r, r, margin_B=torch.ones(2), p_chosen_B=torch.full((2,), 0.7))

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from rlhfstack import cli, pipeline
-from rlhfstack.configs import load_config, to_object
+from rlhfstack.configs import load_config, recipe_of, to_object
+from rlhfstack.training import RECIPE_FILE, RecipeMismatch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,6 +139,24 @@ def test_pipeline_skips_finished_stages_unless_overwrite(tmp_path, monkeypatch):
     forced = [*base, "common_overrides=['resume=force']"]  # go on from its checkpoint: asked too
     pipeline.run_pipeline(to_object(load_config("pipeline", forced)))
     assert started == ["dpo", "sft", "dpo", "sft", "dpo"]
+
+
+def test_a_finished_stage_under_other_settings_stops_the_pipeline(tmp_path, monkeypatch):
+    started: list[str] = []
+    monkeypatch.setattr(
+        pipeline, "run_stage", lambda stage, scfg, command="": started.append(stage)
+    )
+    base = [f"artifacts_dir={tmp_path}", "jobs=1", "stages=[sft,dpo]"]
+    sft = to_object(load_config("sft", [f"artifacts_dir={tmp_path}"]))
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "done.json").write_text("{}")
+    (tmp_path / "sft" / RECIPE_FILE).write_text(json.dumps({"recipe": recipe_of(sft)}))
+    pipeline.run_pipeline(to_object(load_config("pipeline", base)))  # same settings: kept
+    assert started == ["dpo"]
+    changed = [*base, "+stage_overrides.sft=['trainer.lr=0.5']"]
+    with pytest.raises(RecipeMismatch, match=r"trainer.lr: .* -> 0.5"):
+        pipeline.run_pipeline(to_object(load_config("pipeline", changed)))
+    assert started == ["dpo"]  # nothing ran
 
 
 def test_rerunning_a_finished_run_exits_0_and_touches_nothing(tmp_path, arts):

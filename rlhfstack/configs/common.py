@@ -243,8 +243,8 @@ class EndpointConfig:
     configs, logs or the cache. Local servers without a key get a placeholder."""
 
 
-#: Config keys that were renamed: ``old -> new``; an override of the old key stops with the new
-#: one named (``rlhfstack.cli.precheck``).
+#: Keys that no config has, with the key that does their job: ``old -> new``; an override of
+#: the old key stops with the new one named (``rlhfstack.cli.precheck``).
 RENAMED_KEYS: dict[str, str] = {
     "generation.api_model": "generation.model (and generation.base_url=URL for the endpoint)",
 }

@@ -41,7 +41,8 @@ class FeedbackConfig:
     )
     """The constitution (``conf/constitution/<name>.yaml`` or a path)."""
     principles: str = choice("ensemble", "sample")
-    """RL-CAI labels (the ai_labels stage): ensemble (each pair's soft label is the mean over all
+    """How each pair's label is formed (the ai_labels stage; online DPO's ai_feedback labeler):
+    ensemble (each pair's soft label is the mean over all
     principles, as Bai et al. 2022 ensemble over principles) | sample (one principle drawn at
     random per pair). SL-CAI always draws one principle per response, as the paper does."""
     endpoint: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)

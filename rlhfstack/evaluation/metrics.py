@@ -48,7 +48,7 @@ def bootstrap_ci(
     ``scipy.stats.bootstrap`` with ``paired=True``: one resample draws item indices once and
     takes them from every array of ``data``, so a statistic of paired columns (policy and
     baseline on the same prompt) keeps its pairs. ``method="percentile"`` rather than BCa: it is
-    the interval the reports have always stated; it stays defined on degenerate samples (a
+    the interval the reports state (EVAL_REPORT.md); it stays defined on degenerate samples (a
     policy winning every prompt gives [1, 1], where BCa's acceleration is 0/0 and gives NaN);
     and BCa's jackknife would refit a non-vectorized statistic (the length-controlled model)
     once per item. ``statistic`` takes the arrays and ``axis`` when ``vectorized``; a NaN from a

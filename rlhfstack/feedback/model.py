@@ -77,8 +77,10 @@ class Comparison:
 
     @property
     def disagree_N(self) -> np.ndarray:
-        """Per pair: the two orders fall on different sides of 0.5 (bool, (N,))."""
-        return np.sign(self.p_a_first_N - 0.5) != np.sign(self.p_a_second_N - 0.5)
+        """Per pair: the two orders prefer different answers (bool, (N,)); an order that answers
+        exactly 0.5 (a tie, an unparsed verdict) prefers neither and disagrees with nothing."""
+        f, s = self.p_a_first_N, self.p_a_second_N
+        return ((f > 0.5) & (s < 0.5)) | ((f < 0.5) & (s > 0.5))
 
     @property
     def order_disagreement(self) -> float:

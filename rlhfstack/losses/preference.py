@@ -48,8 +48,9 @@ def bradley_terry_loss(
     ``loss = -mean log sigmoid(r(x, y_c) - r(x, y_r) - m(r))``; with soft labels ``p`` (the
     probability that y_c is the better response, e.g. an AI labeler's debiased preference as in
     Bai et al. 2022 and Lee et al. 2023) it is the cross-entropy against ``p``:
-    ``loss = -mean [p log sigmoid(d) + (1 - p) log sigmoid(-d)]``, ``d = r_c - r_r - m``
-    (p = 1 gives the hard-label loss; p = 0.5 pulls d towards 0).
+    ``loss = -mean [p log sigmoid(d) + (1 - p) log sigmoid(-d)]``, ``d = r_c - r_r``
+    (p = 1 gives the hard-label loss; p = 0.5 pulls d towards 0). Margins and soft labels do not
+    combine (ValueError).
 
     Args:
         chosen_B: (B,) scalar rewards of the preferred responses.
@@ -61,6 +62,9 @@ def bradley_terry_loss(
         ``(loss, stats)``; stats (detached 0-dim): ``accuracy`` (fraction with r_c > r_r),
         ``margin_mean`` (mean r_c - r_r), ``chosen_mean``, ``rejected_mean``.
     """
+    if margin_B is not None and p_chosen_B is not None:
+        # the margin says how much y_c is better; a soft label says y_c may not be: no one d fits
+        raise ValueError("bradley_terry_loss: give a margin or soft labels, not both")
     diff = chosen_B - rejected_B  # r_c - r_r
     logits = diff if margin_B is None else diff - margin_B.to(diff.dtype)  # r_c - r_r - m
     if p_chosen_B is None:

@@ -11,6 +11,7 @@ policy into the vLLM engine before every rollout (``sync_weights``), LoRA merged
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 from rlhfstack.rollout.generate import Generation
 from rlhfstack.runtime import require
+
+log = logging.getLogger("rlhfstack.vllm")
 
 
 class VLLMRollout:
@@ -46,9 +49,16 @@ class VLLMRollout:
             max_model_len=max_model_len,
             enable_prefix_caching=False,
         )
-        try:  # log-probs after temperature scaling: the distribution the tokens were drawn from
+        # log-probs after temperature scaling: the distribution the tokens were drawn from
+        self.processed_logprobs = True
+        try:
             self.llm = LLM(**kwargs, logprobs_mode="processed_logprobs")
         except TypeError:  # older vLLM: raw log-probs, i.e. of softmax(logits) at temperature 1
+            self.processed_logprobs = False
+            log.warning(
+                "this vLLM has no logprobs_mode: its log-probs are at temperature 1, so the "
+                "mismatch/* metrics and ppo.rollout_is hold only for rollout.temperature=1"
+            )
             self.llm = LLM(**kwargs)
 
     @torch.no_grad()

@@ -144,7 +144,7 @@ def train(cfg: AILabelsConfig) -> Path:
         cmp.order_disagreement,
         label_cpu,
     )
-    run.logger.log(0, {"loss": 0.0, "pairs": len(rows)})
+    run.logger.log(0, {"pairs": len(rows), "order_disagreement": cmp.order_disagreement})
     run.logger.close()
     write_stage_done(
         out,

@@ -117,7 +117,7 @@ def train(cfg: CAISLConfig) -> Path:
         fb.name,
         fb.cpu_seconds,
     )
-    run.logger.log(0, {"loss": 0.0, "revisions": len(keep), "revised_fraction": changed})
+    run.logger.log(0, {"revisions": len(keep), "revised_fraction": changed})
     run.logger.close()
     write_stage_done(
         out,

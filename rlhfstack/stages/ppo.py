@@ -368,6 +368,16 @@ class PPOTrainer:
         self.vllm_engine = None
         if cfg.rollout.backend == "vllm":
             self.vllm_engine = VLLMRollout(cfg.model.path, dtype="bfloat16", seed=cfg.seed)
+            if (
+                not self.vllm_engine.processed_logprobs
+                and cfg.ppo.rollout_is != "none"
+                and self.T != 1.0
+            ):
+                raise ValueError(
+                    f"ppo.rollout_is={cfg.ppo.rollout_is} with rollout.temperature={self.T}: this "
+                    "vLLM returns log-probs at temperature 1 (no logprobs_mode), so the importance "
+                    "weights would be wrong; use temperature 1 or a vLLM with logprobs_mode"
+                )
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -474,7 +484,7 @@ class PPOTrainer:
             old_logprobs = gen.logprobs_BR
             if r_value is not None:
                 old_values = r_value.values(ids, mask, P, hidden_BRD=gen.hidden_BRD)
-        else:  # a separate scoring pass (vLLM rollouts, non-HF models)
+        else:  # a scoring pass (vLLM rollouts, non-HF models, ppo.logprobs_from_rollout=false)
             out = response_logprobs(
                 self.r_policy, ids, mask, P, self.T, value_head=r_value if shared else None
             )

@@ -76,7 +76,9 @@ def run_online_dpo_eval(cfg: OnlineDPOEvalConfig, command: str = "") -> Path:
         if source is not None:
             done = json.loads((art / source / "done.json").read_text())
             per[name].update(
-                labels=done.get("labels", sum(r["labels"] for r in done.get("rounds", []))),
+                labels=done["labels"]
+                if "labels" in done
+                else sum(r["labels"] for r in done.get("rounds", [])),
                 steps=done["steps"],
                 cost=done["cost"],
                 rounds=done.get("rounds"),
@@ -106,7 +108,7 @@ def run_online_dpo_eval(cfg: OnlineDPOEvalConfig, command: str = "") -> Path:
     }
     atomic_write_json(art / "results.json", results)
     atomic_write_text(art / "EVAL_REPORT.md", render_online_dpo_section(results))
-    run.logger.log(0, {"loss": 0.0})
+    run.logger.log(0, {f"winrate/{k}": v["rate"] for k, v in rates.items()})
     run.logger.close()
     write_stage_done(run.run_dir, {"stage": "online_dpo_eval", "cost": results["cost"]["eval"]})
     return art
