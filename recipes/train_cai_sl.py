@@ -11,20 +11,15 @@ python recipes/train_cai_sl.py artifacts_dir=runs/demo_rlaif [key=value ...]
 import hydra
 from omegaconf import DictConfig
 
-from rlhfstack.configs import CONF_DIR, load_config, to_object
+from rlhfstack.cli import precheck_or_exit, run_command
+from rlhfstack.configs import CONF_DIR
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="cai_sl", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rlhfstack.stages.cai_sl import fine_tune_overrides, train
-    from rlhfstack.stages.sft import train as train_sft
-    from rlhfstack.training import exit_on_divergence
-
-    scfg = to_object(cfg)
-    with exit_on_divergence():  # a diverged run: one error paragraph, exit status 3
-        train(scfg)
-        train_sft(to_object(load_config("sft", fine_tune_overrides(scfg))))
+    run_command("cai-sl", cfg)  # rlhfstack/cli.py: sweep run_dirs, the stage and its fine-tune
 
 
 if __name__ == "__main__":
+    precheck_or_exit("cai-sl")  # a bad config stops here, before Hydra creates run_dir
     main()

@@ -108,6 +108,20 @@ COMMANDS: dict[str, Command] = {
         "dpo",
         "recipes/train_dpo.py",
     ),
+    "cai-sl": Command(
+        "cai_sl",
+        "rlhfstack.cli:_train_cai_sl",
+        "SL-CAI: critiques and revisions of the policy's responses, then SFT on the revisions",
+        None,
+        "recipes/train_cai_sl.py",
+    ),
+    "ai-labels": Command(
+        "ai_labels",
+        "rlhfstack.stages.ai_labels:train",
+        "RL-CAI labels: preference pairs soft-labeled by the AI feedback model",
+        None,
+        "recipes/pipeline.py +experiment=demo_rlaif",
+    ),
     "pipeline": Command(
         "pipeline",
         "rlhfstack.cli:_run_pipeline",
@@ -224,6 +238,14 @@ def _train_ppo(cfg: Any) -> None:
         else None
     )
     train(cfg, gold_scorer=gold)
+
+
+def _train_cai_sl(cfg: Any) -> None:
+    from rlhfstack.stages.cai_sl import fine_tune_overrides, train
+    from rlhfstack.stages.sft import train as train_sft
+
+    train(cfg)
+    train_sft(to_object(load_config("sft", fine_tune_overrides(cfg))))
 
 
 def _run_pipeline(cfg: Any) -> None:
