@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -549,6 +550,41 @@ class ChatClient:
         return raw.parse()
 
 
+def request_all(
+    calls: Sequence[tuple[str, str, Callable[[], Any]]],
+    cache: JudgmentCache,
+    concurrency: int,
+    desc: str,
+    unit: str = "req",
+) -> tuple[dict[str, Any], BaseException | None]:
+    """Run each ``(key, identity, call)`` of ``calls`` on ``concurrency`` threads; each answer is
+    cached (``cache.put(key, identity, answer)``) as soon as it arrives, with progress (rate,
+    ETA). On a failure, calls not yet started are dropped and those in flight awaited (and
+    cached). Returns the answers by key and the first error (None when every call succeeded)."""
+    answers: dict[str, Any] = {}
+    error: BaseException | None = None
+    bar = Progress(len(calls), desc, unit=unit)
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, bar:
+        futures = {pool.submit(call): (key, identity) for key, identity, call in calls}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                if fut.cancelled():
+                    continue
+                if fut.exception() is not None:
+                    error = error or fut.exception()
+                    continue
+                key, identity = futures[fut]
+                answers[key] = fut.result()
+                cache.put(key, identity, answers[key])
+                bar.update()
+            if error is not None:
+                for fut in pending:
+                    fut.cancel()
+    return answers, error
+
+
 class LLMJudge:
     """A chat model as a pairwise judge, asked about every pair in both orders (cached).
 
@@ -657,34 +693,16 @@ class LLMJudge:
         )
 
     def _run(self, todo: list[tuple[str, str, str, str]], have: dict[str, Any]) -> None:
-        """Request ``todo`` concurrently; each answer is cached as soon as it arrives. On a
-        failure, requests not yet started are dropped, those in flight are awaited (and cached),
-        then the error is raised: rerunning resumes from the cache. Progress (rate, ETA) is
-        reported as answers arrive."""
-        done_count = 0
-        error: BaseException | None = None
-        bar = Progress(len(todo), f"{self.name}: judgment", unit="req")
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool, bar:
-            futures = {pool.submit(self._ask, q, f, s): key for key, q, f, s in todo}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    if fut.cancelled():
-                        continue
-                    if fut.exception() is not None:
-                        error = error or fut.exception()
-                        continue
-                    key = futures[fut]
-                    have[key] = fut.result()
-                    self.cache.put(key, self.identity, have[key])
-                    done_count += 1
-                    bar.update()
-                if error is not None:
-                    for fut in pending:
-                        fut.cancel()
+        """Request ``todo`` concurrently (:func:`request_all`: each answer cached as it arrives);
+        on a failure, raise after the requests in flight: rerunning resumes from the cache."""
+        calls = [(key, self.identity, partial(self._ask, q, f, s)) for key, q, f, s in todo]
+        answers, error = request_all(
+            calls, self.cache, self.concurrency, f"{self.name}: judgment", unit="req"
+        )
+        have.update(answers)
         if error is not None:
             raise RuntimeError(
-                f"LLM judge {self.name!r} failed after {done_count} of {len(todo)} new judgments "
-                f"({error}); the finished ones are cached: rerun the same command to resume"
+                f"LLM judge {self.name!r} failed after {len(answers)} of {len(todo)} new "
+                f"judgments ({error}); the finished ones are cached: rerun the same command to "
+                "resume"
             ) from None

@@ -33,14 +33,14 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from rlhfstack.evaluation.judges import JudgmentCache
+from rlhfstack.evaluation.judges import JudgmentCache, request_all
 from rlhfstack.feedback.constitution import Principle
 from rlhfstack.models.core import load_causal_lm, load_tokenizer
 from rlhfstack.models.encoders import load_encoder, load_reward_tokenizer
@@ -433,15 +433,19 @@ class EndpointFeedback(FeedbackModel):
         )
 
     def _cached_map(self, keys: list[str], identities: list[str], ask: Any, args: list[tuple]):
-        """``ask(*args[i])`` for each key not in the cache (concurrently), cached as it arrives."""
+        """``ask(*args[i])`` for each key not in the cache (concurrently, each answer cached as it
+        arrives: :func:`~rlhfstack.evaluation.judges.request_all`); a failure is raised after
+        the requests in flight, so a rerun resumes from the cache."""
         have = self.cache.get_many(keys)
         todo = {k: (ident, a) for k, ident, a in zip(keys, identities, args) if k not in have}
-        if todo:
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                futures = [(k, ident, pool.submit(ask, *a)) for k, (ident, a) in todo.items()]
-                for k, ident, fut in futures:
-                    have[k] = fut.result()
-                    self.cache.put(k, ident, have[k])
+        calls = [(k, ident, partial(ask, *a)) for k, (ident, a) in todo.items()]
+        answers, error = request_all(calls, self.cache, self.concurrency, f"{self.name}: ask")
+        have.update(answers)
+        if error is not None:
+            raise RuntimeError(
+                f"AI feedback {self.name!r} failed after {len(answers)} of {len(todo)} new "
+                f"requests ({error}); the finished ones are cached: rerun to resume"
+            ) from None
         return [have[k] for k in keys]
 
     def _ask_compare(self, question: str, prompt: str, first: str, second: str) -> dict:
