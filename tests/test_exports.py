@@ -154,3 +154,21 @@ def test_pipeline_exports_cards_an_hf_reward_model_and_a_safetensors_critic(smok
     )
     load_value_model(critic, value_file)
     assert torch.equal(critic.head.linear.weight, saved["head.linear.weight"])
+
+
+def test_critic_from_an_exported_rm_trains_only_what_it_runs(stories_hf, tmp_path):
+    """Every trainable weight of a critic built from the exported RM gets a gradient: the
+    classifier's ``score`` head, which the critic never runs, is frozen (a trainable weight
+    without gradient has no optimizer state, and a checkpoint could not be restored)."""
+    from rlhfstack.models.value import build_value_model
+
+    tok = load_tokenizer(str(stories_hf))
+    _tiny_rm(stories_hf).save(tmp_path / "rm", pad_token_id=tok.pad_token_id)
+    critic = build_value_model(
+        "separate", policy_hidden_size=0, reward_model=RewardModel.load(tmp_path / "rm")
+    )
+    ids_BT = torch.tensor([[1, 5, 9, 13, 17, 21], [1, 6, 10, 14, 18, 22]])
+    critic.values(ids_BT, torch.ones_like(ids_BT), start=3).sum().backward()
+    trainable = {n: p for n, p in critic.named_parameters() if p.requires_grad}
+    assert trainable and not any("score" in n for n in trainable)
+    assert [n for n, p in trainable.items() if p.grad is None] == []

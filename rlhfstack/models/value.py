@@ -72,7 +72,11 @@ class Critic(nn.Module):
     def __init__(self, rm: RewardModel) -> None:
         super().__init__()
         self.lm = copy.deepcopy(rm.backbone)
-        self.lm.requires_grad_(True)
+        # only the trunk runs (values()): a head it never runs (an exported RM's ``score``) stays
+        # frozen, else it would be a trainable weight with no gradient and no optimizer state,
+        # which a checkpoint cannot restore
+        self.lm.requires_grad_(False)
+        causal_lm_parts(self.lm)[0].requires_grad_(True)
         self.head = ValueHead(rm.backbone.config.hidden_size)
         with torch.no_grad():  # start from the RM's head (its first ensemble member)
             self.head.linear.weight.copy_(rm.head.linear.weight[:1])
