@@ -155,3 +155,25 @@ def test_report_shows_test_and_dev_winrates(art, tmp_path):
     write_eval_report(art, _results(art, tax=0.1))
     publish_report(art, tmp_path / "EVAL_REPORT.md", tmp_path / "assets")
     assert "Dev split (9 prompts" in (tmp_path / "EVAL_REPORT.md").read_text()
+
+
+def test_the_commit_stamp_ignores_the_published_report(tmp_path, monkeypatch):
+    import subprocess
+
+    from rlhfstack.evaluation.jobs.demo import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "EVAL_REPORT.md").write_text("old\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.chdir(tmp_path)
+    head = git_commit()
+    assert head != "unknown" and "uncommitted" not in head
+    (tmp_path / "EVAL_REPORT.md").write_text("new\n")  # what make demo writes
+    assert git_commit() == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit() == f"{head} + uncommitted changes"

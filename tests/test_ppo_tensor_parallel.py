@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil  # installed with peft
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,7 +160,8 @@ def test_ppo_model_parallel_matches_one_process(smoke, tmp_path, launch_env, lay
 @pytest.mark.parametrize("layout", ["tp", "pp"])
 def test_ppo_sigkill_resume_and_resume_under_other_layouts(smoke, tmp_path, launch_env, layout):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ("trainer.max_steps=4", "trainer.save_every=2", f"parallel.{layout}=2")
+    # 6 iterations: the killed run has 4 left after its first checkpoint, so the kill lands first
+    args = ("trainer.max_steps=6", "trainer.save_every=2", f"parallel.{layout}=2")
     _run(launch_env, smoke, full, 2, *args)
     ck = full / "ckpt-000002"
     assert len(list(ck.glob("*.distcp"))) == 2, "one shard per tensor-parallel rank / stage"
@@ -170,15 +172,18 @@ def test_ppo_sigkill_resume_and_resume_under_other_layouts(smoke, tmp_path, laun
     p = _start(launch_env, smoke, cut, 2, *args)
     deadline = time.time() + 300
     while not list(cut.glob("ckpt-*/extra.json")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
+        time.sleep(0.05)  # a checkpoint directory appears complete (renamed into place)
+    # torchrun starts each worker in a session of its own: kill the workers, then torchrun
+    for child in psutil.Process(p.pid).children(recursive=True):
+        child.kill()
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert list(cut.glob("ckpt-*/extra.json")), "no checkpoint before the kill"
+    assert not (cut / "done.json").exists(), "the run ended before the kill"
     out = _run(launch_env, smoke, cut, 2, *args)
     assert "resumed from" in out
     a, b = _rows(full), _rows(cut)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
     assert strip(a[-1]) == strip(b[-1])
 
@@ -187,17 +192,17 @@ def test_ppo_sigkill_resume_and_resume_under_other_layouts(smoke, tmp_path, laun
     one.mkdir()
     shutil.copytree(ck, one / "ckpt-000002")
     (one / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a[:2]))
-    out = _run(launch_env, smoke, one, 1, "trainer.max_steps=4", "trainer.save_every=2")
+    out = _run(launch_env, smoke, one, 1, "trainer.max_steps=6", "trainer.save_every=2")
     assert "resumed from" in out
     c = _rows(one)
-    assert [r["step"] for r in c] == [1, 2, 3, 4]
+    assert [r["step"] for r in c] == [1, 2, 3, 4, 5, 6]
     _assert_rows_close(a[2:], c[2:])
 
     # ... and not under another data-parallel degree: the message names what it accepts
     dp2 = tmp_path / "dp2"
     dp2.mkdir()
     shutil.copytree(ck, dp2 / "ckpt-000002")
-    p = _start(launch_env, smoke, dp2, 2, "trainer.max_steps=4", "parallel.dp_shard=2")
+    p = _start(launch_env, smoke, dp2, 2, "trainer.max_steps=6", "parallel.dp_shard=2")
     out = _finish(p, ok=False)
     assert p.returncode != 0
     assert f"written with parallel.dp_shard=1 (tp={written['tp']}, pp={written['pp']})" in out

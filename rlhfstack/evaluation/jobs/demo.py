@@ -69,14 +69,32 @@ def _seq_logprobs(
     return np.concatenate(sums), np.concatenate(counts)
 
 
+#: what the demo targets write into the checkout (the published report): not a code change
+REPORT_OUTPUTS = ("EVAL_REPORT.md", "docs/eval_report")
+
+
 def git_commit() -> str:
-    """Short HEAD hash, with " + uncommitted changes" when tracked files differ from it."""
+    """Short HEAD hash, with " + uncommitted changes" when tracked files other than the
+    published report (:data:`REPORT_OUTPUTS`, rewritten by ``make demo``) differ from it."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "-C",
+                top,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                *(f":!{p}" for p in REPORT_OUTPUTS),
+            ],  # fmt: skip
             capture_output=True,
             text=True,
             check=True,
