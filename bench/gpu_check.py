@@ -48,7 +48,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -410,6 +409,7 @@ def part_qlora(dry: bool, device: str, deadline: float) -> dict[str, Any]:
 
     import torch
 
+    from rlhfstack.configs import LoraConfig
     from rlhfstack.models.core import load_causal_lm
 
     if device != "cuda":
@@ -423,22 +423,7 @@ def part_qlora(dry: bool, device: str, deadline: float) -> dict[str, Any]:
     del base
     gc.collect()
     torch.cuda.empty_cache()
-    lora = SimpleNamespace(
-        enabled=True,
-        quantize_4bit=True,
-        r=16,
-        alpha=32.0,
-        dropout=0.0,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-    )
+    lora = LoraConfig(enabled=True, quantize_4bit=True, r=16, alpha=32.0)  # all 7 projections
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model = load_causal_lm(str(work / "base"), dtype="bfloat16", lora=lora, device=device)
