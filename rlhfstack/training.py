@@ -1008,7 +1008,8 @@ def train_loop(
             raise ValueError(
                 f"trainer.batch_size={bs} (global) must be divisible by parallel.dp_shard={state.dp}"
             )
-        dm = distributed.DistributedModel(model, params, state, mixed)
+        tied = getattr(getattr(cfg, "parallel", None), "pp_tied_grads", "micro_batch")
+        dm = distributed.DistributedModel(model, params, state, mixed, tied)
         params = dm.params
     opt = build_optimizer(params, tcfg)
     sched = build_scheduler(opt, tcfg, steps)

@@ -190,6 +190,21 @@ def test_meta_copy_and_restore_plain_keep_identity_and_tying():
     assert m(ids).logits.shape == (2, 5, 64)
 
 
+def test_replica_value_head_reads_the_trained_heads_bits():
+    """A rollout replica is a frozen copy; its values must be the trained head's bit for bit (on
+    a strided response slice, a one-column product's CPU kernel depends on requires_grad)."""
+    import copy
+
+    from rlhfstack.models.core import ValueHead
+
+    torch.manual_seed(0)
+    head = ValueHead(64)
+    h_BRD = torch.randn(64, 88, 64)[:, 39:-1]  # the response slice of a [B, T, D] trunk output
+    frozen = copy.deepcopy(head).requires_grad_(False)
+    with torch.no_grad():
+        assert torch.equal(head(h_BRD), frozen(h_BRD))
+
+
 # ----------------------------------------------------------------------------- single-process facade
 
 

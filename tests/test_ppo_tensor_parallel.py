@@ -6,17 +6,22 @@ tensor-parallel group; under ``pp`` the policy's layers are split over the stage
 training passes (the critic and heads run on the last stage). Rollouts and scoring run on a
 gathered replica of the trained modules. The tensor-parallel ranks and pipeline stages of a
 data-parallel rank hold the same rows, so a TP=2 or PP=2 run draws the same samples as one
-process and its metrics must match it to float tolerance:
+process, and its metrics must match it:
 
-    rel 1e-4, abs 1e-5 on every logged number. The row-parallel products (``o_proj``,
-    ``down_proj``) sum two partial dot products across the group where one process sums one,
-    and the tensor-parallel reference / reward passes do the same; pipelined micro-batches
-    accumulate gradients in another order, and replicas are rebuilt from gathered weights
-    (the fast decode's packed products against the training pass's): float32 reassociation,
-    about 1e-7 relative per product, grown to a few 1e-6 after a few Adam updates (measured:
-    at most 4e-6 absolute over 2 iterations). The samples stay the same as long as no draw
-    lands within that distance of a category boundary. The clip fractions count tokens past a
-    boundary and may move by one token (abs 0.05 at these sizes).
+* PP=2: bit for bit, every logged number but the timings. Each stage runs the one-process
+  operations on the same micro-batches; the tied embedding's gradient is summed micro-batch by
+  micro-batch in the one-process order (``parallel.pp_tied_grads=micro_batch``), the clip norm
+  reduces per-tensor norms in the one-process parameter order, and the rollout replica's
+  value head reads the trained head's bits.
+* TP=2: rel 1e-4, abs 1e-5 on every logged number. The row-parallel products (``o_proj``,
+  ``down_proj``) sum two partial dot products across the group where one process sums one,
+  and the tensor-parallel reference / reward passes do the same: float32 reassociation, about
+  1e-7 relative per product, grown to a few 1e-6 after a few Adam updates (measured: at most
+  4e-6 absolute over 2 iterations). The samples stay the same as long as no draw lands within
+  that distance of a category boundary, and no token's ratio or value within it of a clip
+  boundary; the clip fractions count tokens past a boundary and may move by one token (abs 0.05
+  at these sizes). Over longer runs a reassociated PPO run leaves the one-process trajectory
+  (see docs/scaling.md: one process with AVX2 instead of AVX-512 kernels does the same).
 
 Checkpoints of a TP or PP run resume after SIGKILL to the same last metrics line (the same layout:
 bitwise the same computation), resume in one process (the model and optimizer reshard; the
@@ -110,6 +115,11 @@ def _assert_rows_close(a: list[dict], b: list[dict]) -> None:
             assert rb[k] == pytest.approx(v, rel=REL, abs=tol), (ra["step"], k)
 
 
+def _assert_rows_equal(a: list[dict], b: list[dict]) -> None:
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
 def _assert_first_minibatch_checks(rows: list[dict]) -> None:
     for r in rows:  # the rollout replica equals the sharded weights being trained
         assert r["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-5), r["step"]
@@ -139,7 +149,8 @@ def _assert_first_minibatch_checks(rows: list[dict]) -> None:
 )
 def test_ppo_model_parallel_matches_one_process(smoke, tmp_path, launch_env, layout, variant):
     one, two = tmp_path / "one", tmp_path / "two"
-    steps = "trainer.max_steps=3"
+    n = 6 if layout == "pp=2" else 3  # bitwise runs stay together over any horizon
+    steps = f"trainer.max_steps={n}"
     p1 = _start(launch_env, smoke, one, 1, steps, *variant)
     p2 = _start(launch_env, smoke, two, 2, steps, f"parallel.{layout}", *variant)
     _finish(p1)
@@ -147,9 +158,12 @@ def test_ppo_model_parallel_matches_one_process(smoke, tmp_path, launch_env, lay
     tp, pp = ("2", "1") if layout == "tp=2" else ("1", "2")
     assert f"rank 1/2: dp_shard=1 tp={tp} pp={pp}" in out
     a, b = _rows(one), _rows(two)
-    assert [r["step"] for r in b] == [1, 2, 3]
+    assert [r["step"] for r in b] == list(range(1, n + 1))
     _assert_first_minibatch_checks(b)
-    _assert_rows_close(a, b)
+    if layout == "pp=2":
+        _assert_rows_equal(a, b)
+    else:
+        _assert_rows_close(a, b)
     if "gold_eval_every=2" in variant:
         assert "eval/gold_reward" in b[1] and "eval/proxy_reward" in b[-1]
     # rank 0 alone wrote the final (gathered) model
@@ -196,7 +210,10 @@ def test_ppo_sigkill_resume_and_resume_under_other_layouts(smoke, tmp_path, laun
     assert "resumed from" in out
     c = _rows(one)
     assert [r["step"] for r in c] == [1, 2, 3, 4, 5, 6]
-    _assert_rows_close(a[2:], c[2:])
+    if layout == "pp":  # the pipelined update is the one-process update bit for bit
+        _assert_rows_equal(a[2:], c[2:])
+    else:
+        _assert_rows_close(a[2:], c[2:])
 
     # ... and not under another data-parallel degree: the message names what it accepts
     dp2 = tmp_path / "dp2"

@@ -173,6 +173,12 @@ class ParallelConfig:
     mixed_precision: str = choice("none", "bf16")
     """none | bf16: bf16 compute with fp32 master weights and fp32 gradient reduction
     (FSDP2 MixedPrecisionPolicy under dp_shard > 1, torch.autocast otherwise)."""
+    pp_tied_grads: str = choice("micro_batch", "stage")
+    """How pipeline stages sum the gradient of a weight that two stages run (a tied embedding /
+    LM head): micro_batch adds the stages' contributions micro-batch by micro-batch, in the order
+    one process accumulates them (the one-process gradient bit for bit; one copy of that
+    gradient per micro-batch), stage adds each stage's accumulated sum once (no extra memory;
+    float32 reassociation)."""
 
 
 @dataclass

@@ -49,6 +49,7 @@ class DistributedModel:
         params: list[nn.Parameter],
         state: ParallelState,
         mixed_precision: str = "none",
+        pp_tied_grads: str = "micro_batch",
     ) -> None:
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(
@@ -61,7 +62,7 @@ class DistributedModel:
         names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
         self.shadow = meta_copy(model) if state.distributed else None
         if state.pp > 1:
-            self.pipe = PipelineRunner(model, state, names, mixed_precision)
+            self.pipe = PipelineRunner(model, state, names, mixed_precision, pp_tied_grads)
             self.params = self.pipe.params
             return
         if state.tp > 1:
@@ -117,7 +118,7 @@ class DistributedModel:
     def clip_grad(self, max_norm: float) -> float:
         """Clip the global gradient norm; returns the pre-clip norm (same on every rank)."""
         if self.pipe is not None:
-            return clip_grad_norm(self.params, max_norm, self.pipe.norm_params, self.pipe.group)
+            return self.pipe.clip_grad(max_norm)
         if not self.state.distributed:
             params = [p for p in self.params if p.grad is not None]
             if not params:

@@ -21,9 +21,10 @@ from rlhfstack.distributed.launch import (
     ParallelState,
     all_reduce_sum,
     broadcast_object,
+    comm_device,
     sum_stats,
 )
-from rlhfstack.distributed.parallelize import apply_tp, find_trunk, fully_shard_tree
+from rlhfstack.distributed.parallelize import apply_tp, clip_grad_norm, find_trunk, fully_shard_tree
 
 log = logging.getLogger("rlhfstack.distributed")
 
@@ -157,6 +158,15 @@ def split_layers(n_layers: int, pp: int) -> list[range]:
     return out
 
 
+TIED_GRADS = ("micro_batch", "stage")
+"""``parallel.pp_tied_grads``: how the gradient of a weight used on two stages (a tied
+embedding / LM head) is summed. ``micro_batch``: each micro-batch's two contributions are added,
+then the micro-batches in order, as backward accumulates them in one process (bit for bit the
+one-process gradient; costs one copy of that gradient per micro-batch on the stages that use
+it). ``stage``: each stage accumulates its own micro-batches and the two sums are added once (no
+extra memory; the same sum in another order, float32 reassociation)."""
+
+
 class PipelineRunner:
     """The pipeline stage of this rank and the schedules that drive it (see module doc).
 
@@ -171,8 +181,12 @@ class PipelineRunner:
         state: ParallelState,
         param_names: set[str],
         mixed_precision: str = "none",
+        tied_grads: str = "micro_batch",
     ) -> None:
+        if tied_grads not in TIED_GRADS:
+            raise ValueError(f"parallel.pp_tied_grads: {tied_grads!r} (choose from {TIED_GRADS})")
         self.state = state
+        self.tied_grads = tied_grads
         self.model = model
         pp, s = state.pp, state.pp_rank
         self.is_first, self.is_last = s == 0, s == pp - 1
@@ -195,6 +209,10 @@ class PipelineRunner:
                 return pp - 1
             return 0
 
+        # each parameter's place in the one-process parameter order (tied weights: their first
+        # name), so that the pipelined gradient norm reduces per-tensor norms in that order
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        self._n_order = len(order)
         # which stages use each parameter (by identity: tied weights show up under two names)
         users: dict[int, set[int]] = {}
         aliases: dict[int, list[str]] = {}
@@ -205,11 +223,19 @@ class PipelineRunner:
         self._trainable_keys = {
             n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
         }
+        place = {n: order[i] for i, ns in aliases.items() for n in ns}
         local_names = {n for i, ns in aliases.items() if s in users[i] for n in ns}
         train_names = local_names & set(param_names)
         norm_names = {n for i, ns in aliases.items() if min(users[i]) == s for n in ns}
-        # tied weights used by several stages (embedding / LM head): their grads are summed over pp
-        self._shared = sorted(ns for i, ns in aliases.items() if len(users[i]) > 1)
+        # trained tied weights used by several stages (embedding / LM head): their grads are
+        # summed over pp (a frozen one, such as a LoRA base's, has none)
+        self._shared = sorted(
+            ns
+            for i, ns in aliases.items()
+            if len(users[i]) > 1
+            and set(ns) & set(param_names)
+            and model.get_parameter(ns[0]).requires_grad
+        )
         self._shared_meta = {
             ns[0]: (model.get_parameter(ns[0]).shape, model.get_parameter(ns[0]).dtype)
             for ns in self._shared
@@ -247,12 +273,14 @@ class PipelineRunner:
         self._named = dict(model.named_parameters(remove_duplicate=False))
         seen: set[int] = set()
         self.params, self.norm_params = [], []
+        self._norm_places: list[int] = []
         for n, p in self._named.items():
             if n in train_names and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 self.params.append(p)
                 if n in norm_names:
                     self.norm_params.append(p)  # each shared weight counted on one stage
+                    self._norm_places.append(place[n])
         self._schedules: dict[tuple, Any] = {}
         self.group = state.group("pp")
         self.last_global_rank = dist.get_global_rank(self.group, pp - 1)
@@ -331,6 +359,21 @@ class PipelineRunner:
         ctx.dtype = self._dtype
         self.module.ctx = ctx
         idx = torch.arange(n, device=self.state.device)
+        # per-micro-batch gradients of the shared weights (parallel.pp_tied_grads=micro_batch)
+        per_micro: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        hooks = []
+        if (
+            self.tied_grads == "micro_batch"
+            and n_micro > 1
+            and not (self.fsdp or self.state.tp > 1)
+        ):
+            for names in map(tuple, self._shared):
+                p = next((self._named[n] for n in names if n in self._named), None)
+                if p is not None and p.requires_grad:
+                    got = per_micro.setdefault(names, [])
+                    hooks.append(p.register_hook(lambda g, got=got: got.append(g.detach().clone())))
+                else:
+                    per_micro[names] = []
         dev_type = "cuda" if self.state.device.startswith("cuda") else "cpu"
         amp = (
             torch.autocast(dev_type, dtype=torch.bfloat16)
@@ -345,7 +388,12 @@ class PipelineRunner:
                     sched.step(target=idx, losses=[])
         finally:
             self.module.ctx = None
-        self._sync_shared_grads()
+            for h in hooks:
+                h.remove()
+        if per_micro:
+            self._sum_shared_grads_by_micro_batch(per_micro, n_micro)
+        else:
+            self._sync_shared_grads()
         loss, stats = broadcast_object(
             (ctx.loss, ctx.stats), src=self.last_global_rank, group=self.group
         )
@@ -353,6 +401,28 @@ class PipelineRunner:
             stats = sum_stats({"loss": loss, **stats}, self.state.group("dp_shard"))
             loss = stats.pop("loss")
         return loss, stats
+
+    def _sum_shared_grads_by_micro_batch(
+        self, per_micro: dict[tuple[str, ...], list[torch.Tensor]], n_micro: int
+    ) -> None:
+        """The one-process gradient of each shared weight: micro-batch ``j``'s contributions of
+        all stages summed (a stage that does not run the weight in ``j`` adds zeros, exactly),
+        then ``((s_0 + s_1) + s_2) + ...`` as backward accumulates them in one process."""
+        for names, got in per_micro.items():
+            shape, dtype = self._shared_meta[names[0]]
+            if got and len(got) != n_micro:
+                raise RuntimeError(
+                    f"pipeline parallelism: {len(got)} gradients of {names[0]} for {n_micro} "
+                    "micro-batches (the weight runs more than once per micro-batch)"
+                )
+            total = None
+            for j in range(n_micro):
+                s_j = got[j] if got else torch.zeros(shape, dtype=dtype, device=self.state.device)
+                all_reduce_sum(s_j, self.group)
+                total = s_j if total is None else total.add_(s_j)
+            p = next((self._named[n] for n in names if n in self._named), None)
+            if p is not None and p.requires_grad:
+                p.grad = total
 
     def _sync_shared_grads(self) -> None:
         """Sum the gradients of weights used on several stages (tied embedding / LM head)."""
@@ -373,6 +443,42 @@ class PipelineRunner:
             all_reduce_sum(g.to_local() if isinstance(g, DTensor) else g, self.group)
             if p.requires_grad:
                 p.grad = g
+
+    def clip_grad(self, max_norm: float) -> float:
+        """Clip the gradient norm over all stages; returns the pre-clip norm (same on every rank).
+
+        With whole (unsharded) stages the norm is computed as ``torch.nn.utils.clip_grad_norm_``
+        computes it in one process: per-tensor norms, stacked in the one-process parameter order
+        (each stage fills its places, zeros elsewhere, so the sum over stages is exact), then the
+        norm of that vector and the same float32 clip coefficient. The pipelined update is then
+        the one-process update bit for bit. Sharded stages (``tp``, ``dp_shard``) add per-rank
+        sums of squares instead (float reassociation).
+        """
+        if self.state.tp > 1 or self.fsdp:
+            return clip_grad_norm(self.params, max_norm, self.norm_params, self.group)
+        local = [
+            (i, p.grad) for i, p in zip(self._norm_places, self.norm_params) if p.grad is not None
+        ]
+        dev = comm_device()
+        norms = torch.zeros(self._n_order, dtype=torch.float32, device=dev)
+        has = torch.zeros(self._n_order, dtype=torch.float32, device=dev)
+        if local:
+            per_tensor = torch._foreach_norm([g for _, g in local], 2.0)
+            for (i, _), n in zip(local, per_tensor):
+                norms[i], has[i] = n.to(dev, torch.float32), 1.0
+        all_reduce_sum(norms, self.group)
+        all_reduce_sum(has, self.group)
+        if not bool(has.any()):
+            return 0.0
+        total = torch.linalg.vector_norm(norms[has > 0], 2.0)
+        if max_norm and max_norm > 0:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                total_here = total.to(grads[0].device)
+                torch.nn.utils.clip_grads_with_norm_(
+                    [p for p in self.params if p.grad is not None], max_norm, total_here
+                )
+        return float(total)
 
     def gathered_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """Every stage's entries (only the trainable parameters with ``trainable_only``), whole,

@@ -570,7 +570,10 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(h.to(self.linear.weight.dtype))
+        # contiguous: on a strided [B, R, D] slice, a one-column product picks its CPU kernel by
+        # whether the weight requires grad, so a frozen rollout replica would read other values
+        # (last bits) than the trained head; the contiguous product is the one a trained head runs
+        return self.linear(h.to(self.linear.weight.dtype).contiguous())
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -317,7 +317,9 @@ class PPOTrainer:
         self.params = list(self.trained.parameters())
         self.dm: distributed.DistributedModel | None = None
         if run.dist.distributed:  # FSDP2 / TP; rollouts on a gathered replica
-            self.dm = distributed.DistributedModel(self.trained, self.params, run.dist)
+            self.dm = distributed.DistributedModel(
+                self.trained, self.params, run.dist, pp_tied_grads=cfg.parallel.pp_tied_grads
+            )
             self.params = self.dm.params
         if run.dist.distributed and run.dist.tp > 1:
             self._shard_frozen_models(run.dist)
