@@ -237,10 +237,27 @@ def part_dpo_fsdp_shared_prompt() -> dict:
     return {"loss_rel": _max_rel(got, ref), "losses": got, "ref_losses": ref}
 
 
+def _sample(model) -> torch.Tensor:
+    """12 tokens for 4 left-padded prompts from a fixed generator (rollout.tp_decode=sharded)."""
+    from rlhfstack.rollout.generate import generate
+
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, VOCAB, (4, 6), generator=g)
+    att = torch.ones_like(ids)
+    att[:2, :2] = 0  # left padding
+    ids = ids.masked_fill(att == 0, 0)
+    kw = dict(max_new_tokens=12, eos_id=VOCAB - 1, pad_id=0, generator=g)
+    return generate(model, ids, att, **kw).response_ids_BR
+
+
 def part_tp() -> dict:
-    """tp=2: logits equal tp=1; three training steps equal one process."""
+    """tp=2: logits equal tp=1; three training steps equal one process; the tensor-parallel
+    modules decode (the plain loop, every rank in step) the tokens the whole model draws."""
+    from rlhfstack.rollout.fast import supports_fast_decode
+
     ids, att = _rows(4, 10, 7)
     ref_model = build("sft")
+    ref_tokens = _sample(ref_model)
     with torch.no_grad():
         ref_logits = ref_model(input_ids=ids, attention_mask=att).logits
     _, ref = train(build("sft"), "sft", distributed.ParallelState(), 3, 4)
@@ -250,8 +267,11 @@ def part_tp() -> dict:
     q = model.model.layers[0].self_attn.q_proj.weight
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=att).logits
+    tokens = _sample(model)
     _, got = train(build("sft"), "sft", st, 3, 4)
     return {
+        "fast_decode": supports_fast_decode(model),
+        "tokens_equal": torch.equal(tokens, ref_tokens),
         "logits_diff": (logits - ref_logits).abs().max().item(),
         "local_q_rows": int(q.to_local().shape[0]),
         "loss_rel": _max_rel(got["losses"], ref["losses"]),
@@ -448,6 +468,7 @@ def test_fsdp2_shared_prompt_dpo_matches_plain_one_process(results):
 def test_tensor_parallel_logits_and_training_match(results):
     for rank in range(WORLD):
         r = _part(results, "tp", rank)
+        assert r["fast_decode"] is False and r["tokens_equal"], r
         assert r["logits_diff"] < 1e-5, r
         assert r["local_q_rows"] == 16  # 4 heads x head_dim 8, split over 2 ranks
         assert r["loss_rel"] < 1e-4, r

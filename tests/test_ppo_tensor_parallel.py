@@ -4,7 +4,8 @@ process.
 Under ``tp`` the policy, the critic, the reference and the reward model are sharded over the
 tensor-parallel group; under ``pp`` the policy's layers are split over the stages for the
 training passes (the critic and heads run on the last stage). Rollouts and scoring run on a
-gathered replica of the trained modules. The tensor-parallel ranks and pipeline stages of a
+gathered replica of the trained modules, or (``rollout.tp_decode=sharded``) on the
+tensor-parallel modules themselves. The tensor-parallel ranks and pipeline stages of a
 data-parallel rank hold the same rows, so a TP=2 or PP=2 run draws the same samples as one
 process, and its metrics must match it:
 
@@ -134,6 +135,8 @@ def _assert_first_minibatch_checks(rows: list[dict]) -> None:
         ("tp=2", ["ppo.value_model=separate", "gold_eval_every=2", "gold_eval_prompts=8"]),
         ("tp=2", ["ppo.value_model=shared", "ppo.whiten_rewards=true"]),
         ("tp=2", ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4"]),
+        # decoding (and the gold evaluation's sampling) with the tensor-parallel modules
+        ("tp=2", ["rollout.tp_decode=sharded", "gold_eval_every=2", "gold_eval_prompts=8"]),
         # the critic runs whole on the last stage; the gold evaluation on rank 0's replica
         ("pp=2", ["ppo.value_model=separate", "gold_eval_every=2", "gold_eval_prompts=8"]),
         # LoRA: the reference is the replica with its adapter off; value head on the last stage
@@ -143,6 +146,7 @@ def _assert_first_minibatch_checks(rows: list[dict]) -> None:
         "tp2-separate-critic-gold-eval",
         "tp2-shared-value-whitened-rewards",
         "tp2-grpo",
+        "tp2-sharded-decode-gold-eval",
         "pp2-separate-critic-gold-eval",
         "pp2-lora-shared-value",
     ],
@@ -157,6 +161,8 @@ def test_ppo_model_parallel_matches_one_process(smoke, tmp_path, launch_env, lay
     out = _finish(p2)
     tp, pp = ("2", "1") if layout == "tp=2" else ("1", "2")
     assert f"rank 1/2: dp_shard=1 tp={tp} pp={pp}" in out
+    sharded = "rollout.tp_decode=sharded" in variant
+    assert ("rollouts decode with the tensor-parallel modules" in out) == sharded
     a, b = _rows(one), _rows(two)
     assert [r["step"] for r in b] == list(range(1, n + 1))
     _assert_first_minibatch_checks(b)
@@ -246,7 +252,17 @@ def test_ppo_refuses_layouts_it_does_not_build(tmp_path):
     from rlhfstack.stages.ppo import _validate_distributed
 
     cfg = to_object(load_config("ppo", [f"run_dir={tmp_path}", "rollout.tp_decode=sharded"]))
+    _validate_distributed(cfg, dp=1, tp=2, pp=1)  # decode with the tensor-parallel modules
+    _validate_distributed(cfg, dp=2, tp=2, pp=1)
     with pytest.raises(NotImplementedError, match="rollout.tp_decode=replica"):
-        _validate_distributed(cfg, dp=1, tp=2, pp=1)
+        _validate_distributed(cfg, dp=1, tp=2, pp=2)  # the stages hold parts of the policy
     _validate_distributed(cfg, dp=2, tp=1, pp=1)  # no tensor parallelism: the choice is moot
     _validate_distributed(cfg, dp=1, tp=1, pp=2)  # pipelined training, rollouts on a replica
+    tis = [
+        "rollout.tp_decode=sharded",
+        "ppo.rollout_is=token_tis",
+        "ppo.logprobs_from_rollout=false",
+    ]
+    cfg = to_object(load_config("ppo", [f"run_dir={tmp_path}", *tis]))
+    with pytest.raises(ValueError, match="no engine gap to correct"):
+        _validate_distributed(cfg, dp=1, tp=2, pp=1)

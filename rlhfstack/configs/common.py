@@ -311,6 +311,7 @@ RECIPE_EXCLUDE: tuple[str, ...] = (
     "parallel.dp_shard",
     "parallel.tp",
     "parallel.pp",
+    "parallel.pp_tied_grads",  # the same sum in another order
     # when checkpoints, metrics and intermediate evaluations are written
     "trainer.save_every",
     "trainer.log_every",

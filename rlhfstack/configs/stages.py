@@ -219,8 +219,11 @@ class RolloutConfig:
     rank on top of its 1/tp shard (policy + critic parameters, plus the KV cache of all heads),
     and one all-gather of the trained weights per iteration. The reference and reward model stay
     sharded (1/tp each) and score over the tensor-parallel group. ``sharded``: decode with the
-    tensor-parallel modules themselves (no extra copy, 1/tp of the KV cache per rank; two
-    all-reduces per layer per token): not built yet, refused at start."""
+    tensor-parallel modules themselves, every rank of the group in step: no extra copy and 1/tp
+    of the KV cache per rank, but two all-reduces per layer per decoded token, the plain
+    KV-cache loop (not the fast, packed one), and a scoring pass over the batch for the old
+    log-probs (the rollout's are not kept). Not with ``parallel.pp > 1`` (stages hold parts of
+    the policy) nor ``ppo.rollout_is`` (the sampler is the trainer: no gap to correct)."""
     samples_per_prompt: int = at_least(1, lo=1)
     """G responses sampled per prompt (contiguous groups; each prompt's pass runs once):
     ``trainer.batch_size`` counts responses, so a step draws ``batch_size / G`` prompts. The

@@ -92,6 +92,7 @@ from rlhfstack.distributed.parallelize import (
     find_trunk,
     fully_shard_tree,
     gather_full_state_dict,
+    is_sharded,
     meta_copy,
     restore_plain,
 )
@@ -126,6 +127,7 @@ __all__ = [
     "gather_full_state_dict",
     "init_distributed",
     "is_main",
+    "is_sharded",
     "latest_checkpoint",
     "launch_env",
     "launch_local",

@@ -118,6 +118,12 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
                 parallelize_module(layer, tp_mesh, plan)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (tensor parallel / FSDP2): such a module
+    runs only with its whole group, and its local weights are pieces of the full ones."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- FSDP2
 
 

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from rlhfstack.distributed import is_sharded
+
 __all__ = [
     "FastDecodeResult",
     "PackedLinears",
@@ -180,9 +182,15 @@ def _num_full_attention_layers(trunk: nn.Module) -> int | None:
 
 
 def supports_fast_decode(model: nn.Module) -> bool:
-    """True for HF causal LMs whose layers all use full attention."""
+    """True for plain (unsharded) HF causal LMs whose layers all use full attention. A
+    tensor-parallel module takes the plain loop: its cache holds this rank's heads only, and its
+    products all-reduce over the group."""
     parts = _parts(model)
-    return parts is not None and _num_full_attention_layers(parts[0]) is not None
+    return (
+        parts is not None
+        and _num_full_attention_layers(parts[0]) is not None
+        and not is_sharded(model)
+    )
 
 
 class PackedLinears:

@@ -46,9 +46,11 @@ frozen reference and reward model score sharded over the tensor-parallel group; 
 ``parallel.pp=N`` the policy's layers are split over pipeline stages for the training passes
 (the critic, value and LM heads run on the last stage) and the reference and reward model stay
 whole on every rank. In both, rollouts decode on the gathered replica
-(``rollout.tp_decode=replica``), the ranks of one data-parallel rank hold the same rows (the
-first one's rollout is broadcast to the others), and every sum over rows (token counts,
-whitening, KL, metrics) runs over the data-parallel group only.
+(``rollout.tp_decode=replica``; under ``tp`` alone, ``sharded`` decodes with the
+tensor-parallel modules themselves, in step on every rank of the group, and a scoring pass
+computes the old log-probs), the ranks of one data-parallel rank hold the same rows (the first
+one's rollout is broadcast to the others), and every sum over rows (token counts, whitening,
+KL, metrics) runs over the data-parallel group only.
 """
 
 from __future__ import annotations
@@ -165,11 +167,19 @@ def _validate(cfg: PPOConfig) -> None:
 
 
 def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
-    if tp > 1 and cfg.rollout.tp_decode != "replica":
-        raise NotImplementedError(
-            f"rollout.tp_decode={cfg.rollout.tp_decode}: decoding with the tensor-parallel "
-            "modules is not built; rollout.tp_decode=replica decodes on a gathered copy"
-        )
+    if tp > 1 and cfg.rollout.tp_decode == "sharded":
+        if pp > 1:
+            raise NotImplementedError(
+                f"rollout.tp_decode=sharded with parallel.pp={pp}: the sharded decode runs the "
+                "whole policy on each tensor-parallel group, and pipeline stages hold parts of "
+                "it; use rollout.tp_decode=replica (or parallel.pp=1)"
+            )
+        if cfg.ppo.rollout_is != "none":
+            raise ValueError(
+                f"ppo.rollout_is={cfg.ppo.rollout_is} with rollout.tp_decode=sharded: the "
+                "rollout samples from the trained modules themselves, so there is no engine gap "
+                "to correct; set ppo.rollout_is=none"
+            )
     if cfg.rollout.backend != "native":
         raise NotImplementedError("rollout.backend=vllm with several training processes")
     if cfg.trainer.batch_size % (cfg.ppo.num_minibatches * dp):
@@ -238,7 +248,7 @@ class PPOTrainer:
     ``trained`` (a ``ModuleDict``: ``policy`` and, for gae, ``value``) is what the optimizer
     updates and checkpoints hold; under FSDP2 it is sharded in place (``dm``) and ``rollout`` is a
     full replica of it that generation and the no-grad scoring passes run on (in one process,
-    ``rollout`` is ``trained`` itself).
+    and with ``rollout.tp_decode=sharded``, ``rollout`` is ``trained`` itself).
     """
 
     def __init__(self, cfg: PPOConfig, run: Run) -> None:
@@ -254,6 +264,10 @@ class PPOTrainer:
         # the tensor-parallel ranks of one data-parallel rank hold the same rows
         self.dp_group = run.dist.group("dp_shard")
         self.pipelined = run.dist.distributed and run.dist.pp > 1
+        # rollout.tp_decode=sharded: decode with the tensor-parallel modules (no replica)
+        self.sharded_decode = (
+            run.dist.distributed and run.dist.tp > 1 and cfg.rollout.tp_decode == "sharded"
+        )
         self.B = tcfg.batch_size  # global responses; this rank rolls out Bl = B / dp of them
         self.Bl = self.B // self.dp
         self.mb_size = self.Bl // pcfg.num_minibatches
@@ -347,7 +361,13 @@ class PPOTrainer:
     def start_rollouts(self) -> None:
         """Build the rollout side (after a resume: the replica copies the restored weights)."""
         cfg = self.cfg
-        self.rollout = self.dm.replica() if self.dm is not None else self.trained
+        replica = self.dm is not None and not self.sharded_decode
+        self.rollout = self.dm.replica() if replica else self.trained
+        if self.sharded_decode:
+            log.info(
+                "rollout.tp_decode=sharded: rollouts decode with the tensor-parallel modules "
+                "(plain KV-cache loop); a scoring pass computes the old log-probs"
+            )
         self.r_policy = self.rollout["policy"]
         self.r_value = self.rollout["value"] if "value" in self.rollout else None
         # old log-probs (and the shared value head's values) come with the rollout (the KV-cache
@@ -790,7 +810,7 @@ class PPOTrainer:
                 )
                 self.opt.step()
                 self.sched.step()
-        if dm is not None:
+        if dm is not None and not self.sharded_decode:
             dm.sync_replica(self.rollout)  # the next rollout samples from the updated policy
         return {**{k: float(np.mean(v)) for k, v in stats.items()}, **first}
 
