@@ -232,3 +232,12 @@ def test_hh_eval_rm_scored(stories_hf, tiny_rm, tmp_path):
     )
     for name in ("hh_eval.json", "winrate.json", "judgments.jsonl", "config.yaml"):
         assert (out / name).exists()
+
+
+def test_gold_without_its_base_model_names_the_missing_directory(tmp_path):
+    from rlhfstack.tasks.demo import gold_scorer_for
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "gold.json").write_text(json.dumps({"f0": -1.5, "f_scale": 0.5}))
+    with pytest.raises(FileNotFoundError, match=r"base_model: the gold reward's frozen base model"):
+        gold_scorer_for("stories", tmp_path)

@@ -73,6 +73,11 @@ def load_gold(artifacts_dir: str | os.PathLike, device: str = "cpu"):
 
     art = Path(artifacts_dir)
     params = json.loads((art / "data" / "gold.json").read_text())
+    if not (art / "base_model" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{art / 'base_model'}: the gold reward's frozen base model is missing (the demo's "
+            f"data stage converts it there; {art / 'data' / 'gold.json'} needs it)"
+        )
     base = load_causal_lm(str(art / "base_model"), trainable=False, device=device)
     tok = load_tokenizer(str(art / "base_model"))
     return GoldReward(base, tok, f0=params["f0"], f_scale=params["f_scale"])
