@@ -253,7 +253,8 @@ def test_ppo_refuses_layouts_it_does_not_build(tmp_path):
 
     cfg = to_object(load_config("ppo", [f"run_dir={tmp_path}", "rollout.tp_decode=sharded"]))
     _validate_distributed(cfg, dp=1, tp=2, pp=1)  # decode with the tensor-parallel modules
-    _validate_distributed(cfg, dp=2, tp=2, pp=1)
+    with pytest.raises(NotImplementedError, match="decode in step"):
+        _validate_distributed(cfg, dp=2, tp=2, pp=1)  # FSDP2 gathers weights at every forward
     with pytest.raises(NotImplementedError, match="rollout.tp_decode=replica"):
         _validate_distributed(cfg, dp=1, tp=2, pp=2)  # the stages hold parts of the policy
     _validate_distributed(cfg, dp=2, tp=1, pp=1)  # no tensor parallelism: the choice is moot

@@ -222,8 +222,10 @@ class RolloutConfig:
     tensor-parallel modules themselves, every rank of the group in step: no extra copy and 1/tp
     of the KV cache per rank, but two all-reduces per layer per decoded token, the plain
     KV-cache loop (not the fast, packed one), and a scoring pass over the batch for the old
-    log-probs (the rollout's are not kept). Not with ``parallel.pp > 1`` (stages hold parts of
-    the policy) nor ``ppo.rollout_is`` (the sampler is the trainer: no gap to correct)."""
+    log-probs (the rollout's are not kept). Not with ``parallel.dp_shard > 1`` (FSDP2 gathers
+    weights at every forward: the data-parallel ranks would have to decode in step),
+    ``parallel.pp > 1`` (stages hold parts of the policy) nor ``ppo.rollout_is`` (the sampler
+    is the trainer: no gap to correct)."""
     samples_per_prompt: int = at_least(1, lo=1)
     """G responses sampled per prompt (contiguous groups; each prompt's pass runs once):
     ``trainer.batch_size`` counts responses, so a step draws ``batch_size / G`` prompts. The

@@ -168,6 +168,13 @@ def _validate(cfg: PPOConfig) -> None:
 
 def _validate_distributed(cfg: PPOConfig, dp: int, tp: int, pp: int) -> None:
     if tp > 1 and cfg.rollout.tp_decode == "sharded":
+        if dp > 1:
+            raise NotImplementedError(
+                f"rollout.tp_decode=sharded with parallel.dp_shard={dp}: FSDP2 gathers the "
+                "weights of each layer at every forward, so the data-parallel ranks, which "
+                "decode different prompts to different lengths, would have to decode in step; "
+                "use rollout.tp_decode=replica (or parallel.dp_shard=1)"
+            )
         if pp > 1:
             raise NotImplementedError(
                 f"rollout.tp_decode=sharded with parallel.pp={pp}: the sharded decode runs the "
