@@ -15,20 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PPO_SMALL
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = [
-    "trainer.batch_size=8",
-    "trainer.micro_batch_size=2",
-    "ppo.num_minibatches=2",
-    "ppo.epochs=2",
-    "rollout.max_new_tokens=8",
-    "gold_eval_every=0",
-    "logging.tensorboard=false",
-    "logging.plots=false",
-    "cluster.num_threads=1",
-    "parallel.dp_shard=2",
-]
+SMALL = [*PPO_SMALL, "parallel.dp_shard=2"]
 
 
 def _torchrun(env: dict, smoke: Path, run_dir: Path, *extra: str) -> str:

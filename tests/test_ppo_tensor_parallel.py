@@ -43,19 +43,10 @@ from pathlib import Path
 
 import psutil  # installed with peft
 import pytest
+from helpers import PPO_SMALL
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = [
-    "trainer.batch_size=8",
-    "trainer.micro_batch_size=2",
-    "ppo.num_minibatches=2",
-    "ppo.epochs=2",
-    "rollout.max_new_tokens=8",
-    "gold_eval_every=0",
-    "logging.tensorboard=false",
-    "logging.plots=false",
-    "cluster.num_threads=1",
-]
+SMALL = PPO_SMALL
 TIMING = ("time", "wall_seconds")
 REL, ABS = 1e-4, 1e-5  # see the module docstring
 # fractions of tokens at a clip boundary: one token whose ratio or value lands within float
