@@ -471,20 +471,15 @@ class PipelineRunner:
         if not bool(has.any()):
             return 0.0
         total = torch.linalg.vector_norm(norms[has > 0], 2.0)
-        if max_norm and max_norm > 0:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads:
-                total_here = total.to(grads[0].device)
-                torch.nn.utils.clip_grads_with_norm_(
-                    [p for p in self.params if p.grad is not None], max_norm, total_here
-                )
+        with_grad = [p for p in self.params if p.grad is not None]
+        if max_norm and max_norm > 0 and with_grad:
+            total_here = total.to(with_grad[0].grad.device)
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total_here)
         return float(total)
 
-    def gathered_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-        """Every stage's entries (only the trainable parameters with ``trainable_only``), whole,
-        on every rank (this rank's device): what a rollout replica loads. Collective over the
-        whole world."""
-
+    def _owned_entries(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """This stage's state-dict entries (only trainable ones with ``trainable_only``), whole
+        (sharded ones gathered within the stage, a collective there), on CPU."""
         for m in self.module.modules():
             if isinstance(m, FSDPModule):
                 m.reshard()
@@ -494,6 +489,13 @@ class PipelineRunner:
             if k in owned and (not trainable_only or k in self._trainable_keys):
                 v = v.full_tensor() if isinstance(v, DTensor) else v
                 mine[k] = v.detach().cpu()
+        return mine
+
+    def gathered_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Every stage's entries (only the trainable parameters with ``trainable_only``), whole,
+        on every rank (this rank's device): what a rollout replica loads. Collective over the
+        whole world."""
+        mine = self._owned_entries(trainable_only)
         parts: list[Any] = [None] * self.state.pp
         dist.all_gather_object(parts, mine, group=self.group)
         dev = torch.device(self.state.device)
@@ -504,16 +506,7 @@ class PipelineRunner:
 
         Collective over the whole world: sharded entries are gathered within each stage first.
         """
-
-        for m in self.module.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-        owned = set(self.owned_keys)
-        mine = {}
-        for k, v in self.model.state_dict().items():
-            if k in owned:
-                v = v.full_tensor() if isinstance(v, DTensor) else v
-                mine[k] = v.detach().cpu()
+        mine = self._owned_entries()
         if self.state.dp_rank != 0 or self.state.tp_rank != 0:
             return {}
         parts: list[Any] | None = [None] * self.state.pp if self.state.pp_rank == 0 else None
